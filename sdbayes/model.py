@@ -1,0 +1,364 @@
+"""The mean-value latency model of speculative decoding under continuous batching.
+
+Statement of the model: DESIGN.md section 1. A request that emits ``g`` tokens needs
+``n = g / E(k, alpha)`` SD cycles, each one verifier pass over ``k + 1`` tokens and ``k``
+drafter passes. With ``B`` other requests in flight its latency is ``L = C1 + B * C2``:
+
+    C1 = c1p + n * (c1v + k * c1d)     load-independent demand [s]
+    C2 = c2p + n * (c2v + k * c2d)     load-dependent demand per other request [s]
+
+Under an open-loop arrival rate ``lam`` Little's Law gives ``B = lam * L`` and so
+``L = C1 / (1 - lam * C2)``; under a closed loop of ``N`` requests ``B = N - 1``.
+
+Every public function is pure and ``jax.jit``-compiled, broadcasts its array arguments
+against each other (NumPy rules), accepts a real-valued ``k`` and is differentiable with
+respect to ``k``, ``alpha``, ``rate`` and every coefficient. Seconds and tokens throughout.
+Past saturation (``lam * C2 >= 1``) latencies are ``+inf``, never NaN, and their gradients
+are zero, not NaN. Dtypes follow JAX: float32 by default, float64 when
+``jax_enable_x64`` is on.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+Array = jax.Array
+
+# Below this |log alpha| the geometric sum is evaluated by its Taylor series in log alpha:
+# the closed form is 0/0 at alpha = 1. The series' first omitted term is ~ (k*u)^4 / 120,
+# below 1e-9 relative for k <= 16 at this threshold.
+_TAYLOR_BELOW = 1e-3
+
+
+class Coefficients(NamedTuple):
+    """Per-phase cost coefficients, a pytree (each field a scalar or a batch of draws).
+
+    Load-independent (``c1*``) terms are the cost of a request alone; load-dependent
+    (``c2*``) terms are the extra cost it bears for each other request in flight.
+    """
+
+    c1p: ArrayLike  # prefill, per request [s]
+    c1v: ArrayLike  # verification, per verifier pass [s]
+    c1d: ArrayLike  # drafting, per drafter pass [s]
+    c2p: ArrayLike  # prefill, per request, per other request in flight [s]
+    c2v: ArrayLike  # verification, per pass, per other request in flight [s]
+    c2d: ArrayLike  # drafting, per pass, per other request in flight [s]
+    c1e: ArrayLike = 0.0  # MoE expert loading, per verifier pass at full coverage [s]
+    c2e: ArrayLike = 0.0  # the same, per other request in flight [s]
+
+
+class PositionRates(NamedTuple):
+    """Per-position conditional acceptance rates, to pass as ``alpha``.
+
+    ``rates[..., i]`` is the probability that draft position ``i + 1`` is accepted given
+    that positions ``1..i`` were (vLLM's /metrics per-position rates are unconditional:
+    divide consecutive ones to get these).
+    """
+
+    rates: ArrayLike  # [..., K], each in [0, 1]
+
+
+class PhaseDemands(NamedTuple):
+    """One kind of demand (load-independent or load-dependent) split by phase [s]."""
+
+    prefill: Array
+    drafting: Array
+    verification: Array
+
+    @property
+    def total(self) -> Array:
+        return self.prefill + self.drafting + self.verification
+
+
+class Demands(NamedTuple):
+    """Per-request demand of an operating point, by phase.
+
+    ``independent.total`` is ``C1`` (also called A): the latency of a request alone.
+    ``dependent.total`` is ``C2`` (also called G): what each other request in flight adds.
+    """
+
+    independent: PhaseDemands
+    dependent: PhaseDemands
+
+
+def _float_dtype(*args):
+    return jnp.result_type(float, *args)
+
+
+@jax.jit
+def tokens_per_step(k: ArrayLike, alpha: ArrayLike | PositionRates) -> Array:
+    """Expected tokens emitted per SD cycle, E(k, alpha): accepted drafts plus the bonus.
+
+    With one acceptance rate, ``E = sum_{j=0..k} alpha**j = (1 - alpha**(k+1)) / (1 - alpha)``,
+    continued to real ``k``; it is 1 at ``k = 0`` and ``k + 1`` at ``alpha = 1``, finite and
+    smooth there. With :class:`PositionRates` ``a_1..a_K``,
+    ``E = 1 + sum_i w_i * prod_{j<=i} a_j`` with ``w_i = clip(k - i + 1, 0, 1)``: exact for
+    whole ``k``, linear in between, and ``k`` beyond ``K`` counts as ``K``.
+
+    Args:
+      k: draft length, any shape, >= 0, may be real.
+      alpha: per-token acceptance probability in [0, 1], broadcasting with ``k``; or
+        :class:`PositionRates` whose ``rates[..., :-1]`` broadcast with ``k``.
+
+    Returns:
+      E, the broadcast shape of ``k`` and ``alpha`` (or of ``k`` and ``rates[..., 0]``).
+    """
+    if isinstance(alpha, PositionRates):
+        return _tokens_per_step_positions(k, alpha.rates)
+    dtype = _float_dtype(k, alpha)
+    k = jnp.asarray(k, dtype)
+    alpha = jnp.asarray(alpha, dtype)
+    k, alpha = jnp.broadcast_arrays(k, alpha)
+    n = k + 1.0
+
+    # Double `where`s keep the branch not taken finite, so its gradient is not NaN.
+    positive = alpha > 0
+    safe = jnp.where(positive, alpha, 0.5)
+    # log alpha, <= 0: log1p keeps it exact near 1, where alpha - 1 is exact; log near 0.
+    u = jnp.where(safe < 0.5, jnp.log(safe), jnp.log1p(safe - 1.0))
+    near_one = jnp.abs(u) < _TAYLOR_BELOW
+    u_far = jnp.where(near_one, -1.0, u)
+    closed = jnp.expm1(n * u_far) / jnp.expm1(u_far)
+    # Taylor series of sum_j exp(j*u): power sums S_m = sum_{j<=k} j^m, polynomials in k.
+    s1 = k * n / 2.0
+    s2 = k * n * (2.0 * k + 1.0) / 6.0
+    s3 = s1 * s1
+    series = n + u * (s1 + u * (s2 / 2.0 + u * s3 / 6.0))
+    e = jnp.where(near_one, series, closed)
+    # At alpha = 0, E = 1 for every k, with dE/dalpha = 1 once k > 0.
+    at_zero = 1.0 + alpha * (k > 0).astype(dtype)
+    return jnp.where(positive, e, at_zero)
+
+
+def _tokens_per_step_positions(k, rates):
+    dtype = _float_dtype(k, rates)
+    rates, k = jnp.asarray(rates, dtype), jnp.asarray(k, dtype)
+    batch = jnp.broadcast_shapes(k.shape, rates.shape[:-1])
+    rates = jnp.broadcast_to(rates, batch + rates.shape[-1:])
+    k = jnp.broadcast_to(k, batch)[..., None]
+    positions = jnp.cumsum(jnp.ones_like(rates), axis=-1)  # 1..K along the last axis
+    weights = jnp.clip(k - positions + 1.0, 0.0, 1.0)
+    return 1.0 + jnp.sum(weights * jnp.cumprod(rates, axis=-1), axis=-1)
+
+
+@jax.jit
+def demands(
+    coef: Coefficients,
+    *,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    output_len: ArrayLike,
+    prompt_len: ArrayLike | None = None,
+) -> Demands:
+    """Per-request demand by phase: what ``C1`` and ``C2`` are made of.
+
+    The MoE terms ``c1e, c2e`` enter verification at full expert coverage (every expert
+    loaded by every pass), the dense limit of the MoE model.
+
+    Args:
+      coef: cost coefficients [s]; fields broadcast with the operating point.
+      k: draft length (0 = no SD), >= 0, may be real.
+      alpha: acceptance probability in [0, 1], or :class:`PositionRates`.
+      output_len: tokens each request emits, > 0.
+      prompt_len: accepted so a whole operating point can be passed; the base model's
+        coefficients belong to one prompt length, so it does not enter.
+
+    Returns:
+      :class:`Demands`, every leaf of the broadcast shape of the arguments.
+    """
+    del prompt_len
+    e = tokens_per_step(k, alpha)
+    dtype = _float_dtype(e, output_len, *coef)
+    e, k, output_len, *fields = jnp.broadcast_arrays(
+        *(jnp.asarray(x, dtype) for x in (e, k, output_len, *coef))
+    )
+    c = Coefficients(*fields)
+    cycles = output_len / e
+
+    def phases(prefill, verify, expert, draft):
+        return PhaseDemands(
+            prefill=prefill, drafting=cycles * k * draft, verification=cycles * (verify + expert)
+        )
+
+    return Demands(
+        independent=phases(c.c1p, c.c1v, c.c1e, c.c1d),
+        dependent=phases(c.c2p, c.c2v, c.c2e, c.c2d),
+    )
+
+
+def _solve(coef, k, alpha, output_len, rate, concurrency):
+    """Demands, mean latency [s], mean number of other requests in flight, and stability.
+
+    Where the load is past saturation, latency is +inf and ``others`` is 0 (a finite
+    stand-in so that callers' products stay finite); callers mask with ``stable``.
+    """
+    if (rate is None) == (concurrency is None):
+        raise TypeError("give exactly one of rate= (open loop, req/s) or concurrency= (closed loop)")
+    d = demands(coef, k=k, alpha=alpha, output_len=output_len)
+    c1, c2 = d.independent.total, d.dependent.total
+    if concurrency is not None:
+        c1, c2, concurrency = jnp.broadcast_arrays(c1, c2, jnp.asarray(concurrency, c1.dtype))
+        others = concurrency - 1.0
+        return d, c1 + others * c2, others, jnp.ones(c1.shape, bool)
+    c1, c2, rate = jnp.broadcast_arrays(c1, c2, jnp.asarray(rate, c1.dtype))
+    slack = 1.0 - rate * c2
+    stable = slack > 0
+    # Double `where`s keep the untaken branch finite, so its gradient is 0, not NaN.
+    bounded = c1 / jnp.where(stable, slack, 1.0)
+    others = jnp.where(stable, rate * bounded, 0.0)
+    return d, jnp.where(stable, bounded, jnp.inf), others, stable
+
+
+@jax.jit
+def latency(
+    coef: Coefficients,
+    *,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    output_len: ArrayLike,
+    rate: ArrayLike | None = None,
+    concurrency: ArrayLike | None = None,
+    prompt_len: ArrayLike | None = None,
+) -> Array:
+    """Mean end-to-end request latency [s].
+
+    Args:
+      coef: cost coefficients [s].
+      k: draft length, >= 0, may be real.
+      alpha: acceptance probability in [0, 1], or :class:`PositionRates`.
+      output_len: tokens each request emits, > 0.
+      rate: open-loop arrival rate [req/s], >= 0. Give this or ``concurrency``.
+      concurrency: requests kept in flight (closed loop), >= 1.
+      prompt_len: see :func:`demands`.
+
+    Returns:
+      Latency of the arguments' broadcast shape; ``+inf`` at and past saturation.
+    """
+    del prompt_len
+    return _solve(coef, k, alpha, output_len, rate, concurrency)[1]
+
+
+@jax.jit
+def ttft(
+    coef: Coefficients,
+    *,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    output_len: ArrayLike,
+    rate: ArrayLike | None = None,
+    concurrency: ArrayLike | None = None,
+    prompt_len: ArrayLike | None = None,
+) -> Array:
+    """Mean time to first token [s]: the prefill share of the latency, ``c1p + B * c2p``.
+
+    Arguments as :func:`latency`; ``+inf`` past saturation.
+    """
+    del prompt_len
+    d, _, others, stable = _solve(coef, k, alpha, output_len, rate, concurrency)
+    return jnp.where(stable, d.independent.prefill + others * d.dependent.prefill, jnp.inf)
+
+
+@jax.jit
+def tpot(
+    coef: Coefficients,
+    *,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    output_len: ArrayLike,
+    rate: ArrayLike | None = None,
+    concurrency: ArrayLike | None = None,
+    prompt_len: ArrayLike | None = None,
+) -> Array:
+    """Mean time per output token after the first [s], vLLM's ``(L - TTFT) / (g - 1)``.
+
+    Arguments as :func:`latency`; 0 where ``output_len <= 1`` (as vLLM reports it);
+    ``+inf`` past saturation.
+    """
+    del prompt_len
+    d, _, others, stable = _solve(coef, k, alpha, output_len, rate, concurrency)
+    decode = (d.independent.drafting + d.independent.verification) + others * (
+        d.dependent.drafting + d.dependent.verification
+    )
+    decode, after_first = jnp.broadcast_arrays(decode, jnp.asarray(output_len, decode.dtype) - 1.0)
+    several = after_first > 0
+    per_token = jnp.where(several, decode / jnp.where(several, after_first, 1.0), 0.0)
+    return jnp.where(stable, per_token, jnp.inf)
+
+
+@jax.jit
+def saturation_rate(
+    coef: Coefficients,
+    *,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    output_len: ArrayLike,
+    prompt_len: ArrayLike | None = None,
+) -> Array:
+    """Arrival rate [req/s] at which the mean latency diverges, ``1 / C2``."""
+    del prompt_len
+    return 1.0 / demands(coef, k=k, alpha=alpha, output_len=output_len).dependent.total
+
+
+@jax.jit
+def speedup(
+    coef: Coefficients,
+    *,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    output_len: ArrayLike,
+    rate: ArrayLike | None = None,
+    concurrency: ArrayLike | None = None,
+    prompt_len: ArrayLike | None = None,
+) -> Array:
+    """Mean latency without SD over mean latency with draft length ``k``, at the same load.
+
+    Arguments as :func:`latency`. Where only one side is past saturation the speedup is
+    ``+inf`` (SD still stable) or 0 (SD saturated); where both are, it is NaN: there is no
+    steady state to compare.
+    """
+    del prompt_len
+    with_sd = _solve(coef, k, alpha, output_len, rate, concurrency)[1]
+    without = _solve(coef, jnp.zeros_like(with_sd), 0.0, output_len, rate, concurrency)[1]
+    sd_stable, base_stable = jnp.isfinite(with_sd), jnp.isfinite(without)
+    ratio = jnp.where(base_stable, without, 1.0) / jnp.where(sd_stable, with_sd, 1.0)
+    return jnp.where(
+        sd_stable,
+        jnp.where(base_stable, ratio, jnp.inf),
+        jnp.where(base_stable, 0.0, jnp.nan),
+    )
+
+
+@jax.jit
+def goodput(
+    coef: Coefficients,
+    *,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    batch_size: ArrayLike,
+) -> Array:
+    """Emitted tokens per second of batch time for ``batch_size`` requests decoding together.
+
+    SmartSpec's criterion (DESIGN.md section 4): ``B * E(k, alpha) / T_cycle`` with
+    ``T_cycle = (c1v + k*c1d) + (B - 1) * (c2v + k*c2d)`` (MoE terms at full coverage).
+
+    Args:
+      coef: cost coefficients [s].
+      k: draft length, >= 0, may be real.
+      alpha: acceptance probability in [0, 1], or :class:`PositionRates`.
+      batch_size: requests decoding in the batch, >= 1.
+
+    Returns:
+      Tokens per second, the broadcast shape of the arguments.
+    """
+    e = tokens_per_step(k, alpha)
+    dtype = _float_dtype(e, batch_size, *coef)
+    e, k, batch, *fields = jnp.broadcast_arrays(
+        *(jnp.asarray(x, dtype) for x in (e, k, batch_size, *coef))
+    )
+    c = Coefficients(*fields)
+    cycle = (c.c1v + c.c1e + k * c.c1d) + (batch - 1.0) * (c.c2v + c.c2e + k * c.c2d)
+    return batch * e / cycle

@@ -1,0 +1,411 @@
+"""The canonical trace schema: reading, validating, writing and aggregating traces.
+
+Two grains (DESIGN.md section 2): **operating points**, one row per measured configuration
+(``e2e_mean_s`` and friends), and **per-request** rows (``arrival_s``, ``ttft_s``,
+``e2e_s``), which :func:`aggregate` turns into operating points with standard errors.
+Every problem in a table is reported at once, each naming the file, row and column, in a
+:class:`TraceError`. Columns the schema does not know are kept as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of the schema: its kind, whether it must be present, its valid range."""
+
+    name: str
+    kind: str  # "str", "int", "float" or "bool"
+    required: bool = False
+    low: float = -math.inf  # smallest valid value
+    low_open: bool = False  # the bound itself is invalid
+    high: float = math.inf
+    doc: str = ""
+
+
+def _positive(name, kind="float", required=False, doc=""):
+    return Column(name, kind, required, low=0.0, low_open=True, doc=doc)
+
+
+def _nonnegative(name, kind="float", required=False, doc=""):
+    return Column(name, kind, required, low=0.0, doc=doc)
+
+
+_CONFIG = (
+    Column("hardware", "str", True, doc="GPU and its count, e.g. 'H100x1'"),
+    Column("verifier", "str", True, doc="the served (target) model"),
+    Column("drafter", "str", doc="draft model or head; empty for k = 0 and model-free methods"),
+    Column("method", "str", doc="SD method (eagle3, draft_model, ngram, ...); 'none' for k = 0"),
+    Column("k", "int", True, low=0, doc="draft length, 0 = no SD"),
+    _positive("request_rate", doc="open-loop arrival rate [req/s]; or give concurrency"),
+    Column("concurrency", "int", low=1, doc="requests kept in flight (closed loop)"),
+    Column("acceptance", "float", low=0.0, high=1.0, doc="per-token acceptance probability"),
+)
+
+OPERATING_POINT_COLUMNS: tuple[Column, ...] = _CONFIG + (
+    _positive("prompt_len", required=True, doc="mean prompt length [tokens]"),
+    _positive("output_len", required=True, doc="mean output length [tokens]"),
+    _positive("e2e_mean_s", required=True, doc="mean end-to-end latency [s]"),
+    _nonnegative("e2e_se_s", doc="standard error of e2e_mean_s [s]"),
+    _positive("ttft_mean_s", doc="mean time to first token [s]"),
+    _nonnegative("ttft_se_s"),
+    _nonnegative("tpot_mean_s", doc="mean time per output token after the first [s]"),
+    _nonnegative("tpot_se_s"),
+    _positive("e2e_p50_s"),
+    _positive("e2e_p90_s"),
+    _positive("e2e_p99_s"),
+    _nonnegative("throughput_rps", doc="completed requests per second"),
+    Column("n_requests", "int", low=1, doc="requests behind the means"),
+    Column("steady", "bool", doc="false for saturated points, kept but not fitted"),
+)
+
+PER_REQUEST_COLUMNS: tuple[Column, ...] = _CONFIG + (
+    _nonnegative("arrival_s", required=True, doc="arrival time since the run's start [s]"),
+    _positive("prompt_len", "int", required=True, doc="[tokens]"),
+    _positive("output_len", "int", required=True, doc="[tokens]"),
+    _positive("ttft_s", required=True, doc="time to first token [s]"),
+    _positive("e2e_s", required=True, doc="end-to-end latency [s]"),
+    _nonnegative("draft_tokens", "int", doc="draft tokens proposed for this request"),
+    _nonnegative("accepted_tokens", "int", doc="of which accepted"),
+)
+
+# The columns that identify an operating point; rows agreeing on all of them are one point.
+POINT_KEY = ("hardware", "verifier", "drafter", "method", "k", "request_rate", "concurrency",
+             "acceptance", "prompt_len", "output_len")
+
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+_SHOWN_PROBLEMS = 20
+
+
+class TraceError(ValueError):
+    """Traces that do not follow the schema. ``problems`` lists every one found.
+
+    Each problem is a string ``"<file>: row <i>, column '<name>': <what is wrong>"``; rows
+    count data rows from 1 (in a CSV file, row i is on line i + 1).
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        shown = self.problems[:_SHOWN_PROBLEMS]
+        more = len(self.problems) - len(shown)
+        text = "\n".join(shown) + (f"\n... and {more} more problems" if more > 0 else "")
+        super().__init__(text)
+
+
+def grain(df: pd.DataFrame, source: str = "<table>") -> str:
+    """``"per_request"`` or ``"operating_point"``, from the columns a table has."""
+    if "e2e_s" in df.columns:
+        return "per_request"
+    if "e2e_mean_s" in df.columns:
+        return "operating_point"
+    raise TraceError([f"{source}: has neither column 'e2e_mean_s' (operating points) nor "
+                      "'e2e_s' (per-request rows): not a trace table"])
+
+
+def read_traces(path: str | Path) -> pd.DataFrame:
+    """Read and validate a trace table from CSV or Parquet.
+
+    Args:
+      path: a ``.csv``, ``.parquet`` or ``.pq`` file of operating points or per-request rows.
+
+    Returns:
+      The validated table (see :func:`validate`).
+
+    Raises:
+      TraceError: the file is missing, unreadable or empty, or breaks the schema; the
+        message names the file, row and column of every problem.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise TraceError([f"{path}: no such file"])
+    try:
+        if suffix == ".csv":
+            # Read text as text, so "007" or "1e3" in a name column stay as written.
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        elif suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        else:
+            raise TraceError([f"{path}: unknown file type '{suffix}' (use .csv or .parquet)"])
+    except pd.errors.EmptyDataError:
+        raise TraceError([f"{path}: empty file"]) from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as err:
+        if isinstance(err, TraceError):
+            raise
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TraceError([f"{path}: cannot read as {suffix[1:]}: {first_line}"]) from None
+    return validate(df, source=str(path))
+
+
+def write_traces(df: pd.DataFrame, path: str | Path) -> None:
+    """Validate ``df`` and write it as CSV or Parquet (chosen by the file's suffix)."""
+    path = Path(path)
+    df = validate(df, source=str(path))
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif suffix in (".parquet", ".pq"):
+        df.to_parquet(path, index=False)
+    else:
+        raise TraceError([f"{path}: unknown file type '{suffix}' (use .csv or .parquet)"])
+
+
+def validate(df: pd.DataFrame, source: str = "<table>") -> pd.DataFrame:
+    """Check a trace table against the schema and return it with canonical types.
+
+    Text columns become strings, whole-number columns ``Int64``, measurements ``float64``,
+    ``steady`` boolean (default true). Missing ``method`` is ``"none"`` and missing
+    ``acceptance`` 0 where ``k = 0``, where neither means anything; missing ``drafter`` is
+    empty. Unknown columns are kept unchanged. The index is reset.
+
+    Args:
+      df: operating points or per-request rows (see :func:`grain`).
+      source: the name to use for the table in problem reports, usually its file.
+
+    Returns:
+      A new, validated ``DataFrame``; the input is not modified.
+
+    Raises:
+      TraceError: listing every problem found.
+    """
+    if len(df.columns) == 0:
+        raise TraceError([f"{source}: empty table: no columns"])
+    kind = grain(df, source)
+    if len(df) == 0:
+        raise TraceError([f"{source}: no rows"])
+    columns = OPERATING_POINT_COLUMNS if kind == "operating_point" else PER_REQUEST_COLUMNS
+    df = df.reset_index(drop=True).copy()
+    problems: list[str] = []
+
+    def report(rows, column, message):
+        for row in rows[:_SHOWN_PROBLEMS]:
+            problems.append(f"{source}: row {row + 1}, column '{column}': {message}")
+        if len(rows) > _SHOWN_PROBLEMS:
+            problems.append(f"{source}: column '{column}': {message} in "
+                            f"{len(rows) - _SHOWN_PROBLEMS} more rows")
+
+    duplicated = df.columns[df.columns.duplicated()].unique().tolist()
+    if duplicated:
+        raise TraceError([f"{source}: column '{c}' appears more than once" for c in duplicated])
+    for col in columns:
+        if col.required and col.name not in df.columns:
+            problems.append(f"{source}: missing required column '{col.name}'")
+    if problems:
+        raise TraceError(problems)
+
+    for col in columns:
+        if col.name in df.columns:
+            df[col.name] = _coerce(df[col.name], col, report)
+    _fill_defaults(df, kind)
+    _check_rows(df, kind, report)
+    if kind == "operating_point" and not problems:
+        _check_conflicts(df, source, problems)
+    if problems:
+        raise TraceError(problems)
+    return df
+
+
+def _is_missing(values: pd.Series) -> np.ndarray:
+    text = values.astype("string").str.strip()
+    return (values.isna() | text.isna() | (text == "")).to_numpy(bool)
+
+
+def _coerce(values: pd.Series, col: Column, report) -> pd.Series:
+    missing = _is_missing(values)
+    rows = lambda mask: np.flatnonzero(mask).tolist()  # noqa: E731
+    if col.required:
+        report(rows(missing), col.name, "missing value")
+    if col.kind == "str":
+        return values.where(~missing, "").astype("string").str.strip().astype(str)
+    if col.kind == "bool":
+        text = values.astype("string").str.strip().str.lower()
+        truthy, falsy = text.isin(_TRUE).fillna(False), text.isin(_FALSE).fillna(False)
+        bad = ~missing & ~(truthy | falsy).to_numpy(bool)
+        report(rows(bad), col.name, "not true or false")
+        return pd.Series(np.where(missing, True, truthy.to_numpy(bool)), index=values.index)
+
+    if values.dtype == bool or str(values.dtype) == "boolean":
+        numbers = pd.Series(np.nan, index=values.index)
+        report(rows(~missing), col.name, "a true/false value where a number belongs")
+    else:
+        numbers = pd.to_numeric(values.where(~missing), errors="coerce").astype("float64")
+    unparsed = ~missing & numbers.isna().to_numpy(bool)
+    for row in rows(unparsed)[:_SHOWN_PROBLEMS]:
+        report([row], col.name, f"not a number: {values.iloc[row]!r}")
+    if unparsed.sum() > _SHOWN_PROBLEMS:
+        report(rows(unparsed)[_SHOWN_PROBLEMS:], col.name, "not a number")
+    num = numbers.to_numpy(float)
+    ok = ~missing & ~unparsed
+    report(rows(ok & np.isinf(num)), col.name, "infinite")
+    finite = ok & np.isfinite(num)
+    low_bad = finite & ((num <= col.low) if col.low_open else (num < col.low))
+    high_bad = finite & (num > col.high)
+    if col.low_open and col.low == 0:
+        report(rows(low_bad), col.name, "must be positive")
+    elif col.low == 0:
+        report(rows(low_bad), col.name, "must not be negative")
+    else:
+        report(rows(low_bad), col.name, f"below {col.low:g}")
+    report(rows(high_bad), col.name, f"above {col.high:g}")
+    if col.kind == "int":
+        fractional = finite & (np.floor(num) != num)
+        report(rows(fractional), col.name, "not a whole number")
+        return numbers.where(finite & ~fractional).round().astype("Int64")
+    return numbers
+
+
+def _fill_defaults(df: pd.DataFrame, kind: str) -> None:
+    for name in ("drafter", "method"):
+        if name not in df.columns:
+            df[name] = ""
+    k_zero = (df["k"] == 0).fillna(False).to_numpy(bool)
+    df.loc[k_zero & (df["method"] == ""), "method"] = "none"
+    if kind == "operating_point":
+        if "acceptance" not in df.columns:
+            df["acceptance"] = np.nan
+        df.loc[k_zero & df["acceptance"].isna().to_numpy(bool), "acceptance"] = 0.0
+        if "steady" not in df.columns:
+            df["steady"] = True
+    for name in ("request_rate", "acceptance"):
+        if name not in df.columns:
+            df[name] = np.nan
+    if "concurrency" not in df.columns:
+        df["concurrency"] = pd.array([pd.NA] * len(df), dtype="Int64")
+
+
+def _check_rows(df: pd.DataFrame, kind: str, report) -> None:
+    rate = df["request_rate"].notna().to_numpy(bool)
+    closed = df["concurrency"].notna().to_numpy(bool)
+    report(np.flatnonzero(rate & closed).tolist(), "concurrency",
+           "give request_rate or concurrency, not both")
+    report(np.flatnonzero(~rate & ~closed).tolist(), "request_rate",
+           "missing: give request_rate (req/s) or concurrency")
+    sd = (df["k"] > 0).fillna(False).to_numpy(bool)
+    report(np.flatnonzero(sd & (df["method"] == "").to_numpy(bool)).tolist(), "method",
+           "missing: name the SD method where k > 0")
+    if kind == "operating_point":
+        report(np.flatnonzero(sd & df["acceptance"].isna().to_numpy(bool)).tolist(),
+               "acceptance", "missing where k > 0")
+        for low, high in (("e2e_p50_s", "e2e_p90_s"), ("e2e_p90_s", "e2e_p99_s")):
+            if low in df.columns and high in df.columns:
+                bad = (df[low] > df[high]).fillna(False).to_numpy(bool)
+                report(np.flatnonzero(bad).tolist(), high, f"smaller than {low}")
+    else:
+        bad = (df["ttft_s"] > df["e2e_s"]).fillna(False).to_numpy(bool)
+        report(np.flatnonzero(bad).tolist(), "ttft_s", "larger than e2e_s")
+        if "draft_tokens" in df.columns and "accepted_tokens" in df.columns:
+            bad = (df["accepted_tokens"] > df["draft_tokens"]).fillna(False).to_numpy(bool)
+            report(np.flatnonzero(bad).tolist(), "accepted_tokens", "more than draft_tokens")
+
+
+def _check_conflicts(df: pd.DataFrame, source: str, problems: list[str]) -> None:
+    measured = [c.name for c in OPERATING_POINT_COLUMNS
+                if c.name in df.columns and c.name not in POINT_KEY]
+    keys = df[list(POINT_KEY)].astype("string").fillna("<NA>")
+    for _, rows in keys.groupby(list(POINT_KEY), sort=False).groups.items():
+        if len(rows) < 2:
+            continue
+        values = df.loc[rows, measured].astype("string").fillna("<NA>")
+        if len(values.drop_duplicates()) > 1:
+            listed = ", ".join(str(r + 1) for r in rows)
+            problems.append(f"{source}: rows {listed}: the same operating point with "
+                            "different measurements")
+
+
+def aggregate(per_request: pd.DataFrame, source: str = "<table>") -> pd.DataFrame:
+    """Aggregate validated per-request rows into operating points with standard errors.
+
+    Rows are grouped by their configuration columns (hardware, verifier, drafter, method,
+    k, request_rate or concurrency, acceptance). Means, standard errors (sample standard
+    deviation over sqrt(n)) and percentiles are taken over the requests of each group. TPOT
+    is per request ``(e2e - ttft) / (output_len - 1)`` over requests with more than one
+    token. Where ``acceptance`` is missing but ``draft_tokens`` and ``accepted_tokens`` are
+    given, it is the alpha whose E(k, alpha) equals the measured mean acceptance length
+    ``1 + k * accepted / drafted``. ``throughput_rps`` is completions over the span from
+    first arrival to last completion.
+
+    Args:
+      per_request: per-request rows (validated here if not already).
+      source: the table's name for problem reports.
+
+    Returns:
+      A validated operating-point table, one row per configuration.
+    """
+    df = validate(per_request, source=source)
+    if grain(df, source) != "per_request":
+        raise TraceError([f"{source}: aggregate() takes per-request rows (with 'e2e_s')"])
+    config = ["hardware", "verifier", "drafter", "method", "k", "request_rate", "concurrency",
+              "acceptance"]
+    extra = [c for c in df.columns if c not in {col.name for col in PER_REQUEST_COLUMNS}]
+    rows = []
+    for key, group in df.groupby(config, dropna=False, sort=False):
+        row = dict(zip(config, key))
+        e2e = group["e2e_s"].to_numpy(float)
+        ttft = group["ttft_s"].to_numpy(float)
+        out = group["output_len"].to_numpy(float)
+        n = len(group)
+        row.update(
+            prompt_len=group["prompt_len"].mean(),
+            output_len=out.mean(),
+            n_requests=n,
+            e2e_mean_s=e2e.mean(),
+            e2e_se_s=_standard_error(e2e),
+            ttft_mean_s=ttft.mean(),
+            ttft_se_s=_standard_error(ttft),
+            e2e_p50_s=np.percentile(e2e, 50),
+            e2e_p90_s=np.percentile(e2e, 90),
+            e2e_p99_s=np.percentile(e2e, 99),
+            throughput_rps=_throughput(group["arrival_s"].to_numpy(float), e2e),
+            steady=True,
+        )
+        several = out > 1
+        if several.any():
+            per_token = (e2e[several] - ttft[several]) / (out[several] - 1)
+            row.update(tpot_mean_s=per_token.mean(), tpot_se_s=_standard_error(per_token))
+        if pd.isna(row["acceptance"]):
+            row["acceptance"] = _acceptance_from_tokens(group, int(row["k"]))
+        # Columns outside the schema survive when they are constant within the point.
+        for name in extra:
+            if group[name].nunique(dropna=False) == 1:
+                row[name] = group[name].iloc[0]
+        rows.append(row)
+    return validate(pd.DataFrame(rows), source=f"aggregate({source})")
+
+
+def _standard_error(x: np.ndarray) -> float:
+    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+
+
+def _throughput(arrival: np.ndarray, e2e: np.ndarray) -> float:
+    span = float(np.max(arrival + e2e) - np.min(arrival))
+    return len(arrival) / span if span > 0 else math.nan
+
+
+def _acceptance_from_tokens(group: pd.DataFrame, k: int) -> float:
+    """Solve E(k, alpha) = 1 + k * accepted / drafted for alpha by bisection (NaN if unknown)."""
+    if k == 0:
+        return 0.0
+    if not {"draft_tokens", "accepted_tokens"} <= set(group.columns):
+        return math.nan
+    drafted = group["draft_tokens"].sum()
+    if pd.isna(drafted) or drafted == 0:
+        return math.nan
+    length = 1.0 + k * float(group["accepted_tokens"].sum()) / float(drafted)
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # E is increasing in alpha; 60 halvings reach float64 resolution
+        mid = 0.5 * (lo + hi)
+        if sum(mid**j for j in range(k + 1)) < length:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
