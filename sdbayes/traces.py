@@ -82,6 +82,7 @@ PER_REQUEST_COLUMNS: tuple[Column, ...] = _CONFIG + (
 POINT_KEY = ("hardware", "verifier", "drafter", "method", "k", "request_rate", "concurrency",
              "acceptance", "prompt_len", "output_len")
 
+_NA_TEXT = {"nan", "na", "n/a", "null", "none", "<na>"}
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 _SHOWN_PROBLEMS = 20
@@ -222,6 +223,8 @@ def _is_missing(values: pd.Series) -> np.ndarray:
 
 def _coerce(values: pd.Series, col: Column, report) -> pd.Series:
     missing = _is_missing(values)
+    if col.kind != "str":  # how CSV writers spell an empty number
+        missing |= values.astype("string").str.strip().str.lower().isin(_NA_TEXT).fillna(False)
     rows = lambda mask: np.flatnonzero(mask).tolist()  # noqa: E731
     if col.required:
         report(rows(missing), col.name, "missing value")
@@ -260,7 +263,9 @@ def _coerce(values: pd.Series, col: Column, report) -> pd.Series:
     if col.kind == "int":
         fractional = finite & (np.floor(num) != num)
         report(rows(fractional), col.name, "not a whole number")
-        return numbers.where(finite & ~fractional).round().astype("Int64")
+        huge = finite & (np.abs(num) > 2.0**53)  # past exact float integers and int64
+        report(rows(huge), col.name, "too large")
+        return numbers.where(finite & ~fractional & ~huge).round().astype("Int64")
     return numbers
 
 
