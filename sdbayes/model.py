@@ -253,13 +253,34 @@ def ttft(
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
 ) -> Array:
-    """Mean time to first token [s]: the prefill share of the latency, ``c1p + B * c2p``.
+    """Mean time to first token [s]: the request's prefill plus the wait for a step boundary.
 
-    Arguments as :func:`latency`; ``+inf`` past saturation.
+    A new request is admitted when the decode step in progress ends, then prefills for
+    ``c1p``. The engine is busy with probability ``rho = 1 - exp(-B)`` (``B`` others in
+    flight, Poisson-distributed about their mean); a busy step holds ``B / rho`` requests
+    on average and is stretched by the admission stalls ``c2p`` of the requests arriving
+    during it; an arrival waits half a step:
+
+        TTFT = c1p + [rho*(c1v + c1e + k*c1d) + (B - rho)*(c2v + c2e + k*c2d)]
+                     / (2 * (1 - throughput * c2p))
+
+    It equals ``c1p`` at zero load. This is not the prefill share of the latency
+    (``c1p + B*c2p`` in :func:`demands`): other requests' admissions stall a request over
+    its whole life, mostly after its first token. Arguments as :func:`latency`; ``+inf``
+    past saturation.
     """
     del prompt_len
-    d, _, others, stable = _solve(coef, k, alpha, output_len, rate, concurrency)
-    return jnp.where(stable, d.independent.prefill + others * d.dependent.prefill, jnp.inf)
+    _, total, others, stable = _solve(coef, k, alpha, output_len, rate, concurrency)
+    if rate is None:  # Little's Law for the closed loop
+        rate = jnp.asarray(concurrency, total.dtype) / jnp.where(stable, total, 1.0)
+    k, others, throughput, *fields = jnp.broadcast_arrays(
+        *(jnp.asarray(x, total.dtype) for x in (k, others, rate, *coef))
+    )
+    c = Coefficients(*fields)
+    busy = -jnp.expm1(-others)
+    step = busy * (c.c1v + c.c1e + k * c.c1d) + (others - busy) * (c.c2v + c.c2e + k * c.c2d)
+    stretch = jnp.maximum(1.0 - throughput * c.c2p, 1e-12)  # < 1 while stable
+    return jnp.where(stable, c.c1p + step / (2.0 * stretch), jnp.inf)
 
 
 @jax.jit
@@ -279,10 +300,10 @@ def tpot(
     ``+inf`` past saturation.
     """
     del prompt_len
-    d, _, others, stable = _solve(coef, k, alpha, output_len, rate, concurrency)
-    decode = (d.independent.drafting + d.independent.verification) + others * (
-        d.dependent.drafting + d.dependent.verification
-    )
+    load = dict(k=k, alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency)
+    total = latency(coef, **load)
+    stable = jnp.isfinite(total)
+    decode = jnp.where(stable, total - ttft(coef, **load), 0.0)
     decode, after_first = jnp.broadcast_arrays(decode, jnp.asarray(output_len, decode.dtype) - 1.0)
     several = after_first > 0
     per_token = jnp.where(several, decode / jnp.where(several, after_first, 1.0), 0.0)

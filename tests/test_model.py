@@ -238,11 +238,12 @@ class TestGradients:
         load = {name: point[name] for name in ("k", "alpha", "output_len")}
         return dict(point, rate=fraction * float(sb.saturation_rate(COEF, **load)))
 
+    @pytest.mark.parametrize("metric", [sb.latency, sb.ttft, sb.tpot])
     @pytest.mark.parametrize("name", ["k", "alpha", "rate", "output_len"])
-    def test_operating_point(self, name):
+    def test_operating_point(self, name, metric):
         for point in self.POINTS + [self.near_saturation(p) for p in self.POINTS]:
             def f(x, point=point):
-                return sb.latency(COEF, **dict(point, **{name: x}))
+                return metric(COEF, **dict(point, **{name: x}))
 
             x = point[name]
             h = 1e-6 * max(abs(x), 1.0)
