@@ -18,20 +18,24 @@ from sdbayes.model import (
     tpot,
     ttft,
 )
+from sdbayes.simulate import Empirical, Uniform, simulate
 from sdbayes.traces import TraceError, aggregate, read_traces, validate, write_traces
 
 __all__ = [
     "Coefficients",
     "Demands",
+    "Empirical",
     "PhaseDemands",
     "PositionRates",
     "TraceError",
+    "Uniform",
     "aggregate",
     "demands",
     "goodput",
     "latency",
     "read_traces",
     "saturation_rate",
+    "simulate",
     "speedup",
     "tokens_per_step",
     "tpot",
