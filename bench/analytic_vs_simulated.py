@@ -43,7 +43,8 @@ def main(n_requests: int = 40_000) -> None:
     errors = np.array(errors)
     for load in np.unique(errors[:, 0]):
         at = errors[errors[:, 0] == load, 1]
-        print(f"load {load:.0%}: mean E2E error {at.mean():+.1%}, worst {at[np.argmax(abs(at))]:+.1%}")
+        worst = at[np.argmax(abs(at))]
+        print(f"load {load:.0%}: mean E2E error {at.mean():+.1%}, worst {worst:+.1%}")
 
 
 if __name__ == "__main__":

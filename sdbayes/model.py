@@ -197,7 +197,8 @@ def _solve(coef, k, alpha, output_len, rate, concurrency):
     stand-in so that callers' products stay finite); callers mask with ``stable``.
     """
     if (rate is None) == (concurrency is None):
-        raise TypeError("give exactly one of rate= (open loop, req/s) or concurrency= (closed loop)")
+        raise TypeError("give exactly one of rate= (open loop, req/s) "
+                        "or concurrency= (closed loop)")
     d = demands(coef, k=k, alpha=alpha, output_len=output_len)
     c1, c2 = d.independent.total, d.dependent.total
     if concurrency is not None:

@@ -354,7 +354,7 @@ def aggregate(per_request: pd.DataFrame, source: str = "<table>") -> pd.DataFram
     extra = [c for c in df.columns if c not in {col.name for col in PER_REQUEST_COLUMNS}]
     rows = []
     for key, group in df.groupby(config, dropna=False, sort=False):
-        row = dict(zip(config, key))
+        row = dict(zip(config, key, strict=True))
         e2e = group["e2e_s"].to_numpy(float)
         ttft = group["ttft_s"].to_numpy(float)
         out = group["output_len"].to_numpy(float)

@@ -214,7 +214,7 @@ class TestAggregate:
         df = requests()
         out = sb.aggregate(df)
         assert len(out) == 2
-        for rate, row in zip((1.0, 2.0), out.itertuples()):
+        for rate, row in zip((1.0, 2.0), out.itertuples(), strict=True):
             group = df[df["request_rate"] == rate]
             assert row.request_rate == rate and row.n_requests == len(group)
             np.testing.assert_allclose(row.e2e_mean_s, group["e2e_s"].mean())
