@@ -4,6 +4,14 @@
 section 6). Seconds and tokens throughout.
 """
 
+import warnings
+
+with warnings.catch_warnings():
+    # ArviZ 0.2x announces its 1.x refactor on import; DESIGN.md pins the 0.2x API.
+    warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
+    import arviz  # noqa: F401
+
+from sdbayes.inference import fit  # noqa: E402
 from sdbayes.model import (
     Coefficients,
     Demands,
@@ -18,6 +26,7 @@ from sdbayes.model import (
     tpot,
     ttft,
 )
+from sdbayes.posterior import Posterior, load_posterior
 from sdbayes.simulate import Empirical, Uniform, simulate
 from sdbayes.traces import TraceError, aggregate, read_traces, validate, write_traces
 
@@ -27,12 +36,15 @@ __all__ = [
     "Empirical",
     "PhaseDemands",
     "PositionRates",
+    "Posterior",
     "TraceError",
     "Uniform",
     "aggregate",
     "demands",
+    "fit",
     "goodput",
     "latency",
+    "load_posterior",
     "read_traces",
     "saturation_rate",
     "simulate",

@@ -20,6 +20,7 @@ are zero, not NaN. Dtypes follow JAX: float32 by default, float64 when
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -32,6 +33,15 @@ Array = jax.Array
 # the closed form is 0/0 at alpha = 1. The series' first omitted term is ~ (k*u)^4 / 120,
 # below 1e-9 relative for k <= 16 at this threshold.
 _TAYLOR_BELOW = 1e-3
+
+
+VARIANTS = ("paper", "whole_steps")
+"""Model variants. ``"paper"``: a request takes ``g / E`` SD cycles, the source paper's form
+and the reference. ``"whole_steps"``: cycles are whole, so the last one is partly wasted; by
+renewal theory the mean count is ``g / E + (E[X^2] - E) / (2 E^2)`` for X tokens per cycle,
+about half a cycle more (DESIGN.md section 1; ~1% at k = 4, alpha = 0.7, g = 128)."""
+
+_jit = partial(jax.jit, static_argnames=("variant",))
 
 
 class Coefficients(NamedTuple):
@@ -145,7 +155,7 @@ def _tokens_per_step_positions(k, rates):
     return 1.0 + jnp.sum(weights * jnp.cumprod(rates, axis=-1), axis=-1)
 
 
-@jax.jit
+@_jit
 def demands(
     coef: Coefficients,
     *,
@@ -153,6 +163,7 @@ def demands(
     alpha: ArrayLike | PositionRates,
     output_len: ArrayLike,
     prompt_len: ArrayLike | None = None,
+    variant: str = "paper",
 ) -> Demands:
     """Per-request demand by phase: what ``C1`` and ``C2`` are made of.
 
@@ -166,18 +177,20 @@ def demands(
       output_len: tokens each request emits, > 0.
       prompt_len: accepted so a whole operating point can be passed; the base model's
         coefficients belong to one prompt length, so it does not enter.
+      variant: one of :data:`VARIANTS`.
 
     Returns:
       :class:`Demands`, every leaf of the broadcast shape of the arguments.
     """
     del prompt_len
     e = tokens_per_step(k, alpha)
+    extra = _wasted_cycles(k, alpha, e, variant)
     dtype = _float_dtype(e, output_len, *coef)
-    e, k, output_len, *fields = jnp.broadcast_arrays(
-        *(jnp.asarray(x, dtype) for x in (e, k, output_len, *coef))
+    e, extra, k, output_len, *fields = jnp.broadcast_arrays(
+        *(jnp.asarray(x, dtype) for x in (e, extra, k, output_len, *coef))
     )
     c = Coefficients(*fields)
-    cycles = output_len / e
+    cycles = output_len / e + extra
 
     def phases(prefill, verify, expert, draft):
         return PhaseDemands(
@@ -190,7 +203,31 @@ def demands(
     )
 
 
-def _solve(coef, k, alpha, output_len, rate, concurrency):
+def _wasted_cycles(k, alpha, e, variant):
+    """Mean cycles beyond ``g / E``: 0 for the paper's form, else ``(E[X^2] - E) / (2 E^2)``.
+
+    ``E[X^2] - E = 2 * sum_j j * P(X > j)``; with one alpha that sum is ``alpha * dE/dalpha``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "paper":
+        return jnp.zeros_like(e)
+    if isinstance(alpha, PositionRates):
+        rates = jnp.asarray(alpha.rates, e.dtype)
+        batch = e.shape
+        rates = jnp.broadcast_to(rates, batch + rates.shape[-1:])
+        kk = jnp.broadcast_to(jnp.asarray(k, e.dtype), batch)[..., None]
+        positions = jnp.cumsum(jnp.ones_like(rates), axis=-1)
+        weights = jnp.clip(kk - positions + 1.0, 0.0, 1.0)
+        weighted = jnp.sum(positions * weights * jnp.cumprod(rates, axis=-1), axis=-1)
+    else:
+        alpha = jnp.asarray(alpha, e.dtype)
+        _, slope = jax.jvp(lambda a: tokens_per_step(k, a), (alpha,), (jnp.ones_like(alpha),))
+        weighted = alpha * slope
+    return weighted / e**2
+
+
+def _solve(coef, k, alpha, output_len, rate, concurrency, variant):
     """Demands, mean latency [s], mean number of other requests in flight, and stability.
 
     Where the load is past saturation, latency is +inf and ``others`` is 0 (a finite
@@ -199,7 +236,7 @@ def _solve(coef, k, alpha, output_len, rate, concurrency):
     if (rate is None) == (concurrency is None):
         raise TypeError("give exactly one of rate= (open loop, req/s) "
                         "or concurrency= (closed loop)")
-    d = demands(coef, k=k, alpha=alpha, output_len=output_len)
+    d = demands(coef, k=k, alpha=alpha, output_len=output_len, variant=variant)
     c1, c2 = d.independent.total, d.dependent.total
     if concurrency is not None:
         c1, c2, concurrency = jnp.broadcast_arrays(c1, c2, jnp.asarray(concurrency, c1.dtype))
@@ -214,7 +251,7 @@ def _solve(coef, k, alpha, output_len, rate, concurrency):
     return d, jnp.where(stable, bounded, jnp.inf), others, stable
 
 
-@jax.jit
+@_jit
 def latency(
     coef: Coefficients,
     *,
@@ -224,6 +261,7 @@ def latency(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
+    variant: str = "paper",
 ) -> Array:
     """Mean end-to-end request latency [s].
 
@@ -235,15 +273,16 @@ def latency(
       rate: open-loop arrival rate [req/s], >= 0. Give this or ``concurrency``.
       concurrency: requests kept in flight (closed loop), >= 1.
       prompt_len: see :func:`demands`.
+      variant: one of :data:`VARIANTS` (static).
 
     Returns:
       Latency of the arguments' broadcast shape; ``+inf`` at and past saturation.
     """
     del prompt_len
-    return _solve(coef, k, alpha, output_len, rate, concurrency)[1]
+    return _solve(coef, k, alpha, output_len, rate, concurrency, variant)[1]
 
 
-@jax.jit
+@_jit
 def ttft(
     coef: Coefficients,
     *,
@@ -253,6 +292,7 @@ def ttft(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
+    variant: str = "paper",
 ) -> Array:
     """Mean time to first token [s]: the request's prefill plus the wait for a step boundary.
 
@@ -271,7 +311,7 @@ def ttft(
     past saturation.
     """
     del prompt_len
-    _, total, others, stable = _solve(coef, k, alpha, output_len, rate, concurrency)
+    _, total, others, stable = _solve(coef, k, alpha, output_len, rate, concurrency, variant)
     if rate is None:  # Little's Law for the closed loop
         rate = jnp.asarray(concurrency, total.dtype) / jnp.where(stable, total, 1.0)
     k, others, throughput, *fields = jnp.broadcast_arrays(
@@ -284,7 +324,7 @@ def ttft(
     return jnp.where(stable, c.c1p + step / (2.0 * stretch), jnp.inf)
 
 
-@jax.jit
+@_jit
 def tpot(
     coef: Coefficients,
     *,
@@ -294,6 +334,7 @@ def tpot(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
+    variant: str = "paper",
 ) -> Array:
     """Mean time per output token after the first [s], vLLM's ``(L - TTFT) / (g - 1)``.
 
@@ -301,7 +342,8 @@ def tpot(
     ``+inf`` past saturation.
     """
     del prompt_len
-    load = dict(k=k, alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency)
+    load = dict(k=k, alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency,
+                variant=variant)
     total = latency(coef, **load)
     stable = jnp.isfinite(total)
     decode = jnp.where(stable, total - ttft(coef, **load), 0.0)
@@ -311,7 +353,7 @@ def tpot(
     return jnp.where(stable, per_token, jnp.inf)
 
 
-@jax.jit
+@_jit
 def saturation_rate(
     coef: Coefficients,
     *,
@@ -319,13 +361,15 @@ def saturation_rate(
     alpha: ArrayLike | PositionRates,
     output_len: ArrayLike,
     prompt_len: ArrayLike | None = None,
+    variant: str = "paper",
 ) -> Array:
     """Arrival rate [req/s] at which the mean latency diverges, ``1 / C2``."""
     del prompt_len
-    return 1.0 / demands(coef, k=k, alpha=alpha, output_len=output_len).dependent.total
+    d = demands(coef, k=k, alpha=alpha, output_len=output_len, variant=variant)
+    return 1.0 / d.dependent.total
 
 
-@jax.jit
+@_jit
 def speedup(
     coef: Coefficients,
     *,
@@ -335,6 +379,7 @@ def speedup(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
+    variant: str = "paper",
 ) -> Array:
     """Mean latency without SD over mean latency with draft length ``k``, at the same load.
 
@@ -343,8 +388,9 @@ def speedup(
     steady state to compare.
     """
     del prompt_len
-    with_sd = _solve(coef, k, alpha, output_len, rate, concurrency)[1]
-    without = _solve(coef, jnp.zeros_like(with_sd), 0.0, output_len, rate, concurrency)[1]
+    with_sd = _solve(coef, k, alpha, output_len, rate, concurrency, variant)[1]
+    no_sd = jnp.zeros_like(with_sd)
+    without = _solve(coef, no_sd, 0.0, output_len, rate, concurrency, variant)[1]
     sd_stable, base_stable = jnp.isfinite(with_sd), jnp.isfinite(without)
     ratio = jnp.where(base_stable, without, 1.0) / jnp.where(sd_stable, with_sd, 1.0)
     return jnp.where(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -86,6 +87,27 @@ _NA_TEXT = {"nan", "na", "n/a", "null", "none", "<na>"}
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 _SHOWN_PROBLEMS = 20
+
+
+class Points(NamedTuple):
+    """Operating points as arrays, each of shape [n] (see :func:`to_points`).
+
+    Observations missing for a point are NaN; their standard errors 0 where unknown.
+    """
+
+    group: np.ndarray  # int, index into the group labels
+    k: np.ndarray  # draft length
+    alpha: np.ndarray  # acceptance probability
+    output_len: np.ndarray  # [tokens]
+    rate: np.ndarray  # [req/s], 0 for closed-loop points
+    concurrency: np.ndarray  # requests in flight, 1 for open-loop points
+    closed: np.ndarray  # bool: closed-loop point
+    e2e: np.ndarray  # mean end-to-end latency [s]
+    e2e_se: np.ndarray
+    ttft: np.ndarray  # mean time to first token [s]
+    ttft_se: np.ndarray
+    tpot: np.ndarray  # mean time per output token [s]
+    tpot_se: np.ndarray
 
 
 class TraceError(ValueError):
@@ -414,3 +436,70 @@ def _acceptance_from_tokens(group: pd.DataFrame, k: int) -> float:
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+def group_labels(points: pd.DataFrame) -> list[str]:
+    """The group (hardware x model pair) of each operating point, as a label per row.
+
+    SD rows group by hardware, verifier, drafter and method. Rows without SD (k = 0) share
+    the six coefficients of the SD rows on the same hardware and verifier, so they join
+    that group when there is exactly one; otherwise they form a group of their own.
+    """
+    def label(row):
+        drafter = row.drafter or "-"
+        return f"{row.hardware} | {row.verifier} | {drafter} ({row.method})"
+
+    labels = [label(row) for row in points.itertuples()]
+    sd_groups: dict[tuple[str, str], set[str]] = {}
+    for row, text in zip(points.itertuples(), labels, strict=True):
+        if row.k > 0:
+            sd_groups.setdefault((row.hardware, row.verifier), set()).add(text)
+    for i, row in enumerate(points.itertuples()):
+        candidates = sd_groups.get((row.hardware, row.verifier), set())
+        if row.k == 0 and len(candidates) == 1:
+            labels[i] = next(iter(candidates))
+    return labels
+
+
+def to_points(points: pd.DataFrame, groups: list[str] | None = None):
+    """Turn a validated operating-point table into arrays for the latency model.
+
+    Args:
+      points: operating points (validated here).
+      groups: the group labels the indices refer to; by default the table's own, in order
+        of first appearance. A row whose group is not among them gets index -1.
+
+    Returns:
+      ``(arrays, groups)``: :class:`Points` of arrays of shape [n],
+      and the list of group labels.
+    """
+    df = validate(points)
+    if grain(df) != "operating_point":
+        raise TraceError(["expected operating points; aggregate per-request rows first"])
+    labels = group_labels(df)
+    if groups is None:
+        groups = list(dict.fromkeys(labels))
+    index = {g: i for i, g in enumerate(groups)}
+
+    def column(name, fill=np.nan):
+        if name not in df.columns:
+            return np.full(len(df), fill)
+        return df[name].astype("Float64").to_numpy(float, na_value=fill)
+
+    closed = df["concurrency"].notna().to_numpy(bool)
+    arrays = Points(
+        group=np.array([index.get(label, -1) for label in labels], dtype=np.int32),
+        k=column("k"),
+        alpha=column("acceptance"),
+        output_len=column("output_len"),
+        rate=np.where(closed, 0.0, column("request_rate", 0.0)),
+        concurrency=np.where(closed, column("concurrency", 1.0), 1.0),
+        closed=closed,
+        e2e=column("e2e_mean_s"),
+        e2e_se=column("e2e_se_s", 0.0),
+        ttft=column("ttft_mean_s"),
+        ttft_se=column("ttft_se_s", 0.0),
+        tpot=column("tpot_mean_s"),
+        tpot_se=column("tpot_se_s", 0.0),
+    )
+    return arrays, groups

@@ -1,0 +1,217 @@
+"""The probabilistic model: priors over the cost coefficients and the likelihood of traces.
+
+DESIGN.md section 3. The six coefficients of each group (hardware x model pair) are sampled
+in log space. With one group their prior is a log-normal per coefficient; with several, the
+groups' log coefficients are partially pooled: ``log c[g] = mu + tau * z[g]``,
+``z ~ Normal(0, 1)`` (non-centred), with ``mu`` under that log-normal prior and
+``tau ~ HalfNormal(pool_scale)`` per coefficient.
+
+Each observed mean is compared on the log scale with the latency model's prediction (the
+very functions of :mod:`sdbayes.model`), with a relative error of standard deviation
+
+    s_i = sqrt(sigma**2 + (tau_q * (L_i / C1_i - 1))**2 + (se_i / y_i)**2)
+
+- ``sigma``: the relative measurement and model error common to all points of a metric;
+- ``tau_q``: model error that grows with queueing, ``L / C1 - 1`` being how much load has
+  inflated the latency (0 alone, ``x / (1 - x)`` at ``x = rate * C2`` of saturation): the
+  mean-value form under-predicts at high load (DESIGN.md section 1), and this term lets the
+  intervals widen where it does;
+- ``se_i``: the point's own standard error, so points measured from few requests count less.
+
+Log-normal by default, Student-t (4 degrees of freedom) for traces with outliers.
+End-to-end latency is always fitted; TTFT and TPOT join where the traces have them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+from sdbayes.model import Coefficients, demands, latency, tokens_per_step, tpot, ttft
+from sdbayes.traces import Points
+
+COEFFICIENTS = ("c1p", "c1v", "c1d", "c2p", "c2v", "c2d")
+METRICS = ("e2e", "ttft", "tpot")
+LIKELIHOODS = ("lognormal", "student_t")
+_STUDENT_DF = 4.0
+
+
+class Prior(NamedTuple):
+    """Log-normal prior of each coefficient: ``log c ~ Normal(loc, scale)``, shape [6] each,
+    in the order of :data:`COEFFICIENTS` (locations are logs of seconds)."""
+
+    loc: np.ndarray
+    scale: np.ndarray
+
+    def median(self) -> Coefficients:
+        return Coefficients(*(float(math.exp(x)) for x in self.loc))
+
+
+class ModelSpec(NamedTuple):
+    """What the roofline prior needs to know about a model."""
+
+    params: float  # parameter count
+    bytes_per_param: float = 2.0  # 2 for bf16/fp16, 1 for fp8
+    kv_bytes_per_token: float = 0.0  # KV cache bytes per token (all layers, K and V)
+
+
+class HardwareSpec(NamedTuple):
+    memory_bandwidth: float  # [bytes/s]
+    peak_flops: float  # dense [FLOP/s] at the serving precision
+
+
+def data_prior(points: Points, scale: float = 2.0) -> Prior:
+    """A weakly informative prior scaled to the data: medians of the right order, wide.
+
+    Anchors: the time per SD cycle of the least-loaded points bounds ``c1v + k*c1d``; the
+    highest measured rate bounds ``C2`` from above (``rate * C2 < 1``); TTFT at low load is
+    about ``c1p``. Each median is a round fraction of its anchor and ``scale`` (log space,
+    default 2: a factor of 7 either way at one standard deviation) keeps the prior from
+    deciding anything the data can.
+    """
+    e = np.asarray(tokens_per_step(points.k, points.alpha), float)
+    cycles = points.output_len / e
+    per_cycle = np.nanmin(points.e2e / cycles)
+    shortest = np.nanmin(points.e2e)
+    first = np.nanmin(points.ttft) if np.isfinite(points.ttft).any() else 0.05 * shortest
+    open_rates = points.rate[~points.closed]
+    if open_rates.size and open_rates.max() > 0:
+        c2_total = 0.5 / open_rates.max()
+    else:  # closed loop only: C2 ~ (L - C1) / (N - 1) at the largest concurrency
+        i = int(np.argmax(points.concurrency))
+        spread = max(points.e2e[i] - shortest, 0.1 * shortest)
+        c2_total = spread / max(points.concurrency[i] - 1, 1)
+    typical_cycles = float(np.median(cycles))
+    medians = np.array([
+        first,  # c1p
+        0.7 * per_cycle,  # c1v
+        0.05 * per_cycle,  # c1d
+        0.3 * c2_total,  # c2p
+        0.5 * c2_total / typical_cycles,  # c2v
+        0.05 * c2_total / typical_cycles,  # c2d
+    ])
+    return Prior(loc=np.log(medians), scale=np.full(6, scale))
+
+
+def roofline_prior(
+    hardware: HardwareSpec,
+    verifier: ModelSpec,
+    drafter: ModelSpec | None,
+    *,
+    prompt_len: float,
+    output_len: float,
+    scale: float = 1.0,
+) -> Prior:
+    """A prior centred on roofline estimates from the hardware and the models.
+
+    - ``c1v``: reading the verifier's weights once, ``params * bytes / bandwidth``;
+      ``c1d`` the same for the drafter (for a model-free drafter, 1% of ``c1v``).
+    - ``c2v``: reading one more request's KV cache, ``kv_bytes * (P + g/2) / bandwidth``
+      (the mean KV length, as the source paper found); ``c2d`` likewise for the drafter
+      (10% of ``c2v`` where its KV size is not given).
+    - ``c1p``: prefill compute, ``2 * params * P / peak_flops``, plus one weight read;
+      ``c2p``: the compute alone, which is what a new prompt takes from the others.
+
+    Args:
+      hardware: memory bandwidth and peak FLOP/s of the GPU (all of them, for tensor
+        parallelism).
+      verifier, drafter: model specs; ``drafter=None`` for a model-free method (ngram).
+      prompt_len, output_len: typical lengths [tokens].
+      scale: log-space standard deviation (1: a factor of 2.7 at one sd).
+    """
+    bw, flops = hardware.memory_bandwidth, hardware.peak_flops
+    weights = verifier.params * verifier.bytes_per_param / bw
+    kv_len = prompt_len + output_len / 2
+    c2v = max(verifier.kv_bytes_per_token * kv_len / bw, 1e-7)
+    if drafter is None:
+        c1d, c2d = 0.01 * weights, 0.1 * c2v
+    else:
+        c1d = drafter.params * drafter.bytes_per_param / bw
+        c2d = drafter.kv_bytes_per_token * kv_len / bw or 0.1 * c2v
+    prefill = 2.0 * verifier.params * prompt_len / flops
+    medians = np.array([prefill + weights, weights, c1d, prefill, c2v, c2d])
+    return Prior(loc=np.log(medians), scale=np.full(6, float(scale)))
+
+
+def _metric_terms(coef, points: Points, load_total, variant):
+    """Predicted means of each metric, with the queueing inflation L / C1 - 1, shape [n]."""
+    point = dict(k=points.k, alpha=points.alpha, output_len=points.output_len, variant=variant)
+    rate = jnp.where(points.closed, 0.0, points.rate)
+    concurrency = jnp.where(points.closed, points.concurrency, 1.0)
+
+    def pick(metric):
+        return jnp.where(points.closed, metric(coef, concurrency=concurrency, **point),
+                         metric(coef, rate=rate, **point))
+
+    e2e = pick(latency)
+    return {"e2e": e2e, "ttft": pick(ttft), "tpot": pick(tpot)}, e2e / load_total - 1.0
+
+
+def model(
+    points: Points,
+    prior: Prior,
+    n_groups: int,
+    metrics: tuple[str, ...] = METRICS,
+    likelihood: str = "lognormal",
+    pool_scale: float = 0.5,
+    error_scale: float = 0.1,
+    queue_error_scale: float = 0.05,
+    variant: str = "paper",
+):
+    """The NumPyro model of the operating points' observed means.
+
+    Args:
+      points: the operating points, arrays of shape [n].
+      prior: log-normal prior of the coefficients (the population's, with groups).
+      n_groups: number of groups; ``points.group`` indexes them.
+      metrics: which of ``"e2e", "ttft", "tpot"`` to fit (each only where observed).
+      likelihood: ``"lognormal"`` or ``"student_t"``.
+      pool_scale: half-normal scale of the between-group sd of log coefficients.
+      error_scale: half-normal scale of each metric's relative error ``sigma``.
+      queue_error_scale: half-normal scale of ``tau_q``.
+      variant: the latency model's variant, one of :data:`sdbayes.model.VARIANTS`.
+
+    Sample sites: ``c1p .. c2d`` of shape [n_groups] (seconds), ``sigma_<metric>``,
+    ``tau_q``; with several groups also ``mu`` and ``tau`` of shape [6]; observed
+    ``obs_<metric>`` of shape [n].
+    """
+    loc, scale = jnp.asarray(prior.loc), jnp.asarray(prior.scale)
+    if n_groups == 1:
+        with numpyro.plate("coefficient", 6):
+            log_c = numpyro.sample("log_c", dist.Normal(loc, scale))[None, :]
+    else:
+        with numpyro.plate("coefficient", 6):
+            mu = numpyro.sample("mu", dist.Normal(loc, scale))
+            tau = numpyro.sample("tau", dist.HalfNormal(pool_scale))
+        with numpyro.plate("group", n_groups, dim=-2), numpyro.plate("coefficient", 6, dim=-1):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        log_c = mu + tau * z
+    c = jnp.exp(log_c)  # [n_groups, 6]
+    for i, name in enumerate(COEFFICIENTS):
+        numpyro.deterministic(name, c[:, i])
+    coef = Coefficients(*(c[points.group, i] for i in range(6)))
+
+    alone = demands(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
+                    variant=variant)
+    predicted, inflation = _metric_terms(coef, points, alone.independent.total, variant)
+    tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))
+    for metric in metrics:
+        observed = np.asarray(getattr(points, metric), float)
+        present = np.isfinite(observed) & (observed > 0)
+        if not present.any():
+            continue
+        sigma = numpyro.sample(f"sigma_{metric}", dist.HalfNormal(error_scale))
+        se = np.nan_to_num(np.asarray(getattr(points, f"{metric}_se"), float))
+        relative_se = np.where(present, se / np.where(present, observed, 1.0), 0.0)
+        spread = jnp.sqrt(sigma**2 + (tau_q * inflation) ** 2 + jnp.asarray(relative_se) ** 2)
+        mean = jnp.log(jnp.where(present, predicted[metric], 1.0))
+        noise = (dist.StudentT(_STUDENT_DF, mean, spread) if likelihood == "student_t"
+                 else dist.Normal(mean, spread))
+        with numpyro.plate(f"points_{metric}", observed.size):
+            numpyro.sample(f"obs_{metric}", noise.mask(jnp.asarray(present)),
+                           obs=jnp.log(np.where(present, observed, 1.0)))

@@ -1,0 +1,174 @@
+"""Fitting the probabilistic model to traces: NUTS by default, SVI for large trace sets."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import arviz as az
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pandas as pd
+from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, init_to_median
+from numpyro.infer.autoguide import AutoMultivariateNormal
+
+from sdbayes import calibrate
+from sdbayes.calibrate import LIKELIHOODS, METRICS, Prior
+from sdbayes.model import VARIANTS
+from sdbayes.posterior import Posterior, diagnose
+from sdbayes.traces import (
+    SCHEMA_VERSION,
+    TraceError,
+    aggregate,
+    grain,
+    group_labels,
+    read_traces,
+    to_points,
+    validate,
+)
+
+METHODS = ("nuts", "svi")
+
+
+def fit(
+    traces: pd.DataFrame | str | Path | list[str | Path],
+    method: str = "nuts",
+    *,
+    variant: str = "paper",
+    prior: Prior | None = None,
+    metrics: tuple[str, ...] | None = None,
+    likelihood: str = "lognormal",
+    num_warmup: int = 1000,
+    num_samples: int = 1000,
+    num_chains: int = 4,
+    svi_steps: int = 5000,
+    seed: int | jax.Array = 0,
+    progress: bool = True,
+    pool_scale: float = 0.5,
+) -> Posterior:
+    """Fit posteriors over the cost coefficients to operating points.
+
+    Only steady points are fitted (``steady`` false marks saturated runs). Per-request
+    tables are aggregated first. Several groups (hardware x model pair, see
+    :func:`sdbayes.traces.group_labels`) are pooled partially.
+
+    Args:
+      traces: an operating-point or per-request table, or paths of CSV/Parquet files.
+      method: ``"nuts"`` (default) or ``"svi"`` (a multivariate-normal guide; for trace
+        sets too large for NUTS, at the cost of approximate intervals).
+      variant: the latency model's variant (:data:`sdbayes.model.VARIANTS`): ``"paper"``,
+        the reference, or ``"whole_steps"``.
+      prior: log-normal prior of the coefficients; by default
+        :func:`sdbayes.calibrate.data_prior`. See also :func:`sdbayes.calibrate.roofline_prior`.
+      metrics: which of ``"e2e", "ttft", "tpot"`` to fit; by default those present.
+      likelihood: ``"lognormal"`` or ``"student_t"`` (robust to outliers).
+      num_warmup, num_samples, num_chains: NUTS settings (``num_samples`` draws from SVI).
+      svi_steps: optimisation steps for SVI.
+      seed: an int or a JAX PRNG key.
+      progress: show a progress bar.
+      pool_scale: half-normal scale of the between-group sd of log coefficients.
+
+    Returns:
+      A :class:`Posterior`; its ``diagnostics`` say whether it can be trusted, and a
+      :class:`sdbayes.posterior.FitWarning` is raised as a warning when it cannot.
+
+    Raises:
+      TraceError: bad traces, or no steady points.
+      ValueError: a bad argument.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    points_df, provenance = _load(traces)
+    steady = points_df[points_df["steady"]].reset_index(drop=True)
+    if steady.empty:
+        raise TraceError([f"{provenance}: no steady operating points to fit"])
+    points, groups = to_points(steady)
+    if metrics is None:
+        metrics = tuple(m for m in METRICS if np.isfinite(getattr(points, m)).any())
+    unknown = set(metrics) - set(METRICS)
+    if unknown or "e2e" not in metrics:
+        raise ValueError(f"metrics must include 'e2e' and be among {METRICS}, got {metrics}")
+    prior = prior if prior is not None else calibrate.data_prior(points)
+    key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
+    args = dict(points=points, prior=prior, n_groups=len(groups), metrics=tuple(metrics),
+                likelihood=likelihood, pool_scale=pool_scale, variant=variant)
+
+    if method == "nuts":
+        kernel = NUTS(calibrate.model, init_strategy=init_to_median, target_accept_prob=0.9)
+        mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
+                    num_chains=num_chains, progress_bar=progress,
+                    chain_method="vectorized" if num_chains > 1 else "sequential")
+        mcmc.run(key, extra_fields=("diverging",), **args)
+        idata = az.from_numpyro(mcmc, log_likelihood=True)
+        extra = {}
+    else:
+        idata, extra = _svi(key, args, svi_steps, num_samples, progress)
+
+    idata.attrs.update(
+        sdbayes_schema_version=SCHEMA_VERSION,
+        sdbayes_variant=variant,
+        sdbayes_method=method,
+        sdbayes_likelihood=likelihood,
+        sdbayes_metrics=json.dumps(list(metrics)),
+        sdbayes_groups=json.dumps(groups),
+        sdbayes_group_columns=json.dumps(_group_columns(steady, groups)),
+        sdbayes_units="coefficients in seconds; rates in requests per second",
+        sdbayes_provenance=provenance,
+        sdbayes_n_points=len(steady),
+        sdbayes_prior_loc=json.dumps(np.asarray(prior.loc).tolist()),
+        sdbayes_prior_scale=json.dumps(np.asarray(prior.scale).tolist()),
+        **extra,
+    )
+    posterior = Posterior(idata)
+    posterior.diagnostics = diagnose(posterior, len(steady))
+    for problem in posterior.diagnostics.problems:
+        warnings.warn(problem, posterior.FitWarning, stacklevel=2)
+    return posterior
+
+
+def _load(traces) -> tuple[pd.DataFrame, str]:
+    """Operating points from a table or files (per-request rows aggregated), and their source."""
+    if isinstance(traces, pd.DataFrame):
+        frames, sources = [traces], ["<DataFrame>"]
+    else:
+        paths = [traces] if isinstance(traces, (str, Path)) else list(traces)
+        frames, sources = [read_traces(p) for p in paths], [str(p) for p in paths]
+    tables = [aggregate(f, source=s) if grain(f, s) == "per_request" else f
+              for f, s in zip(frames, sources, strict=True)]
+    provenance = ", ".join(sources)
+    return validate(pd.concat(tables, ignore_index=True), source=provenance), provenance
+
+
+def _group_columns(points: pd.DataFrame, groups: list[str]) -> list[dict[str, str]]:
+    """The configuration names of each group, from its first SD row (or first row)."""
+    labels = np.array(group_labels(points))
+    columns = []
+    for label in groups:
+        rows = points[labels == label]
+        rows = rows[rows["k"] > 0] if (rows["k"] > 0).any() else rows
+        columns.append({c: str(rows.iloc[0][c]) for c in ("hardware", "verifier", "drafter",
+                                                          "method")})
+    return columns
+
+
+def _svi(key, args, steps, num_samples, progress):
+    guide = AutoMultivariateNormal(calibrate.model, init_loc_fn=init_to_median)
+    svi = SVI(calibrate.model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
+    fit_key, draw_key = jax.random.split(key)
+    result = svi.run(fit_key, steps, progress_bar=progress, **args)
+    if not np.isfinite(result.losses[-1]):
+        raise RuntimeError("SVI diverged (non-finite ELBO); try NUTS or another seed")
+    draws = Predictive(calibrate.model, guide=guide, params=result.params,
+                       num_samples=num_samples)(draw_key, **args)
+    keep = {name: np.asarray(v)[None] for name, v in draws.items() if not name.startswith("obs_")}
+    idata = az.from_dict(posterior=keep)
+    tail = np.asarray(result.losses[-max(steps // 10, 1):])
+    return idata, {"sdbayes_svi_final_loss": float(jnp.mean(tail))}
+

@@ -1,0 +1,277 @@
+"""The fitted posterior: coefficient draws, diagnostics, prediction, and the netCDF file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import arviz as az
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from sdbayes.calibrate import COEFFICIENTS
+from sdbayes.model import Coefficients, latency, saturation_rate, speedup, tpot, ttft
+from sdbayes.traces import TraceError, group_labels, to_points
+
+_RHAT_LIMIT = 1.01
+_ESS_PER_CHAIN = 100
+_IDENTIFIED_SD_RATIO = 0.5  # posterior sd of log c over prior sd above this: not learned
+
+
+class FitWarning(UserWarning):
+    """A fit whose numbers should not be trusted as they are."""
+
+
+class Diagnostics(NamedTuple):
+    """Convergence and identification of a fit; ``problems`` lists what is wrong, if anything."""
+
+    max_rhat: float  # NaN for SVI
+    min_ess_bulk: float
+    min_ess_tail: float
+    divergences: int
+    problems: tuple[str, ...]
+
+    @property
+    def trustworthy(self) -> bool:
+        return not self.problems
+
+
+class Posterior:
+    """Posterior over the cost coefficients, wrapping ArviZ InferenceData.
+
+    Attributes:
+      idata: the ``arviz.InferenceData``; its ``attrs`` carry the schema version, model
+        variant, units, groups and the traces' provenance.
+      groups: the group labels (hardware | verifier | drafter (method)).
+      diagnostics: :class:`Diagnostics`.
+    """
+
+    FitWarning = FitWarning
+
+    def __init__(self, idata: az.InferenceData, diagnostics: Diagnostics | None = None):
+        self.idata = idata
+        self.groups: list[str] = json.loads(idata.attrs["sdbayes_groups"])
+        self.group_columns: list[dict] = json.loads(idata.attrs["sdbayes_group_columns"])
+        if diagnostics is None and "sdbayes_diagnostics" in idata.attrs:
+            stored = json.loads(idata.attrs["sdbayes_diagnostics"])
+            diagnostics = Diagnostics(**{**stored, "problems": tuple(stored["problems"])})
+        self.diagnostics = diagnostics
+
+    @property
+    def variant(self) -> str:
+        return self.idata.attrs["sdbayes_variant"]
+
+    @property
+    def metrics(self) -> list[str]:
+        return json.loads(self.idata.attrs["sdbayes_metrics"])
+
+    def _draws(self, name: str) -> np.ndarray:
+        """Draws of a site with chains flattened: shape [n_draws, ...]."""
+        values = self.idata.posterior[name].values
+        return values.reshape((-1,) + values.shape[2:])
+
+    def coefficients(self, group: str | int = 0) -> Coefficients:
+        """Coefficient draws of one group, each field of shape [n_draws] (seconds)."""
+        index = group if isinstance(group, int) else self.groups.index(group)
+        return Coefficients(*(self._draws(name)[:, index] for name in COEFFICIENTS))
+
+    def summary(self, ci: float = 0.9) -> pd.DataFrame:
+        """One row per group and coefficient: mean, sd, equal-tailed interval, R-hat, ESS.
+
+        Values in seconds.
+        """
+        stats = az.summary(self.idata, var_names=list(COEFFICIENTS), kind="diagnostics")
+        rows = []
+        tail = (1 - ci) / 2
+        for g, label in enumerate(self.groups):
+            for name in COEFFICIENTS:
+                x = self._draws(name)[:, g]
+                key = f"{name}[{g}]"
+                row = stats.loc[key] if key in stats.index else None
+                rows.append({
+                    "group": label, "coefficient": name, "mean_s": x.mean(), "sd_s": x.std(),
+                    "lower_s": np.quantile(x, tail), "upper_s": np.quantile(x, 1 - tail),
+                    "r_hat": row["r_hat"] if row is not None else math.nan,
+                    "ess_bulk": row["ess_bulk"] if row is not None else math.nan,
+                    "ess_tail": row["ess_tail"] if row is not None else math.nan,
+                })
+        return pd.DataFrame(rows)
+
+    def save(self, path: str | Path) -> None:
+        """Write the posterior (with diagnostics and provenance) as netCDF."""
+        if self.diagnostics is not None:
+            self.idata.attrs["sdbayes_diagnostics"] = json.dumps(
+                {**self.diagnostics._asdict(), "problems": list(self.diagnostics.problems)})
+        self.idata.to_netcdf(str(path))
+
+    def predict(self, points: pd.DataFrame, ci: float = 0.9, seed: int = 0) -> pd.DataFrame:
+        """Posterior prediction for a grid of operating points.
+
+        Each row needs ``k, acceptance, output_len`` and ``request_rate`` or
+        ``concurrency``; ``hardware, verifier, drafter, method`` pick its group (they may
+        be left out when the posterior has one group). A group the fit has not seen gets
+        coefficients drawn from the pooled population when the fit had several groups.
+
+        Args:
+          points: the operating points, a table of shape [n rows].
+          ci: mass of the central intervals.
+          seed: for the predictive noise and for new groups' draws.
+
+        Returns:
+          The input columns plus, for metric m in e2e, ttft, tpot: ``m_pred_s`` (posterior
+          mean of the mean), ``m_lower_s, m_upper_s`` (credible interval: coefficients
+          only), ``m_pi_lower_s, m_pi_upper_s`` (predictive interval of a measured mean:
+          with the fitted relative error); ``speedup_pred, speedup_lower, speedup_upper``
+          over k = 0 at the same load; ``saturation_rate_pred, _lower, _upper`` [req/s];
+          ``p_saturated``, the posterior probability that the load is past saturation.
+          Means are +inf where some draws are saturated.
+        """
+        if not 0 < ci < 1:
+            raise ValueError(f"ci must lie in (0, 1), got {ci}")
+        grid = self._grid(points)
+        arrays, _ = to_points(grid, self.groups)
+        key_new, key_noise = jax.random.split(jax.random.key(seed))
+        coef = self._coefficients_for(arrays.group, self._new_group_rows(grid, arrays),
+                                      key_new)
+        point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
+                     variant=self.variant)
+        closed = arrays.closed
+
+        def at_load(metric):
+            return np.where(
+                closed,
+                np.asarray(metric(coef, concurrency=np.where(closed, arrays.concurrency, 1.0),
+                                  **point)),
+                np.asarray(metric(coef, rate=np.where(closed, 0.0, arrays.rate), **point)),
+            )
+
+        values = {"e2e": at_load(latency), "ttft": at_load(ttft), "tpot": at_load(tpot)}
+        alone = np.asarray(latency(coef, rate=0.0, **point))
+        inflation = values["e2e"] / alone - 1.0
+        tau_q = self._draws("tau_q")[:, None]
+        lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
+        out = points.reset_index(drop=True).copy()
+        noise = np.asarray(jax.random.normal(key_noise, (3,) + values["e2e"].shape))
+        for i, metric in enumerate(("e2e", "ttft", "tpot")):
+            x = values[metric]
+            sigma_name = f"sigma_{metric}"
+            sigma = (self._draws(sigma_name)[:, None] if sigma_name in self.idata.posterior
+                     else self._draws("sigma_e2e")[:, None])
+            queueing = tau_q * np.where(np.isfinite(inflation), inflation, 0.0)
+            spread = np.sqrt(sigma**2 + queueing**2)
+            measured = np.where(np.isfinite(x), x * np.exp(spread * noise[i]), np.inf)
+            out[f"{metric}_pred_s"] = x.mean(axis=0)
+            out[f"{metric}_lower_s"], out[f"{metric}_upper_s"] = _quantiles(x, lo, hi)
+            out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)
+        gain = at_load(speedup)
+        out["speedup_pred"] = np.nanmean(gain, axis=0)
+        out["speedup_lower"], out["speedup_upper"] = _quantiles(gain, lo, hi)
+        sat = np.asarray(saturation_rate(coef, **point))
+        out["saturation_rate_pred"] = sat.mean(axis=0)
+        out["saturation_rate_lower"], out["saturation_rate_upper"] = _quantiles(sat, lo, hi)
+        out["p_saturated"] = (~np.isfinite(values["e2e"])).mean(axis=0)
+        return out
+
+    def _grid(self, points: pd.DataFrame) -> pd.DataFrame:
+        """The grid as a validatable operating-point table (placeholders where needed)."""
+        grid = points.reset_index(drop=True).copy()
+        if "e2e_mean_s" not in grid.columns:
+            grid["e2e_mean_s"] = 1.0  # placeholder: validation wants a measurement column
+        missing = [c for c in ("hardware", "verifier", "drafter", "method") if c not in grid]
+        if missing:
+            if len(self.groups) != 1:
+                raise TraceError([f"prediction grid: missing column(s) {missing}: the posterior "
+                                  f"has {len(self.groups)} groups, name one per row"])
+            for column in missing:
+                grid[column] = self.group_columns[0][column]
+                if column == "method":
+                    grid.loc[grid["k"] == 0, "method"] = "none"
+        return grid
+
+    def _new_group_rows(self, grid: pd.DataFrame, arrays) -> np.ndarray:
+        """Rows of no fitted group; k = 0 rows join the one group of their hardware and verifier."""
+        group = arrays.group.copy()
+        for i in np.flatnonzero(group < 0):
+            row = grid.iloc[i]
+            same = [g for g, cols in enumerate(self.group_columns)
+                    if cols["hardware"] == row["hardware"] and cols["verifier"] == row["verifier"]]
+            if row["k"] == 0 and len(same) == 1:
+                group[i] = same[0]
+        if (group < 0).any() and "mu" not in self.idata.posterior:
+            labels = group_labels(grid)
+            unknown = sorted({labels[i] for i in np.flatnonzero(group < 0)})
+            raise TraceError([f"prediction grid: group {u!r} was not fitted (fitted: "
+                              f"{self.groups})" for u in unknown])
+        return group
+
+    def _coefficients_for(self, group: np.ndarray, resolved: np.ndarray, key) -> Coefficients:
+        """Coefficient draws for each row, fields of shape [n_draws, n_rows]."""
+        c = np.stack([self._draws(name) for name in COEFFICIENTS], axis=-1)  # [D, G, 6]
+        fitted = c[:, np.maximum(resolved, 0), :]
+        if (resolved < 0).any():
+            mu, tau = self._draws("mu"), self._draws("tau")  # [D, 6]
+            z = np.asarray(jax.random.normal(key, mu.shape))
+            population = np.exp(mu + tau * z)[:, None, :]
+            fitted = np.where((resolved < 0)[None, :, None], population, fitted)
+        return Coefficients(*(jnp.asarray(fitted[..., j]) for j in range(6)))
+
+
+def _quantiles(x: np.ndarray, lo: float, hi: float):
+    """Equal-tailed interval over draws (axis 0); +inf draws stay +inf, never NaN."""
+    q = np.quantile(x, [lo, hi], axis=0, method="inverted_cdf")
+    return q[0], q[1]
+
+
+def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
+    """Convergence (R-hat, bulk and tail ESS, divergences) and identification of a fit."""
+    idata = posterior.idata
+    problems = []
+    names = [n for n in idata.posterior.data_vars
+             if n in COEFFICIENTS or n.startswith("sigma_") or n == "tau_q"]
+    n_chains = idata.posterior.sizes["chain"]
+    max_rhat = min_bulk = min_tail = math.nan
+    divergences = 0
+    if n_chains > 1:
+        stats = az.summary(idata, var_names=names, kind="diagnostics")
+        max_rhat = float(stats["r_hat"].max())
+        min_bulk, min_tail = float(stats["ess_bulk"].min()), float(stats["ess_tail"].min())
+        if not max_rhat <= _RHAT_LIMIT:
+            problems.append(f"R-hat up to {max_rhat:.3f} (above {_RHAT_LIMIT}): the chains "
+                            "disagree; run longer or check the traces")
+        if not min_bulk >= _ESS_PER_CHAIN * n_chains or not min_tail >= _ESS_PER_CHAIN * n_chains:
+            problems.append(f"effective sample size as low as {min(min_bulk, min_tail):.0f} "
+                            f"(want {_ESS_PER_CHAIN * n_chains}): intervals are unreliable")
+    if "sample_stats" in idata and "diverging" in idata.sample_stats:
+        divergences = int(idata.sample_stats["diverging"].values.sum())
+        if divergences:
+            problems.append(f"{divergences} divergent transitions: the posterior may be biased")
+    if n_points < len(COEFFICIENTS):
+        problems.append(f"only {n_points} operating points for {len(COEFFICIENTS)} coefficients "
+                        "per group")
+    prior_scale = np.asarray(json.loads(idata.attrs["sdbayes_prior_scale"]))
+    for g, label in enumerate(posterior.groups):
+        loose = []
+        for j, name in enumerate(COEFFICIENTS):
+            sd = np.log(posterior._draws(name)[:, g]).std()
+            if sd > _IDENTIFIED_SD_RATIO * prior_scale[j]:
+                loose.append(name)
+        if loose:
+            problems.append(f"group {label!r}: {', '.join(loose)} not identified by the traces "
+                            "(posterior about as wide as the prior); measure more loads, k or "
+                            "acceptance rates, or give an informative prior")
+    return Diagnostics(max_rhat, min_bulk, min_tail, divergences, tuple(problems))
+
+
+def load_posterior(path: str | Path) -> Posterior:
+    """Read a posterior written by :meth:`Posterior.save`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such posterior file")
+    idata = az.from_netcdf(str(path))
+    if "sdbayes_groups" not in idata.attrs:
+        raise ValueError(f"{path}: not an sdbayes posterior (no sdbayes attributes)")
+    return Posterior(idata)
