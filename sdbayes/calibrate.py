@@ -18,6 +18,14 @@ very functions of :mod:`sdbayes.model`), with a relative error of standard devia
   intervals widen where it does;
 - ``se_i``: the point's own standard error, so points measured from few requests count less.
 
+Model discrepancy by configuration: the six-coefficient form is an approximation, and its
+error is systematic, the same for all loads of one curve (configuration: group, k, alpha,
+lengths). Each configuration's load-independent and load-dependent demands ``C1, C2`` are
+scaled by ``exp(delta)``, ``delta ~ Normal(0, discrepancy)`` with ``discrepancy`` (two
+relative sds, for C1 and C2) learned. Without it a small systematic misfit would pin the
+coefficients, with intervals far too narrow; with it, their intervals reflect how well the
+form fits. Predictions for a configuration draw a fresh ``delta`` in the predictive interval.
+
 Log-normal by default, Student-t (4 degrees of freedom) for traces with outliers.
 End-to-end latency is always fitted; TTFT and TPOT join where the traces have them.
 """
@@ -39,6 +47,7 @@ COEFFICIENTS = ("c1p", "c1v", "c1d", "c2p", "c2v", "c2d")
 METRICS = ("e2e", "ttft", "tpot")
 LIKELIHOODS = ("lognormal", "student_t")
 _STUDENT_DF = 4.0
+_SATURATED = 1e30  # [s]
 
 
 class Prior(NamedTuple):
@@ -149,7 +158,9 @@ def _metric_terms(coef, points: Points, load_total, variant):
                          metric(coef, rate=rate, **point))
 
     e2e = pick(latency)
-    return {"e2e": e2e, "ttft": pick(ttft), "tpot": pick(tpot)}, e2e / load_total - 1.0
+    stable = jnp.isfinite(e2e)  # past saturation the likelihood is zero anyway
+    inflation = jnp.where(stable, jnp.where(stable, e2e, 1.0) / load_total - 1.0, 0.0)
+    return {"e2e": e2e, "ttft": pick(ttft), "tpot": pick(tpot)}, inflation
 
 
 def model(
@@ -161,6 +172,7 @@ def model(
     pool_scale: float = 0.5,
     error_scale: float = 0.1,
     queue_error_scale: float = 0.05,
+    discrepancy_scale: float = 0.05,
     variant: str = "paper",
 ):
     """The NumPyro model of the operating points' observed means.
@@ -174,11 +186,12 @@ def model(
       pool_scale: half-normal scale of the between-group sd of log coefficients.
       error_scale: half-normal scale of each metric's relative error ``sigma``.
       queue_error_scale: half-normal scale of ``tau_q``.
+      discrepancy_scale: half-normal scale of the configuration discrepancy sds.
       variant: the latency model's variant, one of :data:`sdbayes.model.VARIANTS`.
 
     Sample sites: ``c1p .. c2d`` of shape [n_groups] (seconds), ``sigma_<metric>``,
-    ``tau_q``; with several groups also ``mu`` and ``tau`` of shape [6]; observed
-    ``obs_<metric>`` of shape [n].
+    ``tau_q``, ``discrepancy`` [2], ``delta`` [n_configs, 2]; with several groups also
+    ``mu`` and ``tau`` of shape [6]; observed ``obs_<metric>`` of shape [n].
     """
     loc, scale = jnp.asarray(prior.loc), jnp.asarray(prior.scale)
     if n_groups == 1:
@@ -194,7 +207,12 @@ def model(
     c = jnp.exp(log_c)  # [n_groups, 6]
     for i, name in enumerate(COEFFICIENTS):
         numpyro.deterministic(name, c[:, i])
-    coef = Coefficients(*(c[points.group, i] for i in range(6)))
+
+    spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
+    with numpyro.plate("config", int(points.config.max()) + 1):
+        delta = numpyro.sample("delta", dist.Normal(0.0, spread_c).to_event(1))
+    scale_c = jnp.exp(delta[points.config])  # [n, 2]: C1 and C2 multipliers
+    coef = Coefficients(*(c[points.group, i] * scale_c[:, i // 3] for i in range(6)))
 
     alone = demands(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
                     variant=variant)
@@ -209,7 +227,10 @@ def model(
         se = np.nan_to_num(np.asarray(getattr(points, f"{metric}_se"), float))
         relative_se = np.where(present, se / np.where(present, observed, 1.0), 0.0)
         spread = jnp.sqrt(sigma**2 + (tau_q * inflation) ** 2 + jnp.asarray(relative_se) ** 2)
-        mean = jnp.log(jnp.where(present, predicted[metric], 1.0))
+        # A draw that puts a measured steady point past saturation has zero likelihood; a
+        # huge finite stand-in says so without an infinite location.
+        value = predicted[metric]
+        mean = jnp.log(jnp.where(present & jnp.isfinite(value), value, _SATURATED))
         noise = (dist.StudentT(_STUDENT_DF, mean, spread) if likelihood == "student_t"
                  else dist.Normal(mean, spread))
         with numpyro.plate(f"points_{metric}", observed.size):

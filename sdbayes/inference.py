@@ -60,7 +60,7 @@ def fit(
       method: ``"nuts"`` (default) or ``"svi"`` (a multivariate-normal guide; for trace
         sets too large for NUTS, at the cost of approximate intervals).
       variant: the latency model's variant (:data:`sdbayes.model.VARIANTS`): ``"paper"``,
-        the reference, or ``"whole_steps"``.
+        the reference, or ``"stepped"`` (whole steps and step-boundary waits).
       prior: log-normal prior of the coefficients; by default
         :func:`sdbayes.calibrate.data_prior`. See also :func:`sdbayes.calibrate.roofline_prior`.
       metrics: which of ``"e2e", "ttft", "tpot"`` to fit; by default those present.
@@ -101,7 +101,8 @@ def fit(
                 likelihood=likelihood, pool_scale=pool_scale, variant=variant)
 
     if method == "nuts":
-        kernel = NUTS(calibrate.model, init_strategy=init_to_median, target_accept_prob=0.9)
+        kernel = NUTS(calibrate.model, init_strategy=init_to_median, target_accept_prob=0.9,
+                      dense_mass=True)
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress,
                     chain_method="vectorized" if num_chains > 1 else "sequential")
@@ -165,9 +166,12 @@ def _svi(key, args, steps, num_samples, progress):
     result = svi.run(fit_key, steps, progress_bar=progress, **args)
     if not np.isfinite(result.losses[-1]):
         raise RuntimeError("SVI diverged (non-finite ELBO); try NUTS or another seed")
+    sites = numpyro.handlers.trace(numpyro.handlers.seed(calibrate.model, 0)).get_trace(**args)
+    latent = [name for name, site in sites.items()
+              if site["type"] in ("sample", "deterministic") and not site.get("is_observed")]
     draws = Predictive(calibrate.model, guide=guide, params=result.params,
-                       num_samples=num_samples)(draw_key, **args)
-    keep = {name: np.asarray(v)[None] for name, v in draws.items() if not name.startswith("obs_")}
+                       num_samples=num_samples, return_sites=latent)(draw_key, **args)
+    keep = {name: np.asarray(v)[None] for name, v in draws.items()}
     idata = az.from_dict(posterior=keep)
     tail = np.asarray(result.losses[-max(steps // 10, 1):])
     return idata, {"sdbayes_svi_final_loss": float(jnp.mean(tail))}

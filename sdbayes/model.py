@@ -35,11 +35,20 @@ Array = jax.Array
 _TAYLOR_BELOW = 1e-3
 
 
-VARIANTS = ("paper", "whole_steps")
-"""Model variants. ``"paper"``: a request takes ``g / E`` SD cycles, the source paper's form
-and the reference. ``"whole_steps"``: cycles are whole, so the last one is partly wasted; by
-renewal theory the mean count is ``g / E + (E[X^2] - E) / (2 E^2)`` for X tokens per cycle,
-about half a cycle more (DESIGN.md section 1; ~1% at k = 4, alpha = 0.7, g = 128)."""
+VARIANTS = ("paper", "stepped")
+"""Model variants.
+
+``"paper"``: the source paper's form, the reference: a request takes ``g / E`` SD cycles and
+``L = C1 + B * C2``.
+
+``"stepped"``: the engine runs in whole steps, as a vLLM-like engine (and the simulator) does.
+(1) Cycles are whole, so the last one is partly wasted: by renewal theory a request takes
+``g / E + (E[X^2] - E) / (2 E^2)`` cycles on average for X tokens per cycle, about half a
+cycle more. (2) A request waits for a step boundary twice, to be admitted and to join the
+decode batch after its prefill: ``L = C1 + B * C2 + 2 * W`` with ``W`` the boundary wait of
+:func:`ttft`. Neither adds a coefficient; each is a few percent of the latency
+(DESIGN.md section 1; ``bench/analytic_vs_simulated.py`` measures both variants).
+"""
 
 _jit = partial(jax.jit, static_argnames=("variant",))
 
@@ -167,6 +176,7 @@ def demands(
 ) -> Demands:
     """Per-request demand by phase: what ``C1`` and ``C2`` are made of.
 
+    Under the ``"stepped"`` variant the cycle count includes the partly wasted last cycle.
     The MoE terms ``c1e, c2e`` enter verification at full expert coverage (every expert
     loaded by every pass), the dense limit of the MoE model.
 
@@ -212,6 +222,7 @@ def _wasted_cycles(k, alpha, e, variant):
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "paper":
         return jnp.zeros_like(e)
+    # "stepped": whole cycles
     if isinstance(alpha, PositionRates):
         rates = jnp.asarray(alpha.rates, e.dtype)
         batch = e.shape
@@ -228,10 +239,10 @@ def _wasted_cycles(k, alpha, e, variant):
 
 
 def _solve(coef, k, alpha, output_len, rate, concurrency, variant):
-    """Demands, mean latency [s], mean number of other requests in flight, and stability.
+    """Demands, mean latency [s], mean others in flight, stability, and boundary wait [s].
 
-    Where the load is past saturation, latency is +inf and ``others`` is 0 (a finite
-    stand-in so that callers' products stay finite); callers mask with ``stable``.
+    Where the load is past saturation, latency is +inf and ``others`` and the wait are 0
+    (finite stand-ins so that callers' products stay finite); callers mask with ``stable``.
     """
     if (rate is None) == (concurrency is None):
         raise TypeError("give exactly one of rate= (open loop, req/s) "
@@ -241,14 +252,33 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant):
     if concurrency is not None:
         c1, c2, concurrency = jnp.broadcast_arrays(c1, c2, jnp.asarray(concurrency, c1.dtype))
         others = concurrency - 1.0
-        return d, c1 + others * c2, others, jnp.ones(c1.shape, bool)
-    c1, c2, rate = jnp.broadcast_arrays(c1, c2, jnp.asarray(rate, c1.dtype))
-    slack = 1.0 - rate * c2
-    stable = slack > 0
-    # Double `where`s keep the untaken branch finite, so its gradient is 0, not NaN.
-    bounded = c1 / jnp.where(stable, slack, 1.0)
-    others = jnp.where(stable, rate * bounded, 0.0)
-    return d, jnp.where(stable, bounded, jnp.inf), others, stable
+        total = c1 + others * c2
+        stable = jnp.ones(c1.shape, bool)
+        throughput = concurrency / total  # Little's Law
+    else:
+        c1, c2, rate = jnp.broadcast_arrays(c1, c2, jnp.asarray(rate, c1.dtype))
+        slack = 1.0 - rate * c2
+        stable = slack > 0
+        # Double `where`s keep the untaken branch finite, so its gradient is 0, not NaN.
+        total = c1 / jnp.where(stable, slack, 1.0)
+        others = jnp.where(stable, rate * total, 0.0)
+        throughput = rate
+    wait = jnp.where(stable, _boundary_wait(coef, k, others, throughput), 0.0)
+    if variant == "stepped":
+        total = total + 2.0 * wait
+    return d, jnp.where(stable, total, jnp.inf), others, stable, wait
+
+
+def _boundary_wait(coef, k, others, throughput):
+    """Mean wait of an arrival for the step in progress to end [s] (see :func:`ttft`)."""
+    k, others, throughput, *fields = jnp.broadcast_arrays(
+        *(jnp.asarray(x, others.dtype) for x in (k, others, throughput, *coef))
+    )
+    c = Coefficients(*fields)
+    busy = -jnp.expm1(-others)
+    step = busy * (c.c1v + c.c1e + k * c.c1d) + (others - busy) * (c.c2v + c.c2e + k * c.c2d)
+    stretch = jnp.maximum(1.0 - throughput * c.c2p, 1e-12)  # > 0 while stable
+    return step / (2.0 * stretch)
 
 
 @_jit
@@ -311,17 +341,8 @@ def ttft(
     past saturation.
     """
     del prompt_len
-    _, total, others, stable = _solve(coef, k, alpha, output_len, rate, concurrency, variant)
-    if rate is None:  # Little's Law for the closed loop
-        rate = jnp.asarray(concurrency, total.dtype) / jnp.where(stable, total, 1.0)
-    k, others, throughput, *fields = jnp.broadcast_arrays(
-        *(jnp.asarray(x, total.dtype) for x in (k, others, rate, *coef))
-    )
-    c = Coefficients(*fields)
-    busy = -jnp.expm1(-others)
-    step = busy * (c.c1v + c.c1e + k * c.c1d) + (others - busy) * (c.c2v + c.c2e + k * c.c2d)
-    stretch = jnp.maximum(1.0 - throughput * c.c2p, 1e-12)  # < 1 while stable
-    return jnp.where(stable, c.c1p + step / (2.0 * stretch), jnp.inf)
+    d, _, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency, variant)
+    return jnp.where(stable, d.independent.prefill + wait, jnp.inf)
 
 
 @_jit

@@ -125,8 +125,9 @@ class Posterior:
           The input columns plus, for metric m in e2e, ttft, tpot: ``m_pred_s`` (posterior
           mean of the mean), ``m_lower_s, m_upper_s`` (credible interval: coefficients
           only), ``m_pi_lower_s, m_pi_upper_s`` (predictive interval of a measured mean:
-          with the fitted relative error); ``speedup_pred, speedup_lower, speedup_upper``
-          over k = 0 at the same load; ``saturation_rate_pred, _lower, _upper`` [req/s];
+          with a fresh configuration discrepancy and the fitted relative error);
+          ``speedup_pred, speedup_lower, speedup_upper`` over k = 0 at the same load;
+          ``saturation_rate_pred, _lower, _upper`` [req/s];
           ``p_saturated``, the posterior probability that the load is past saturation.
           Means are +inf where some draws are saturated.
         """
@@ -141,39 +142,49 @@ class Posterior:
                      variant=self.variant)
         closed = arrays.closed
 
-        def at_load(metric):
+        def at_load(metric, c=coef):
             return np.where(
                 closed,
-                np.asarray(metric(coef, concurrency=np.where(closed, arrays.concurrency, 1.0),
+                np.asarray(metric(c, concurrency=np.where(closed, arrays.concurrency, 1.0),
                                   **point)),
-                np.asarray(metric(coef, rate=np.where(closed, 0.0, arrays.rate), **point)),
+                np.asarray(metric(c, rate=np.where(closed, 0.0, arrays.rate), **point)),
             )
 
-        values = {"e2e": at_load(latency), "ttft": at_load(ttft), "tpot": at_load(tpot)}
-        alone = np.asarray(latency(coef, rate=0.0, **point))
-        inflation = values["e2e"] / alone - 1.0
+        # Predictive: a fresh configuration discrepancy on C1 and C2, then the relative error.
+        spread_c = self._draws("discrepancy")  # [D, 2]
+        delta = np.asarray(jax.random.normal(key_noise, (2,) + spread_c.shape + (len(grid),)))
+        c1_scale = np.exp(delta[0, :, 0] * spread_c[:, :1])  # [D, R]
+        c2_scale = np.exp(delta[0, :, 1] * spread_c[:, 1:])
+        shifted = Coefficients(*(field * (c1_scale if i < 3 else c2_scale)
+                                 for i, field in enumerate(coef[:6])))
+        # Intervals are per metric, so one standard normal per draw and row serves them all.
+        noise = delta[1, :, 0]  # [D, R]
         tau_q = self._draws("tau_q")[:, None]
         lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
         out = points.reset_index(drop=True).copy()
-        noise = np.asarray(jax.random.normal(key_noise, (3,) + values["e2e"].shape))
-        for i, metric in enumerate(("e2e", "ttft", "tpot")):
-            x = values[metric]
-            sigma_name = f"sigma_{metric}"
-            sigma = (self._draws(sigma_name)[:, None] if sigma_name in self.idata.posterior
-                     else self._draws("sigma_e2e")[:, None])
-            queueing = tau_q * np.where(np.isfinite(inflation), inflation, 0.0)
-            spread = np.sqrt(sigma**2 + queueing**2)
-            measured = np.where(np.isfinite(x), x * np.exp(spread * noise[i]), np.inf)
+        inflation = None
+        for metric, function in (("e2e", latency), ("ttft", ttft), ("tpot", tpot)):
+            x, x_shifted = at_load(function), at_load(function, shifted)
+            if inflation is None:
+                alone = np.asarray(latency(shifted, rate=0.0, **point))
+                inflation = np.where(np.isfinite(x_shifted), x_shifted / alone - 1.0, 0.0)
+                e2e = x
+            name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
+            spread = np.sqrt(self._draws(name)[:, None] ** 2 + (tau_q * inflation) ** 2)
+            measured = np.where(np.isfinite(x_shifted), x_shifted * np.exp(spread * noise), np.inf)
             out[f"{metric}_pred_s"] = x.mean(axis=0)
             out[f"{metric}_lower_s"], out[f"{metric}_upper_s"] = _quantiles(x, lo, hi)
             out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)
         gain = at_load(speedup)
-        out["speedup_pred"] = np.nanmean(gain, axis=0)
+        compared = ~np.isnan(gain)  # NaN where both are saturated: no speedup to speak of
+        count = compared.sum(axis=0)
+        total = np.where(compared, gain, 0.0).sum(axis=0)
+        out["speedup_pred"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         out["speedup_lower"], out["speedup_upper"] = _quantiles(gain, lo, hi)
         sat = np.asarray(saturation_rate(coef, **point))
         out["saturation_rate_pred"] = sat.mean(axis=0)
         out["saturation_rate_lower"], out["saturation_rate_upper"] = _quantiles(sat, lo, hi)
-        out["p_saturated"] = (~np.isfinite(values["e2e"])).mean(axis=0)
+        out["p_saturated"] = (~np.isfinite(e2e)).mean(axis=0)
         return out
 
     def _grid(self, points: pd.DataFrame) -> pd.DataFrame:

@@ -96,6 +96,7 @@ class Points(NamedTuple):
     """
 
     group: np.ndarray  # int, index into the group labels
+    config: np.ndarray  # int, index of the configuration (group, k, alpha, lengths)
     k: np.ndarray  # draft length
     alpha: np.ndarray  # acceptance probability
     output_len: np.ndarray  # [tokens]
@@ -487,8 +488,15 @@ def to_points(points: pd.DataFrame, groups: list[str] | None = None):
         return df[name].astype("Float64").to_numpy(float, na_value=fill)
 
     closed = df["concurrency"].notna().to_numpy(bool)
+    group = np.array([index.get(label, -1) for label in labels], dtype=np.int32)
+    # A configuration is one curve of a sweep: lengths within 5% count as the same.
+    bins = [np.round(np.log(column(n)) / np.log(1.05)) for n in ("prompt_len", "output_len")]
+    keys = pd.DataFrame({"g": group, "k": column("k"), "a": column("acceptance"),
+                         "p": bins[0], "o": bins[1]})
+    config = keys.groupby(list(keys.columns), sort=False, dropna=False).ngroup().to_numpy()
     arrays = Points(
-        group=np.array([index.get(label, -1) for label in labels], dtype=np.int32),
+        group=group,
+        config=config.astype(np.int32),
         k=column("k"),
         alpha=column("acceptance"),
         output_len=column("output_len"),

@@ -1,0 +1,134 @@
+"""Fitting and predicting: the machinery, on traces drawn from the model itself.
+
+These fits are small (2 chains of 300 draws) so the suite stays fast; coverage over many
+seeds and recovery from simulator traces are the calibration issue's acceptance checks.
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sdbayes as sb
+from sdbayes.posterior import FitWarning
+
+TRUE = sb.Coefficients(c1p=0.07, c1v=0.014, c1d=0.0014, c2p=0.035, c2v=0.0004, c2d=0.00012)
+CONFIGS = [(0, 0.0), (2, 0.6), (4, 0.8), (6, 0.9), (3, 0.5), (8, 0.95)]
+LOADS = (0.1, 0.3, 0.5, 0.7)
+NOISE = 0.02  # relative sd of each measured mean
+SMALL = dict(num_warmup=300, num_samples=300, num_chains=2, progress=False)
+
+
+def model_traces(seed=0, group=("H100", "Qwen3-8B", "eagle", "eagle3"), coef=TRUE):
+    """Operating points from the analytic model with log-normal measurement noise."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, alpha in CONFIGS:
+        point = dict(k=k, alpha=alpha, output_len=128)
+        saturation = float(sb.saturation_rate(coef, **point))
+        for load in LOADS:
+            rate = load * saturation
+            e2e = float(sb.latency(coef, rate=rate, **point)) * np.exp(NOISE * rng.normal())
+            rows.append(dict(zip(("hardware", "verifier", "drafter", "method"), group,
+                                 strict=True),
+                             k=k, acceptance=alpha, request_rate=rate, prompt_len=512,
+                             output_len=128, e2e_mean_s=e2e, e2e_se_s=NOISE * e2e))
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    with pytest.warns() as caught:  # small fits may report low ESS; nothing else
+        posterior = sb.fit(model_traces(), seed=1, **SMALL)
+    assert all(issubclass(w.category, FitWarning) for w in caught)
+    return posterior
+
+
+def test_well_identified_coefficients_recovered(fitted):
+    summary = fitted.summary(ci=0.9).set_index("coefficient")
+    for name in ("c1v", "c1d", "c2v"):
+        row = summary.loc[name]
+        assert row["lower_s"] <= getattr(TRUE, name) <= row["upper_s"], name
+
+
+def test_predictive_intervals_cover_the_measurements(fitted):
+    traces = model_traces()
+    prediction = fitted.predict(traces, ci=0.9)
+    inside = ((prediction["e2e_pi_lower_s"] <= traces["e2e_mean_s"])
+              & (traces["e2e_mean_s"] <= prediction["e2e_pi_upper_s"]))
+    # 24 points at 90%: fewer than 19 inside has probability < 2% if calibrated.
+    assert inside.sum() >= 19
+    for m in ("e2e", "ttft", "tpot"):
+        assert (prediction[f"{m}_lower_s"] <= prediction[f"{m}_pred_s"]).all()
+        assert (prediction[f"{m}_pred_s"] <= prediction[f"{m}_upper_s"]).all()
+    # The fitted metric's measurement noise (2%) makes predictive intervals the wider ones.
+    assert (prediction["e2e_pi_lower_s"] < prediction["e2e_lower_s"]).all()
+    assert (prediction["e2e_upper_s"] < prediction["e2e_pi_upper_s"]).all()
+
+
+def test_prediction_grid_without_names_and_past_saturation(fitted):
+    grid = pd.DataFrame({"k": [4, 4], "acceptance": [0.8, 0.8], "output_len": [128, 128],
+                         "prompt_len": [512, 512], "request_rate": [1.0, 1000.0]})
+    out = fitted.predict(grid)
+    assert np.isfinite(out.loc[0, "e2e_pred_s"]) and out.loc[0, "p_saturated"] == 0
+    assert out.loc[1, "p_saturated"] == 1 and out.loc[1, "e2e_lower_s"] == np.inf
+    truth = float(sb.saturation_rate(TRUE, k=4, alpha=0.8, output_len=128))
+    assert out.loc[0, "saturation_rate_lower"] < truth < out.loc[0, "saturation_rate_upper"]
+
+
+def test_unknown_group_is_named(fitted):
+    grid = model_traces(group=("A100", "Llama", "draft", "draft_model")).iloc[:1]
+    with pytest.raises(sb.TraceError, match="'A100 | Llama | draft (draft_model)' was not fitted"):
+        fitted.predict(grid)
+
+
+def test_save_and_load(fitted, tmp_path):
+    path = tmp_path / "posterior.nc"
+    fitted.save(path)
+    loaded = sb.load_posterior(path)
+    assert loaded.groups == fitted.groups and loaded.variant == "paper"
+    assert loaded.diagnostics == fitted.diagnostics
+    assert loaded.idata.attrs["sdbayes_schema_version"] == 1
+    assert "<DataFrame>" in loaded.idata.attrs["sdbayes_provenance"]
+    grid = model_traces().iloc[:5]
+    pd.testing.assert_frame_equal(loaded.predict(grid), fitted.predict(grid))
+
+
+def test_one_point_is_flagged_not_trusted():
+    with pytest.warns(FitWarning) as caught:
+        posterior = sb.fit(model_traces().iloc[[5]], seed=0, **SMALL)
+    assert not posterior.diagnostics.trustworthy
+    messages = [str(w.message) for w in caught]
+    assert any("only 1 operating points" in m for m in messages)
+    assert any("not identified by the traces" in m for m in messages)
+
+
+@pytest.mark.parametrize("argument, message", [
+    (dict(method="mh"), "method must be"), (dict(variant="x"), "variant must be"),
+    (dict(likelihood="cauchy"), "likelihood must be"), (dict(metrics=("ttft",)), "'e2e'"),
+])
+def test_bad_arguments(argument, message):
+    with pytest.raises(ValueError, match=message):
+        sb.fit(model_traces(), **SMALL, **argument)
+
+
+def test_no_steady_points():
+    with pytest.raises(sb.TraceError, match="no steady operating points"):
+        sb.fit(model_traces().assign(steady=False), **SMALL)
+
+
+@pytest.mark.filterwarnings("ignore::sdbayes.posterior.FitWarning")
+def test_svi_with_groups_predicts_a_new_group():
+    scaled = sb.Coefficients(*(1.2 * c for c in TRUE))
+    traces = pd.concat([model_traces(0), model_traces(1, ("A100", "Qwen3-8B", "eagle", "eagle3"),
+                                                      scaled)], ignore_index=True)
+    posterior = sb.fit(traces, method="svi", svi_steps=1500, num_samples=200, seed=0,
+                       progress=False)
+    assert len(posterior.groups) == 2 and "mu" in posterior.idata.posterior
+    # Low loads: an unseen group's draws, spread by the between-group sd, may saturate higher.
+    new = model_traces(2, ("L40S", "Qwen3-8B", "eagle", "eagle3")).iloc[:2]
+    out = posterior.predict(new)
+    assert np.isfinite(out["e2e_pred_s"]).all()
+    # A group never seen is less certain than a fitted one at the same point.
+    seen = posterior.predict(model_traces(0).iloc[:2])
+    width = lambda df: (df["e2e_upper_s"] / df["e2e_lower_s"]).to_numpy()  # noqa: E731
+    assert (width(out) > width(seen)).all()
