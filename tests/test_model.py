@@ -194,6 +194,47 @@ class TestLatency:
             assert np.isfinite(grad(jnp.float32(1.0)))
 
 
+class TestSteppedVariant:
+    @pytest.mark.parametrize("k, alpha", [(0, 0.3), (1, 0.5), (4, 0.7), (8, 0.95), (3, 1.0)])
+    def test_wasted_cycles_are_the_renewal_correction(self, k, alpha):
+        # X = tokens per cycle: P(X > j) = alpha**j, j = 0..k. Mean cycles to emit g tokens
+        # exceed g / E by (E[X^2] - E) / (2 E^2).
+        survival = alpha ** np.arange(k + 1)
+        e, second = survival.sum(), ((2 * np.arange(k + 1) + 1) * survival).sum()
+        extra = (second - e) / (2 * e**2)
+        g = 128.0
+        paper = sb.demands(COEF, k=float(k), alpha=alpha, output_len=g)
+        stepped = sb.demands(COEF, k=float(k), alpha=alpha, output_len=g, variant="stepped")
+        per_cycle = COEF.c1v + k * COEF.c1d
+        np.testing.assert_allclose(
+            stepped.independent.total - paper.independent.total, extra * per_cycle, rtol=1e-10
+        )
+
+    def test_position_rates_match_scalar_alpha(self):
+        rates = sb.PositionRates(np.full(5, 0.7))
+        a = sb.demands(COEF, k=5.0, alpha=rates, output_len=128.0, variant="stepped")
+        b = sb.demands(COEF, k=5.0, alpha=0.7, output_len=128.0, variant="stepped")
+        np.testing.assert_allclose(a.independent.total, b.independent.total, rtol=1e-12)
+
+    def test_two_boundary_waits(self):
+        rates = np.array([0.0, 2.0, 6.0, 9.0])
+        stepped = sb.latency(COEF, rate=rates, variant="stepped", **POINT)
+        cycles_only = sb.demands(COEF, variant="stepped", **POINT)
+        c1, c2 = cycles_only.independent.total, cycles_only.dependent.total
+        wait = sb.ttft(COEF, rate=rates, variant="stepped", **POINT) - COEF.c1p
+        np.testing.assert_allclose(stepped, c1 / (1 - rates * c2) + 2 * wait, rtol=1e-12)
+        assert wait[0] == 0 and np.all(np.diff(wait) > 0)
+
+    def test_same_saturation_as_its_cycles(self):
+        saturation = sb.saturation_rate(COEF, variant="stepped", **POINT)
+        assert np.isfinite(sb.latency(COEF, rate=0.999 * saturation, variant="stepped", **POINT))
+        assert sb.latency(COEF, rate=saturation, variant="stepped", **POINT) == np.inf
+
+    def test_unknown_variant(self):
+        with pytest.raises(ValueError, match="variant must be one of"):
+            sb.latency(COEF, rate=1.0, variant="fancy", **POINT)
+
+
 class TestSpeedup:
     def test_zero_load_speedup_is_ratio_of_load_independent_demands(self):
         for k, alpha in itertools.product([1.0, 4.0, 10.0], [0.5, 0.9]):
@@ -238,12 +279,13 @@ class TestGradients:
         load = {name: point[name] for name in ("k", "alpha", "output_len")}
         return dict(point, rate=fraction * float(sb.saturation_rate(COEF, **load)))
 
+    @pytest.mark.parametrize("variant", sb.model.VARIANTS)
     @pytest.mark.parametrize("metric", [sb.latency, sb.ttft, sb.tpot])
     @pytest.mark.parametrize("name", ["k", "alpha", "rate", "output_len"])
-    def test_operating_point(self, name, metric):
+    def test_operating_point(self, name, metric, variant):
         for point in self.POINTS + [self.near_saturation(p) for p in self.POINTS]:
             def f(x, point=point):
-                return metric(COEF, **dict(point, **{name: x}))
+                return metric(COEF, variant=variant, **dict(point, **{name: x}))
 
             x = point[name]
             h = 1e-6 * max(abs(x), 1.0)
