@@ -101,8 +101,12 @@ def fit(
                 likelihood=likelihood, pool_scale=pool_scale, variant=variant)
 
     if method == "nuts":
+        # Coefficients are strongly correlated (C1 and C2 are sums of them): a dense mass
+        # block for them; the many per-configuration sites stay diagonal, as dense over
+        # them would cost O(d^2) a step.
+        coefficient_sites = ("log_c",) if len(groups) == 1 else ("mu", "tau")
         kernel = NUTS(calibrate.model, init_strategy=init_to_median, target_accept_prob=0.9,
-                      dense_mass=True)
+                      dense_mass=[coefficient_sites])
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress,
                     chain_method="vectorized" if num_chains > 1 else "sequential")

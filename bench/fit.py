@@ -1,0 +1,55 @@
+"""Fit speed: NUTS on 1,000 simulated operating points (4 chains, 1000 warm-up + 1000 draws).
+
+    python bench/fit.py [n_points] [variant]
+
+Operating points come from the simulator with the example coefficients (k in 0..8, alpha in
+0.5..0.95, loads 10-60% of saturation, 200 requests each). A first, short run compiles; the
+timed run then reports wall time, the largest R-hat, the smallest bulk and tail ESS and ESS
+per second. The calibration issue's target is under 5 s on 2 CPU cores.
+"""
+
+import sys
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+
+import sdbayes as sb
+from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
+
+
+def traces(n_points: int) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_points):
+        k = int(rng.integers(0, 9))
+        alpha = 0.0 if k == 0 else float(rng.uniform(0.5, 0.95))
+        point = dict(k=k, alpha=alpha, output_len=128)
+        rate = float(rng.uniform(0.1, 0.6)) * float(sb.saturation_rate(COEF, **point))
+        trace = sb.simulate(COEF, rate=rate, n_requests=200, seed=i, prompt_len=512, **point)
+        rows.append(sb.aggregate(trace))
+    return pd.concat(rows, ignore_index=True)
+
+
+def main(n_points: int = 1000, variant: str = "stepped") -> None:
+    points = traces(n_points)
+    settings = dict(variant=variant, num_chains=4, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sb.fit(points, num_warmup=10, num_samples=10, **settings)  # compile
+        start = time.perf_counter()
+        posterior = sb.fit(points, num_warmup=1000, num_samples=1000, seed=1, **settings)
+        wall = time.perf_counter() - start
+    d = posterior.diagnostics
+    print(f"{n_points} operating points, variant {variant}, 4 chains x (1000 + 1000)")
+    print(f"wall {wall:.1f} s; max R-hat {d.max_rhat:.3f}; min ESS bulk {d.min_ess_bulk:.0f}, "
+          f"tail {d.min_ess_tail:.0f}; {d.min_ess_bulk / wall:.1f} bulk ESS/s; "
+          f"{d.divergences} divergences")
+    for problem in d.problems:
+        print(f"  warning: {problem}")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000,
+         sys.argv[2] if len(sys.argv) > 2 else "stepped")
