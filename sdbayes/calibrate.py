@@ -186,7 +186,8 @@ def model(
       pool_scale: half-normal scale of the between-group sd of log coefficients.
       error_scale: half-normal scale of each metric's relative error ``sigma``.
       queue_error_scale: half-normal scale of ``tau_q``.
-      discrepancy_scale: half-normal scale of the configuration discrepancy sds.
+      discrepancy_scale: half-normal scale of the configuration discrepancy sds; 0 leaves
+        the discrepancy out.
       variant: the latency model's variant, one of :data:`sdbayes.model.VARIANTS`.
 
     Sample sites: ``c1p .. c2d`` of shape [n_groups] (seconds), ``sigma_<metric>``,
@@ -208,11 +209,13 @@ def model(
     for i, name in enumerate(COEFFICIENTS):
         numpyro.deterministic(name, c[:, i])
 
-    spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
-    with numpyro.plate("config", int(points.config.max()) + 1):
-        delta = numpyro.sample("delta", dist.Normal(0.0, spread_c).to_event(1))
-    scale_c = jnp.exp(delta[points.config])  # [n, 2]: C1 and C2 multipliers
-    coef = Coefficients(*(c[points.group, i] * scale_c[:, i // 3] for i in range(6)))
+    coef = Coefficients(*(c[points.group, i] for i in range(6)))
+    if discrepancy_scale > 0:
+        spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
+        with numpyro.plate("config", int(points.config.max()) + 1):
+            delta = numpyro.sample("delta", dist.Normal(0.0, spread_c).to_event(1))
+        scale_c = jnp.exp(delta[points.config])  # [n, 2]: C1 and C2 multipliers
+        coef = Coefficients(*(field * scale_c[:, i // 3] for i, field in enumerate(coef[:6])))
 
     alone = demands(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
                     variant=variant)
