@@ -190,8 +190,12 @@ class Posterior:
     def _grid(self, points: pd.DataFrame) -> pd.DataFrame:
         """The grid as a validatable operating-point table (placeholders where needed)."""
         grid = points.reset_index(drop=True).copy()
+        # Placeholders for what validation wants but prediction does not use: a measurement,
+        # and the prompt length, which the six-coefficient form does not depend on.
         if "e2e_mean_s" not in grid.columns:
-            grid["e2e_mean_s"] = 1.0  # placeholder: validation wants a measurement column
+            grid["e2e_mean_s"] = 1.0
+        if "prompt_len" not in grid.columns:
+            grid["prompt_len"] = 1.0
         missing = [c for c in ("hardware", "verifier", "drafter", "method") if c not in grid]
         if missing:
             if len(self.groups) != 1:

@@ -67,7 +67,7 @@ def test_predictive_intervals_cover_the_measurements(fitted):
 
 def test_prediction_grid_without_names_and_past_saturation(fitted):
     grid = pd.DataFrame({"k": [4, 4], "acceptance": [0.8, 0.8], "output_len": [128, 128],
-                         "prompt_len": [512, 512], "request_rate": [1.0, 1000.0]})
+                         "request_rate": [1.0, 1000.0]})
     out = fitted.predict(grid)
     assert np.isfinite(out.loc[0, "e2e_pred_s"]) and out.loc[0, "p_saturated"] == 0
     assert out.loc[1, "p_saturated"] == 1 and out.loc[1, "e2e_lower_s"] == np.inf
