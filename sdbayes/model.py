@@ -153,15 +153,25 @@ def tokens_per_step(k: ArrayLike, alpha: ArrayLike | PositionRates) -> Array:
     return jnp.where(positive, e, at_zero)
 
 
-def _tokens_per_step_positions(k, rates):
+def _position_terms(k, rates):
+    """Per-position survival ``P(X > i) = prod_{j<=i} a_j`` and their weights, positions 1..K.
+
+    The weight ``clip(k - i + 1, 0, 1)`` counts whole positions up to ``k`` and the fraction
+    of the next. Returns (positions, weights, survival), each of shape [..., K].
+    """
     dtype = _float_dtype(k, rates)
     rates, k = jnp.asarray(rates, dtype), jnp.asarray(k, dtype)
     batch = jnp.broadcast_shapes(k.shape, rates.shape[:-1])
     rates = jnp.broadcast_to(rates, batch + rates.shape[-1:])
     k = jnp.broadcast_to(k, batch)[..., None]
-    positions = jnp.cumsum(jnp.ones_like(rates), axis=-1)  # 1..K along the last axis
+    positions = jnp.cumsum(jnp.ones_like(rates), axis=-1)
     weights = jnp.clip(k - positions + 1.0, 0.0, 1.0)
-    return 1.0 + jnp.sum(weights * jnp.cumprod(rates, axis=-1), axis=-1)
+    return positions, weights, jnp.cumprod(rates, axis=-1)
+
+
+def _tokens_per_step_positions(k, rates):
+    _, weights, survival = _position_terms(k, rates)
+    return 1.0 + jnp.sum(weights * survival, axis=-1)
 
 
 @_jit
@@ -224,13 +234,8 @@ def _wasted_cycles(k, alpha, e, variant):
         return jnp.zeros_like(e)
     # "stepped": whole cycles
     if isinstance(alpha, PositionRates):
-        rates = jnp.asarray(alpha.rates, e.dtype)
-        batch = e.shape
-        rates = jnp.broadcast_to(rates, batch + rates.shape[-1:])
-        kk = jnp.broadcast_to(jnp.asarray(k, e.dtype), batch)[..., None]
-        positions = jnp.cumsum(jnp.ones_like(rates), axis=-1)
-        weights = jnp.clip(kk - positions + 1.0, 0.0, 1.0)
-        weighted = jnp.sum(positions * weights * jnp.cumprod(rates, axis=-1), axis=-1)
+        positions, weights, survival = _position_terms(k, alpha.rates)
+        weighted = jnp.sum(positions * weights * survival, axis=-1)
     else:
         alpha = jnp.asarray(alpha, e.dtype)
         _, slope = jax.jvp(lambda a: tokens_per_step(k, a), (alpha,), (jnp.ones_like(alpha),))
