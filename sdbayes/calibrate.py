@@ -213,8 +213,9 @@ def model(
     if discrepancy_scale > 0:
         spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
         with numpyro.plate("config", int(points.config.max()) + 1):
-            delta = numpyro.sample("delta", dist.Normal(0.0, spread_c).to_event(1))
-        scale_c = jnp.exp(delta[points.config])  # [n, 2]: C1 and C2 multipliers
+            # Non-centred: the spreads are often tiny, where a centred delta is a funnel.
+            delta = numpyro.sample("delta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        scale_c = jnp.exp(delta[points.config] * spread_c)  # [n, 2]: C1 and C2 multipliers
         coef = Coefficients(*(field * scale_c[:, i // 3] for i, field in enumerate(coef[:6])))
 
     alone = demands(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
