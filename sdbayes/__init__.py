@@ -11,6 +11,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
     import arviz  # noqa: F401
 
+from sdbayes.importers import read_guidellm  # noqa: E402
 from sdbayes.inference import fit  # noqa: E402
 from sdbayes.model import (
     Coefficients,
@@ -45,6 +46,7 @@ __all__ = [
     "goodput",
     "latency",
     "load_posterior",
+    "read_guidellm",
     "read_traces",
     "saturation_rate",
     "simulate",
