@@ -171,7 +171,9 @@ class Posterior:
                 e2e = x
             name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
             spread = np.sqrt(self._draws(name)[:, None] ** 2 + (tau_q * inflation) ** 2)
-            measured = np.where(np.isfinite(x_shifted), x_shifted * np.exp(spread * noise), np.inf)
+            finite = np.isfinite(x_shifted)
+            noisy = np.where(finite, x_shifted, 1.0) * np.exp(np.where(finite, spread, 0.0) * noise)
+            measured = np.where(finite, noisy, np.inf)
             out[f"{metric}_pred_s"] = x.mean(axis=0)
             out[f"{metric}_lower_s"], out[f"{metric}_upper_s"] = _quantiles(x, lo, hi)
             out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)

@@ -11,6 +11,7 @@ import pytest
 import sdbayes as sb
 from sdbayes.posterior import FitWarning
 
+USES_NUMPYRO = True  # conftest: NumPyro needs implicit rank promotion
 TRUE = sb.Coefficients(c1p=0.07, c1v=0.014, c1d=0.0014, c2p=0.035, c2v=0.0004, c2d=0.00012)
 CONFIGS = [(0, 0.0), (2, 0.6), (4, 0.8), (6, 0.9), (3, 0.5), (8, 0.95)]
 LOADS = (0.1, 0.3, 0.5, 0.7)
