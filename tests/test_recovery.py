@@ -53,3 +53,40 @@ def test_true_coefficients_inside_90_percent_intervals_at_the_nominal_rate():
     # Central 98% binomial band of 90% coverage over n = 36 intervals: [28, 36].
     low, high = binom.ppf(0.01, n, 0.9), binom.ppf(0.99, n, 0.9)
     assert low <= hits <= high, f"{hits}/{n} true coefficients inside their 90% intervals"
+
+
+def _points(coef, configs, loads, seed, hardware):
+    frames = []
+    for i, (k, alpha) in enumerate(configs):
+        saturation = float(sb.saturation_rate(coef, k=k, alpha=alpha, output_len=128,
+                                              variant="stepped"))
+        for j, load in enumerate(loads):
+            trace = sb.simulate(coef, k=k, alpha=alpha, prompt_len=512, output_len=128,
+                                rate=load * saturation, n_requests=350,
+                                seed=seed * 1000 + i * 10 + j, hardware=hardware,
+                                verifier="Qwen3-8B", drafter="eagle", method="eagle3")
+            frames.append(sb.aggregate(trace.iloc[50:]))
+    return pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.slow
+def test_a_group_with_three_points_borrows_from_the_others():
+    # Three GPUs whose coefficients differ from TRUE by ~15% each (log-normal); two are
+    # measured richly, the third at three configurations and one load.
+    rng = np.random.default_rng(0)
+    truth = {g: sb.Coefficients(*(c * np.exp(0.15 * rng.normal()) for c in TRUE[:6]))
+             for g in ("A", "B", "C")}
+    rich = [_points(truth[g], CONFIGS, LOADS, seed, g) for seed, g in enumerate("AB")]
+    few = _points(truth["C"], [(0, 0.0), (4, 0.7), (8, 0.9)], (0.3,), 7, "C")
+    settings = dict(variant="stepped", metrics=("e2e",), num_warmup=500, num_samples=500,
+                    num_chains=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sb.Posterior.FitWarning)  # alone, it is flagged
+        alone = sb.fit(few, **settings).summary(ci=0.9)
+        joint = sb.fit(pd.concat([*rich, few], ignore_index=True), **settings).summary(ci=0.9)
+    joint = joint[joint["group"].str.startswith("C ")].reset_index(drop=True)
+    assert list(joint["coefficient"]) == list(alone["coefficient"])
+    expected = np.array([getattr(truth["C"], name) for name in joint["coefficient"]])
+    log_width = lambda s: np.log(s["upper_s"] / s["lower_s"]).to_numpy()  # noqa: E731
+    assert np.all(log_width(joint) < log_width(alone))
+    assert np.all((joint["lower_s"] <= expected) & (expected <= joint["upper_s"]))
