@@ -123,8 +123,9 @@ class Posterior:
 
         Returns:
           The input columns plus, for metric m in e2e, ttft, tpot: ``m_pred_s`` (posterior
-          mean of the mean), ``m_lower_s, m_upper_s`` (credible interval: coefficients
-          only), ``m_pi_lower_s, m_pi_upper_s`` (predictive interval of a measured mean:
+          mean of the mean), ``m_median_s`` (its posterior median: the better point
+          prediction near saturation, where a few draws make the mean huge or infinite),
+          ``m_lower_s, m_upper_s`` (credible interval: coefficients only), ``m_pi_lower_s, m_pi_upper_s`` (predictive interval of a measured mean:
           with a fresh configuration discrepancy and the fitted relative error);
           ``speedup_pred, speedup_lower, speedup_upper`` over k = 0 at the same load;
           ``saturation_rate_pred, _lower, _upper`` [req/s];
@@ -175,6 +176,7 @@ class Posterior:
             noisy = np.where(finite, x_shifted, 1.0) * np.exp(np.where(finite, spread, 0.0) * noise)
             measured = np.where(finite, noisy, np.inf)
             out[f"{metric}_pred_s"] = x.mean(axis=0)
+            out[f"{metric}_median_s"] = _quantiles(x, 0.5, 0.5)[0]
             out[f"{metric}_lower_s"], out[f"{metric}_upper_s"] = _quantiles(x, lo, hi)
             out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)
         gain = at_load(speedup)

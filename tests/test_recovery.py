@@ -55,17 +55,19 @@ def test_true_coefficients_inside_90_percent_intervals_at_the_nominal_rate():
     assert low <= hits <= high, f"{hits}/{n} true coefficients inside their 90% intervals"
 
 
-def _points(coef, configs, loads, seed, hardware):
+def _points(coef, configs, loads, seed, hardware, requests=300):
+    """Aggregated simulator runs; the first tenth of each run (at least 50) is warm-up."""
+    warmup = max(50, requests // 10)
     frames = []
     for i, (k, alpha) in enumerate(configs):
         saturation = float(sb.saturation_rate(coef, k=k, alpha=alpha, output_len=128,
                                               variant="stepped"))
         for j, load in enumerate(loads):
             trace = sb.simulate(coef, k=k, alpha=alpha, prompt_len=512, output_len=128,
-                                rate=load * saturation, n_requests=350,
+                                rate=load * saturation, n_requests=requests + warmup,
                                 seed=seed * 1000 + i * 10 + j, hardware=hardware,
                                 verifier="Qwen3-8B", drafter="eagle", method="eagle3")
-            frames.append(sb.aggregate(trace.iloc[50:]))
+            frames.append(sb.aggregate(trace.iloc[warmup:]))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -90,3 +92,21 @@ def test_a_group_with_three_points_borrows_from_the_others():
     log_width = lambda s: np.log(s["upper_s"] / s["lower_s"]).to_numpy()  # noqa: E731
     assert np.all(log_width(joint) < log_width(alone))
     assert np.all((joint["lower_s"] <= expected) & (expected <= joint["upper_s"]))
+
+
+@pytest.mark.slow
+def test_extrapolation_in_load():
+    # Fit up to 55% of saturation (1,000 requests a point), predict 70% and 85%, where the
+    # simulator's means come from 30,000 requests: shorter runs are themselves noisy by
+    # several percent this close to saturation.
+    fit_points = _points(TRUE, CONFIGS, LOADS, 0, "A", requests=1_000)
+    held_out = _points(TRUE, CONFIGS, (0.7, 0.85), 100, "A", requests=30_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sb.Posterior.FitWarning)
+        posterior = sb.fit(fit_points, variant="stepped", metrics=("e2e",), num_warmup=500,
+                           num_samples=500, num_chains=2, progress=False)
+    predicted = posterior.predict(held_out, ci=0.9)
+    measured = held_out["e2e_mean_s"]
+    assert (predicted["e2e_median_s"] / measured - 1).abs().mean() <= 0.10
+    assert ((predicted["e2e_pi_lower_s"] <= measured)
+            & (measured <= predicted["e2e_pi_upper_s"])).all()
