@@ -125,8 +125,9 @@ class Posterior:
           The input columns plus, for metric m in e2e, ttft, tpot: ``m_pred_s`` (posterior
           mean of the mean), ``m_median_s`` (its posterior median: the better point
           prediction near saturation, where a few draws make the mean huge or infinite),
-          ``m_lower_s, m_upper_s`` (credible interval: coefficients only), ``m_pi_lower_s, m_pi_upper_s`` (predictive interval of a measured mean:
-          with a fresh configuration discrepancy and the fitted relative error);
+          ``m_lower_s, m_upper_s`` (credible interval: coefficients only),
+          ``m_pi_lower_s, m_pi_upper_s`` (predictive interval of a measured mean: with a
+          fresh configuration discrepancy and the fitted relative error);
           ``speedup_pred, speedup_lower, speedup_upper`` over k = 0 at the same load;
           ``saturation_rate_pred, _lower, _upper`` [req/s];
           ``p_saturated``, the posterior probability that the load is past saturation.
