@@ -40,7 +40,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from sdbayes.model import Coefficients, demands, latency, tokens_per_step, tpot, ttft
+from sdbayes.model import Coefficients, metrics, tokens_per_step
 from sdbayes.traces import Points
 
 COEFFICIENTS = ("c1p", "c1v", "c1d", "c2p", "c2v", "c2d")
@@ -147,20 +147,15 @@ def roofline_prior(
     return Prior(loc=np.log(medians), scale=np.full(6, float(scale)))
 
 
-def _metric_terms(coef, points: Points, load_total, variant):
-    """Predicted means of each metric, with the queueing inflation L / C1 - 1, shape [n]."""
-    point = dict(k=points.k, alpha=points.alpha, output_len=points.output_len, variant=variant)
-    rate = jnp.where(points.closed, 0.0, points.rate)
-    concurrency = jnp.where(points.closed, points.concurrency, 1.0)
-
-    def pick(metric):
-        return jnp.where(points.closed, metric(coef, concurrency=concurrency, **point),
-                         metric(coef, rate=rate, **point))
-
-    e2e = pick(latency)
-    stable = jnp.isfinite(e2e)  # past saturation the likelihood is zero anyway
-    inflation = jnp.where(stable, jnp.where(stable, e2e, 1.0) / load_total - 1.0, 0.0)
-    return {"e2e": e2e, "ttft": pick(ttft), "tpot": pick(tpot)}, inflation
+def _metric_terms(coef, points: Points, variant):
+    """Predicted means of each metric, and the queueing inflation L / C1 - 1, shape [n]."""
+    m = metrics(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
+                rate=jnp.where(points.closed, 0.0, points.rate),
+                concurrency=jnp.where(points.closed, points.concurrency, 1.0),
+                closed=points.closed, variant=variant)
+    stable = jnp.isfinite(m.latency)  # past saturation the likelihood is zero anyway
+    inflation = jnp.where(stable, jnp.where(stable, m.latency, 1.0) / m.alone - 1.0, 0.0)
+    return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}, inflation
 
 
 def model(
@@ -218,9 +213,7 @@ def model(
         scale_c = jnp.exp(delta[points.config] * spread_c)  # [n, 2]: C1 and C2 multipliers
         coef = Coefficients(*(field * scale_c[:, i // 3] for i, field in enumerate(coef[:6])))
 
-    alone = demands(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
-                    variant=variant)
-    predicted, inflation = _metric_terms(coef, points, alone.independent.total, variant)
+    predicted, inflation = _metric_terms(coef, points, variant)
     tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))
     for metric in metrics:
         observed = np.asarray(getattr(points, metric), float)

@@ -243,35 +243,78 @@ def _wasted_cycles(k, alpha, e, variant):
     return weighted / e**2
 
 
-def _solve(coef, k, alpha, output_len, rate, concurrency, variant):
+def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
     """Demands, mean latency [s], mean others in flight, stability, and boundary wait [s].
 
+    One of ``rate`` (open loop) and ``concurrency`` (closed loop) is given; or both, with
+    the boolean array ``closed`` choosing per point (for fitting traces of both kinds).
     Where the load is past saturation, latency is +inf and ``others`` and the wait are 0
     (finite stand-ins so that callers' products stay finite); callers mask with ``stable``.
     """
-    if (rate is None) == (concurrency is None):
+    if closed is None and (rate is None) == (concurrency is None):
         raise TypeError("give exactly one of rate= (open loop, req/s) "
                         "or concurrency= (closed loop)")
     d = demands(coef, k=k, alpha=alpha, output_len=output_len, variant=variant)
     c1, c2 = d.independent.total, d.dependent.total
+    dtype = c1.dtype
     if concurrency is not None:
-        c1, c2, concurrency = jnp.broadcast_arrays(c1, c2, jnp.asarray(concurrency, c1.dtype))
-        others = concurrency - 1.0
-        total = c1 + others * c2
-        stable = jnp.ones(c1.shape, bool)
-        throughput = concurrency / total  # Little's Law
-    else:
-        c1, c2, rate = jnp.broadcast_arrays(c1, c2, jnp.asarray(rate, c1.dtype))
+        c1, c2, concurrency = jnp.broadcast_arrays(c1, c2, jnp.asarray(concurrency, dtype))
+        closed_others = concurrency - 1.0
+        closed_total = c1 + closed_others * c2
+        closed_throughput = concurrency / closed_total  # Little's Law
+    if rate is not None:
+        c1, c2, rate = jnp.broadcast_arrays(c1, c2, jnp.asarray(rate, dtype))
         slack = 1.0 - rate * c2
-        stable = slack > 0
+        open_stable = slack > 0
         # Double `where`s keep the untaken branch finite, so its gradient is 0, not NaN.
-        total = c1 / jnp.where(stable, slack, 1.0)
-        others = jnp.where(stable, rate * total, 0.0)
-        throughput = rate
+        open_total = c1 / jnp.where(open_stable, slack, 1.0)
+        open_others = jnp.where(open_stable, rate * open_total, 0.0)
+    if rate is None:
+        total, others, throughput = closed_total, closed_others, closed_throughput
+        stable = jnp.ones(total.shape, bool)
+    elif concurrency is None:
+        total, others, throughput, stable = open_total, open_others, rate, open_stable
+    else:
+        closed = jnp.broadcast_to(jnp.asarray(closed, bool), open_total.shape)
+        total = jnp.where(closed, closed_total, open_total)
+        others = jnp.where(closed, closed_others, open_others)
+        throughput = jnp.where(closed, closed_throughput, rate)
+        stable = closed | open_stable
     wait = jnp.where(stable, _boundary_wait(coef, k, others, throughput), 0.0)
     if variant == "stepped":
         total = total + 2.0 * wait
     return d, jnp.where(stable, total, jnp.inf), others, stable, wait
+
+
+class Metrics(NamedTuple):
+    """Mean end-to-end latency, TTFT and TPOT [s], and the load-independent demand C1 [s]."""
+
+    latency: Array
+    ttft: Array
+    tpot: Array
+    alone: Array
+
+
+def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed, variant="paper"):
+    """All metrics from one solve, for points of either kind of load (``closed`` per point).
+
+    For the probabilistic model, which needs every metric at every point; shapes broadcast
+    as in :func:`latency`. Not jit-compiled itself: it runs inside the caller's trace.
+    """
+    d, total, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency, variant,
+                                       closed)
+    first = jnp.where(stable, d.independent.prefill + wait, jnp.inf)
+    return Metrics(total, first, _per_token(total, first, stable, output_len),
+                   d.independent.total)
+
+
+def _per_token(total, first, stable, output_len):
+    """(L - TTFT) / (g - 1); 0 where g <= 1, +inf where unstable."""
+    decode = jnp.where(stable, total - jnp.where(stable, first, 0.0), 0.0)
+    decode, after_first = jnp.broadcast_arrays(decode, jnp.asarray(output_len, decode.dtype) - 1.0)
+    several = after_first > 0
+    per_token = jnp.where(several, decode / jnp.where(several, after_first, 1.0), 0.0)
+    return jnp.where(stable, per_token, jnp.inf)
 
 
 def _boundary_wait(coef, k, others, throughput):
@@ -368,15 +411,9 @@ def tpot(
     ``+inf`` past saturation.
     """
     del prompt_len
-    load = dict(k=k, alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency,
-                variant=variant)
-    total = latency(coef, **load)
-    stable = jnp.isfinite(total)
-    decode = jnp.where(stable, total - ttft(coef, **load), 0.0)
-    decode, after_first = jnp.broadcast_arrays(decode, jnp.asarray(output_len, decode.dtype) - 1.0)
-    several = after_first > 0
-    per_token = jnp.where(several, decode / jnp.where(several, after_first, 1.0), 0.0)
-    return jnp.where(stable, per_token, jnp.inf)
+    d, total, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency, variant)
+    first = jnp.where(stable, d.independent.prefill + wait, jnp.inf)
+    return _per_token(total, first, stable, output_len)
 
 
 @_jit

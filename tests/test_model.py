@@ -194,6 +194,22 @@ class TestLatency:
             assert np.isfinite(grad(jnp.float32(1.0)))
 
 
+@pytest.mark.parametrize("variant", ["paper", "stepped"])
+def test_mixed_loads_in_one_solve_match_the_public_functions(variant):
+    closed = np.array([True, False, False, True])
+    rate = np.array([0.0, 3.0, 50.0, 0.0])  # the third is past saturation
+    concurrency = np.array([1.0, 1.0, 1.0, 32.0])
+    point = dict(k=np.array([4.0, 2.0, 4.0, 8.0]), alpha=np.array([0.7, 0.9, 0.7, 0.8]),
+                 output_len=128.0, variant=variant)
+    got = sb.model.metrics(COEF, rate=rate, concurrency=concurrency, closed=closed, **point)
+    for name, f in (("latency", sb.latency), ("ttft", sb.ttft), ("tpot", sb.tpot)):
+        by_rate = f(COEF, rate=rate, **point)
+        by_concurrency = f(COEF, concurrency=concurrency, **point)
+        np.testing.assert_allclose(getattr(got, name), np.where(closed, by_concurrency, by_rate),
+                                   rtol=1e-12)
+    np.testing.assert_allclose(got.alone, sb.demands(COEF, **point).independent.total)
+
+
 class TestSteppedVariant:
     @pytest.mark.parametrize("k, alpha", [(0, 0.3), (1, 0.5), (4, 0.7), (8, 0.95), (3, 1.0)])
     def test_wasted_cycles_are_the_renewal_correction(self, k, alpha):
