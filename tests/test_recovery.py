@@ -23,39 +23,7 @@ LOADS = (0.1, 0.25, 0.4, 0.55)
 SEEDS = range(6)
 
 
-def simulated_points(seed: int) -> pd.DataFrame:
-    frames = []
-    for i, (k, alpha) in enumerate(CONFIGS):
-        saturation = float(sb.saturation_rate(TRUE, k=k, alpha=alpha, output_len=128,
-                                              variant="stepped"))
-        for j, load in enumerate(LOADS):
-            trace = sb.simulate(TRUE, k=k, alpha=alpha, prompt_len=512, output_len=128,
-                                rate=load * saturation, n_requests=350,
-                                seed=seed * 1000 + i * 10 + j)
-            frames.append(sb.aggregate(trace.iloc[50:]))  # the first 50: warm-up
-    return pd.concat(frames, ignore_index=True)
-
-
-@pytest.mark.slow
-def test_true_coefficients_inside_90_percent_intervals_at_the_nominal_rate():
-    inside = []
-    for seed in SEEDS:
-        with warnings.catch_warnings():
-            # small runs may report a low ESS; coverage is what this test judges
-            warnings.simplefilter("ignore", sb.Posterior.FitWarning)
-            posterior = sb.fit(simulated_points(seed), variant="stepped", metrics=("e2e",),
-                               num_warmup=500, num_samples=500, num_chains=2, seed=seed,
-                               progress=False)
-        summary = posterior.summary(ci=0.9)
-        truth = np.array([getattr(TRUE, name) for name in summary["coefficient"]])
-        inside.extend((summary["lower_s"] <= truth) & (truth <= summary["upper_s"]))
-    n, hits = len(inside), int(np.sum(inside))
-    # Central 98% binomial band of 90% coverage over n = 36 intervals: [28, 36].
-    low, high = binom.ppf(0.01, n, 0.9), binom.ppf(0.99, n, 0.9)
-    assert low <= hits <= high, f"{hits}/{n} true coefficients inside their 90% intervals"
-
-
-def _points(coef, configs, loads, seed, hardware, requests=300):
+def simulated_points(coef, configs, loads, seed, hardware, requests=300):
     """Aggregated simulator runs; the first tenth of each run (at least 50) is warm-up."""
     warmup = max(50, requests // 10)
     frames = []
@@ -72,14 +40,33 @@ def _points(coef, configs, loads, seed, hardware, requests=300):
 
 
 @pytest.mark.slow
+def test_true_coefficients_inside_90_percent_intervals_at_the_nominal_rate():
+    inside = []
+    for seed in SEEDS:
+        with warnings.catch_warnings():
+            # small runs may report a low ESS; coverage is what this test judges
+            warnings.simplefilter("ignore", sb.Posterior.FitWarning)
+            points = simulated_points(TRUE, CONFIGS, LOADS, seed, "A")
+            posterior = sb.fit(points, variant="stepped", metrics=("e2e",), num_warmup=500,
+                               num_samples=500, num_chains=2, seed=seed, progress=False)
+        summary = posterior.summary(ci=0.9)
+        truth = np.array([getattr(TRUE, name) for name in summary["coefficient"]])
+        inside.extend((summary["lower_s"] <= truth) & (truth <= summary["upper_s"]))
+    n, hits = len(inside), int(np.sum(inside))
+    # Central 98% binomial band of 90% coverage over n = 36 intervals: [28, 36].
+    low, high = binom.ppf(0.01, n, 0.9), binom.ppf(0.99, n, 0.9)
+    assert low <= hits <= high, f"{hits}/{n} true coefficients inside their 90% intervals"
+
+
+@pytest.mark.slow
 def test_a_group_with_three_points_borrows_from_the_others():
     # Three GPUs whose coefficients differ from TRUE by ~15% each (log-normal); two are
     # measured richly, the third at three configurations and one load.
     rng = np.random.default_rng(0)
     truth = {g: sb.Coefficients(*(c * np.exp(0.15 * rng.normal()) for c in TRUE[:6]))
              for g in ("A", "B", "C")}
-    rich = [_points(truth[g], CONFIGS, LOADS, seed, g) for seed, g in enumerate("AB")]
-    few = _points(truth["C"], [(0, 0.0), (4, 0.7), (8, 0.9)], (0.3,), 7, "C")
+    rich = [simulated_points(truth[g], CONFIGS, LOADS, seed, g) for seed, g in enumerate("AB")]
+    few = simulated_points(truth["C"], [(0, 0.0), (4, 0.7), (8, 0.9)], (0.3,), 7, "C")
     settings = dict(variant="stepped", metrics=("e2e",), num_warmup=500, num_samples=500,
                     num_chains=2, progress=False)
     with warnings.catch_warnings():
@@ -99,8 +86,8 @@ def test_extrapolation_in_load():
     # Fit up to 55% of saturation (1,000 requests a point), predict 70% and 85%, where the
     # simulator's means come from 30,000 requests: shorter runs are themselves noisy by
     # several percent this close to saturation.
-    fit_points = _points(TRUE, CONFIGS, LOADS, 0, "A", requests=1_000)
-    held_out = _points(TRUE, CONFIGS, (0.7, 0.85), 100, "A", requests=30_000)
+    fit_points = simulated_points(TRUE, CONFIGS, LOADS, 0, "A", requests=1_000)
+    held_out = simulated_points(TRUE, CONFIGS, (0.7, 0.85), 100, "A", requests=30_000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sb.Posterior.FitWarning)
         posterior = sb.fit(fit_points, variant="stepped", metrics=("e2e",), num_warmup=500,
