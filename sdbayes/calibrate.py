@@ -147,8 +147,12 @@ def roofline_prior(
     return Prior(loc=np.log(medians), scale=np.full(6, float(scale)))
 
 
-def _metric_terms(coef, points: Points, variant):
-    """Predicted means of each metric, and the queueing inflation L / C1 - 1, shape [n]."""
+def predicted_means(coef, points: Points, variant):
+    """Predicted means of each metric, and the queueing inflation L / C1 - 1, shape [n].
+
+    The model's likelihood and :meth:`sdbayes.Posterior.predict` both use this. Past
+    saturation the means are +inf and the inflation 0.
+    """
     m = metrics(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
                 rate=jnp.where(points.closed, 0.0, points.rate),
                 concurrency=jnp.where(points.closed, points.concurrency, 1.0),
@@ -213,7 +217,7 @@ def model(
         scale_c = jnp.exp(delta[points.config] * spread_c)  # [n, 2]: C1 and C2 multipliers
         coef = Coefficients(*(field * scale_c[:, i // 3] for i, field in enumerate(coef[:6])))
 
-    predicted, inflation = _metric_terms(coef, points, variant)
+    predicted, inflation = predicted_means(coef, points, variant)
     tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))
     for metric in metrics:
         observed = np.asarray(getattr(points, metric), float)

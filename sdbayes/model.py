@@ -295,11 +295,12 @@ class Metrics(NamedTuple):
     alone: Array
 
 
-def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed, variant="paper"):
-    """All metrics from one solve, for points of either kind of load (``closed`` per point).
+def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed=None, variant="paper"):
+    """All metrics from one solve: the single place TTFT and TPOT are derived.
 
-    For the probabilistic model, which needs every metric at every point; shapes broadcast
-    as in :func:`latency`. Not jit-compiled itself: it runs inside the caller's trace.
+    Arguments as :func:`latency`; with both ``rate`` and ``concurrency`` given, the boolean
+    array ``closed`` picks per point (the probabilistic model's traces mix both kinds).
+    Not jit-compiled itself: it runs inside its caller's trace.
     """
     d, total, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency, variant,
                                        closed)
@@ -389,8 +390,8 @@ def ttft(
     past saturation.
     """
     del prompt_len
-    d, _, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency, variant)
-    return jnp.where(stable, d.independent.prefill + wait, jnp.inf)
+    return metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
+                   concurrency=concurrency, variant=variant).ttft
 
 
 @_jit
@@ -411,9 +412,8 @@ def tpot(
     ``+inf`` past saturation.
     """
     del prompt_len
-    d, total, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency, variant)
-    first = jnp.where(stable, d.independent.prefill + wait, jnp.inf)
-    return _per_token(total, first, stable, output_len)
+    return metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
+                   concurrency=concurrency, variant=variant).tpot
 
 
 @_jit

@@ -13,13 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from sdbayes.calibrate import COEFFICIENTS
-from sdbayes.model import Coefficients, latency, saturation_rate, speedup, tpot, ttft
+from sdbayes.calibrate import COEFFICIENTS, predicted_means
+from sdbayes.model import Coefficients, saturation_rate, speedup
 from sdbayes.traces import TraceError, group_labels, to_points
 
 _RHAT_LIMIT = 1.01
 _ESS_PER_CHAIN = 100
 _IDENTIFIED_SD_RATIO = 0.5  # posterior sd of log c over prior sd above this: not learned
+
+
+_predicted_means = jax.jit(predicted_means, static_argnames="variant")
 
 
 class FitWarning(UserWarning):
@@ -142,15 +145,6 @@ class Posterior:
                                       key_new)
         point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
                      variant=self.variant)
-        closed = arrays.closed
-
-        def at_load(metric, c=coef):
-            return np.where(
-                closed,
-                np.asarray(metric(c, concurrency=np.where(closed, arrays.concurrency, 1.0),
-                                  **point)),
-                np.asarray(metric(c, rate=np.where(closed, 0.0, arrays.rate), **point)),
-            )
 
         # Predictive: a fresh configuration discrepancy on C1 and C2, then the relative error.
         spread_c = self._draws("discrepancy")  # [D, 2]
@@ -159,18 +153,15 @@ class Posterior:
         c2_scale = np.exp(delta[0, :, 1] * spread_c[:, 1:])
         shifted = Coefficients(*(field * (c1_scale if i < 3 else c2_scale)
                                  for i, field in enumerate(coef[:6])))
+        values, _ = _predicted_means(coef, arrays, self.variant)
+        shifted_values, inflation = _predicted_means(shifted, arrays, self.variant)
         # Intervals are per metric, so one standard normal per draw and row serves them all.
         noise = delta[1, :, 0]  # [D, R]
         tau_q = self._draws("tau_q")[:, None]
         lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
         out = points.reset_index(drop=True).copy()
-        inflation = None
-        for metric, function in (("e2e", latency), ("ttft", ttft), ("tpot", tpot)):
-            x, x_shifted = at_load(function), at_load(function, shifted)
-            if inflation is None:
-                alone = np.asarray(latency(shifted, rate=0.0, **point))
-                inflation = np.where(np.isfinite(x_shifted), x_shifted / alone - 1.0, 0.0)
-                e2e = x
+        for metric in ("e2e", "ttft", "tpot"):
+            x, x_shifted = np.asarray(values[metric]), np.asarray(shifted_values[metric])
             name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
             spread = np.sqrt(self._draws(name)[:, None] ** 2 + (tau_q * inflation) ** 2)
             finite = np.isfinite(x_shifted)
@@ -180,7 +171,13 @@ class Posterior:
             out[f"{metric}_median_s"] = _quantiles(x, 0.5, 0.5)[0]
             out[f"{metric}_lower_s"], out[f"{metric}_upper_s"] = _quantiles(x, lo, hi)
             out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)
-        gain = at_load(speedup)
+        closed = arrays.closed
+        gain = np.where(
+            closed,
+            np.asarray(speedup(coef, concurrency=np.where(closed, arrays.concurrency, 1.0),
+                               **point)),
+            np.asarray(speedup(coef, rate=np.where(closed, 0.0, arrays.rate), **point)),
+        )
         compared = ~np.isnan(gain)  # NaN where both are saturated: no speedup to speak of
         count = compared.sum(axis=0)
         total = np.where(compared, gain, 0.0).sum(axis=0)
@@ -189,7 +186,7 @@ class Posterior:
         sat = np.asarray(saturation_rate(coef, **point))
         out["saturation_rate_pred"] = sat.mean(axis=0)
         out["saturation_rate_lower"], out["saturation_rate_upper"] = _quantiles(sat, lo, hi)
-        out["p_saturated"] = (~np.isfinite(e2e)).mean(axis=0)
+        out["p_saturated"] = (~np.isfinite(np.asarray(values["e2e"]))).mean(axis=0)
         return out
 
     def _grid(self, points: pd.DataFrame) -> pd.DataFrame:
