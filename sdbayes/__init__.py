@@ -27,14 +27,19 @@ from sdbayes.model import (
     tpot,
     ttft,
 )
+from sdbayes.planning import Capacity, InfeasibleSLO, max_rate  # noqa: E402
 from sdbayes.posterior import Posterior, load_posterior
 from sdbayes.simulate import Empirical, Uniform, simulate
 from sdbayes.traces import TraceError, aggregate, read_traces, validate, write_traces
+from sdbayes.tuning import KChoice, tune_k  # noqa: E402
 
 __all__ = [
+    "Capacity",
     "Coefficients",
     "Demands",
     "Empirical",
+    "InfeasibleSLO",
+    "KChoice",
     "PhaseDemands",
     "PositionRates",
     "Posterior",
@@ -46,6 +51,7 @@ __all__ = [
     "goodput",
     "latency",
     "load_posterior",
+    "max_rate",
     "read_guidellm",
     "read_traces",
     "saturation_rate",
@@ -53,6 +59,7 @@ __all__ = [
     "speedup",
     "tokens_per_step",
     "tpot",
+    "tune_k",
     "ttft",
     "validate",
     "write_traces",

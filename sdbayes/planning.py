@@ -1,0 +1,282 @@
+"""Risk-aware capacity planning: the highest request rate that meets an SLO with confidence.
+
+A posterior gives ``D`` draws of the coefficients, so each draw has its own highest rate
+``lam*_d`` at which the mean metric meets the SLO (DESIGN.md section 4). The metric grows
+with the rate, so ``P(metric <= SLO) >= confidence`` holds at every rate up to an order
+statistic of the ``lam*_d``: the planned rate is the largest rate that at least
+``confidence * D`` draws sustain.
+
+The plain functions (:func:`rate_at_slo`, :func:`break_even_acceptance`) are pure, jit-able
+and differentiable (closed form, or a bisection with implicit-function gradients), for use
+inside research code; :func:`max_rate` wraps them for a :class:`~sdbayes.Posterior`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from sdbayes.model import Coefficients, PositionRates, demands, latency, metrics
+
+Array = jax.Array
+
+METRICS = ("e2e", "ttft", "tpot")
+"""Metrics a plan or a tuning can target: mean end-to-end latency, TTFT and TPOT [s]."""
+
+_BISECTIONS = 64  # halves [0, 1/C2] to below float64 resolution
+
+
+def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=None,
+                 concurrency=None, variant: str = "paper") -> Array:
+    """One of :data:`METRICS` [s] from the one model solve (:func:`sdbayes.model.metrics`).
+
+    Arguments as :func:`sdbayes.latency`; not jit-compiled itself (it runs in its caller's
+    trace).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    m = metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
+                concurrency=concurrency, variant=variant)
+    return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}[metric]
+
+
+def increasing_root(residual, lo: Array, hi: Array, iterations: int = _BISECTIONS) -> Array:
+    """Elementwise root of ``residual``, increasing on ``[lo, hi]``, by bisection.
+
+    ``residual`` may be ``+inf`` (e.g. past saturation) but not NaN. Where it is positive
+    already at ``lo`` the answer is ``lo``. Gradients with respect to whatever ``residual``
+    closes over come from the implicit function theorem (``jax.lax.custom_root``), exact
+    and as cheap as one more evaluation.
+
+    Args:
+      residual: maps an array of the shape of ``lo`` to one of the same shape.
+      lo, hi: the bracket, arrays of one shape.
+      iterations: bisection steps.
+
+    Returns:
+      The root, of the shape of ``lo``.
+    """
+
+    def solve(f, _):
+        def halve(_, bounds):
+            a, b = bounds
+            mid = 0.5 * (a + b)
+            above = f(mid) > 0
+            return jnp.where(above, a, mid), jnp.where(above, mid, b)
+
+        a, b = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+        return jnp.where(f(lo) > 0, lo, 0.5 * (a + b))
+
+    def tangent_solve(g, y):
+        slope = g(jnp.ones_like(y))
+        return y / jnp.where(slope != 0, slope, jnp.inf)
+
+    return jax.lax.custom_root(residual, 0.5 * (lo + hi), solve, tangent_solve)
+
+
+@partial(jax.jit, static_argnames=("metric", "variant"))
+def rate_at_slo(
+    coef: Coefficients,
+    *,
+    slo: ArrayLike,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    output_len: ArrayLike,
+    metric: str = "e2e",
+    variant: str = "paper",
+) -> Array:
+    """Highest open-loop arrival rate [req/s] at which the mean ``metric`` is at most ``slo``.
+
+    For the paper's end-to-end latency this is the closed form ``(1 - C1/SLO) / C2``; for
+    the other metrics and variants a bisection on ``[0, 1/C2]`` through the model.
+
+    Args:
+      coef: cost coefficients [s], fields of any shape broadcasting with the point.
+      slo: the target for the metric [s], > 0.
+      k, alpha, output_len: the operating point, as for :func:`sdbayes.latency`.
+      metric: one of :data:`METRICS`.
+      variant: model variant.
+
+    Returns:
+      Rates [req/s] of the broadcast shape; 0 where the SLO is not met even at zero load.
+    """
+    point = dict(k=k, alpha=alpha, output_len=output_len, variant=variant)
+    c2 = demands(coef, **point).dependent.total
+    slo = jnp.asarray(slo, c2.dtype)
+    if metric == "e2e" and variant == "paper":
+        c1 = demands(coef, **point).independent.total
+        return jnp.maximum((1.0 - c1 / slo) / c2, 0.0)
+    saturation = jnp.broadcast_to(1.0 / c2, jnp.broadcast_shapes(c2.shape, slo.shape))
+    return increasing_root(
+        lambda rate: metric_value(coef, metric, rate=rate, **point) - slo,
+        jnp.zeros_like(saturation), saturation)
+
+
+@partial(jax.jit, static_argnames="variant")
+def break_even_acceptance(
+    coef: Coefficients,
+    *,
+    k: ArrayLike,
+    output_len: ArrayLike,
+    rate: ArrayLike | None = None,
+    concurrency: ArrayLike | None = None,
+    variant: str = "paper",
+) -> Array:
+    """Acceptance rate below which draft length ``k`` is slower than no SD at the same load.
+
+    The root in ``alpha`` of ``L(k, alpha) = L(0)``: mean latency falls as acceptance rises.
+    Where the load saturates the engine without SD but not with it, the answer is the
+    acceptance at which SD becomes stable.
+
+    Args:
+      coef: cost coefficients [s].
+      k: draft length > 0.
+      output_len: tokens per request.
+      rate, concurrency: the load, as for :func:`sdbayes.latency`.
+      variant: model variant.
+
+    Returns:
+      Acceptance in [0, 1] of the broadcast shape; ``+inf`` where SD does not pay even
+      when every draft is accepted.
+    """
+    load = dict(output_len=output_len, rate=rate, concurrency=concurrency, variant=variant)
+    baseline = latency(coef, k=0.0, alpha=0.0, **load)
+    shape = jnp.broadcast_shapes(baseline.shape, jnp.shape(k))
+    lo, hi = jnp.zeros(shape, baseline.dtype), jnp.ones(shape, baseline.dtype)
+
+    def saving(alpha):  # time SD saves [s], > 0 where it pays; rises with acceptance
+        with_sd = latency(coef, k=k, alpha=alpha, **load)
+        gap = jnp.where(jnp.isfinite(baseline), baseline, 0.0) - with_sd
+        return jnp.where(jnp.isfinite(baseline), gap, jnp.where(jnp.isfinite(with_sd), 1.0, -1.0))
+
+    alpha = increasing_root(saving, lo, hi)
+    return jnp.where(saving(hi) > 0, alpha, jnp.inf)
+
+
+class InfeasibleSLO(ValueError):
+    """No positive request rate meets the SLO with the asked confidence."""
+
+
+class Capacity(NamedTuple):
+    """What one replica sustains under an SLO; arrays of the operating points' shape.
+
+    Attributes:
+      rate: highest request rate [req/s] at which ``P(metric <= slo) >= confidence`` over
+        the posterior draws; 0 where no positive rate does.
+      feasible: whether that rate is positive.
+      zero_load: the metric's ``confidence``-quantile over draws at zero load [s]: the
+        smallest SLO that can be met with that confidence at all.
+      per_draw: each draw's highest rate, shape [n_draws, ...] [req/s].
+    """
+
+    rate: np.ndarray
+    feasible: np.ndarray
+    zero_load: np.ndarray
+    per_draw: np.ndarray
+
+    def replicas(self, traffic: ArrayLike) -> np.ndarray:
+        """Replicas needed to serve ``traffic`` [req/s], split evenly, under the same risk.
+
+        Raises:
+          InfeasibleSLO: where no rate meets the SLO, whatever the number of replicas.
+        """
+        if not np.all(self.feasible):
+            worst = float(np.max(np.where(self.feasible, 0.0, self.zero_load)))
+            raise InfeasibleSLO(
+                f"the SLO is infeasible at any rate: even at zero load the metric's quantile "
+                f"is {1e3 * worst:.1f} ms; relax the SLO or the confidence")
+        traffic = np.asarray(traffic, float)
+        if np.any(traffic < 0):
+            raise ValueError("traffic must be >= 0 req/s")
+        return np.ceil(traffic / self.rate - 1e-12).astype(int)
+
+
+def coefficient_draws(source, group: str | int = 0, variant: str | None = None):
+    """Coefficient draws and model variant from a ``Posterior`` or plain ``Coefficients``.
+
+    Returns:
+      (``Coefficients`` with fields of shape [n_draws], variant). Plain coefficients with
+      scalar fields count as one draw; their variant is ``variant`` or ``"paper"``.
+    """
+    from sdbayes.posterior import Posterior
+
+    if isinstance(source, Posterior):
+        if variant is not None and variant != source.variant:
+            raise ValueError(f"the posterior was fitted with variant {source.variant!r}, "
+                             f"not {variant!r}")
+        return source.coefficients(group), source.variant
+    if isinstance(source, Coefficients):
+        fields = jnp.broadcast_arrays(*(jnp.asarray(x, float) for x in source))
+        return Coefficients(*(f.reshape(-1) for f in fields)), variant or "paper"
+    raise TypeError(f"expected a Posterior or Coefficients, got {type(source).__name__}")
+
+
+def order_statistic_index(n_draws: int, confidence: float) -> int:
+    """Index into ascending draws of the value that ``confidence`` of them are at or above.
+
+    ``sorted[n - need]`` with ``need = ceil(confidence * n)``: at least ``need`` draws are
+    at or above it, and it is the largest value for which that holds.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    need = math.ceil(confidence * n_draws - 1e-9)
+    return n_draws - max(need, 1)
+
+
+def max_rate(
+    source,
+    *,
+    slo: float,
+    metric: str = "e2e",
+    confidence: float = 0.95,
+    k: ArrayLike,
+    alpha: ArrayLike,
+    output_len: ArrayLike,
+    prompt_len: ArrayLike | None = None,
+    group: str | int = 0,
+    variant: str | None = None,
+) -> Capacity:
+    """Highest request rate one replica holds with ``P(mean metric <= slo) >= confidence``.
+
+    Args:
+      source: a :class:`~sdbayes.Posterior` (its draws of ``group``), or ``Coefficients``
+        whose fields are draws of shape [n_draws] (or scalars: a point estimate).
+      slo: the target for the metric [s], > 0.
+      metric: one of :data:`METRICS` (p99 needs a tail model: use the simulator).
+      confidence: the probability, over the posterior, that the SLO holds, in (0, 1).
+      k, alpha, output_len: the operating point; arrays broadcast (e.g. ``k`` a grid of
+        draft lengths to compare).
+      prompt_len: accepted for symmetry with the model functions; does not enter.
+      group: which fitted group of a posterior.
+      variant: model variant for plain coefficients (a posterior knows its own).
+
+    Returns:
+      A :class:`Capacity` of the broadcast shape of the operating point.
+
+    Example:
+      >>> cap = sb.max_rate(post, slo=2.0, k=4, alpha=0.7, output_len=128)
+      >>> cap.rate, cap.replicas(traffic=100.0)
+    """
+    del prompt_len
+    if not np.all(np.asarray(slo) > 0):
+        raise ValueError(f"slo must be > 0 seconds, got {slo}")
+    coef, variant = coefficient_draws(source, group, variant)
+    n_draws = coef.c1p.shape[0]
+    index = order_statistic_index(n_draws, confidence)
+    shape = np.broadcast_shapes(np.shape(k), np.shape(alpha), np.shape(output_len),
+                                np.shape(slo))
+    point = {name: jnp.asarray(np.broadcast_to(value, shape), float)[..., None]
+             for name, value in dict(k=k, alpha=alpha, output_len=output_len).items()}
+    per_draw = rate_at_slo(coef, slo=jnp.asarray(np.broadcast_to(slo, shape), float)[..., None],
+                           metric=metric, variant=variant, **point)  # [..., D]
+    idle = metric_value(coef, metric, rate=jnp.zeros(()), variant=variant, **point)
+    rate = np.sort(np.asarray(per_draw), axis=-1)[..., index]
+    zero_load = np.sort(np.asarray(idle), axis=-1)[..., n_draws - 1 - index]
+    return Capacity(rate=rate, feasible=rate > 0, zero_load=zero_load,
+                    per_draw=np.moveaxis(np.asarray(per_draw), -1, 0))
