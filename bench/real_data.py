@@ -1,0 +1,128 @@
+"""Accuracy on the source study's real vLLM sweeps (Qwen3-8B, EAGLE drafter, 48 curves).
+
+    python bench/real_data.py [--quick]
+
+Reads ../shared/data/speculators-qwen3-8b in place and prints one table: mean absolute
+percentage error (MAPE) of the predicted mean end-to-end latency and the coverage of the
+90% predictive intervals, two ways:
+
+(a) extrapolation in load: fit on the synchronous point and the lower 60% (by count) of
+    each (alpha, k) curve's constant-rate points, predict the rest;
+(b) unseen configurations: 4 folds of whole (alpha, k) curves; fit on three, predict the
+    fourth.
+
+Methods: sdbayes with each model variant (NUTS, one coefficient set pooled over alpha and k,
+as in the paper), and a plain least-squares fit of the paper's six-coefficient form to log
+latency (the paper's method; its 90% interval is the fit's residual spread, +-1.645 sd in
+log space). sdbayes's point prediction is the posterior median of the mean. Needs scipy
+(the ``test`` extra). ``--quick`` uses fewer draws.
+"""
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import least_squares
+
+import sdbayes as sb
+
+STUDY = Path(__file__).resolve().parents[2] / "shared" / "data" / "speculators-qwen3-8b"
+CONFIG = dict(hardware="GPU-80GB", verifier="Qwen3-8B", drafter="eagle3-qwen3-8b",
+              method="eagle3")
+Z90 = 1.645
+
+
+def load_study() -> pd.DataFrame:
+    """Steady operating points of all 48 sweeps, with a curve id and rank in load."""
+    frames = [sb.read_guidellm(path, **CONFIG) for path in sorted(STUDY.glob("*.json"))]
+    points = pd.concat(frames, ignore_index=True)
+    points = points[points["steady"]].reset_index(drop=True)
+    points["curve"] = points.groupby(["acceptance", "k"]).ngroup()
+    rate_rank = points.groupby("curve")["request_rate"].rank(method="first")
+    rates = points.groupby("curve")["request_rate"].transform("count")
+    points["low_load"] = points["concurrency"].notna() | (rate_rank <= np.ceil(0.6 * rates))
+    return points
+
+
+def splits(points: pd.DataFrame):
+    """(name, train mask, test mask) pairs."""
+    yield "(a) load", points["low_load"], ~points["low_load"]
+    fold = points["curve"] % 4
+    for f in range(4):
+        yield "(b) curves", fold != f, fold == f
+
+
+def point_fit(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """Least squares on log latency of the paper's form; interval from the residual spread."""
+
+    def predict(log_coef, frame):
+        coef = sb.Coefficients(*np.exp(log_coef))
+        closed = frame["concurrency"].notna().to_numpy()
+        point = dict(k=frame["k"].to_numpy(float), alpha=frame["acceptance"].to_numpy(float),
+                     output_len=frame["output_len"].to_numpy(float))
+        open_ = np.asarray(sb.latency(coef, rate=frame["request_rate"].fillna(0).to_numpy(),
+                                      **point))
+        closed_ = np.asarray(sb.latency(coef, concurrency=frame["concurrency"].fillna(1)
+                                        .to_numpy(float), **point))
+        return np.where(closed, closed_, open_)
+
+    def residual(log_coef):
+        pred = predict(log_coef, train)
+        # Past saturation: a large, finite residual keeps the solver moving back.
+        return np.where(np.isfinite(pred), np.log(np.where(np.isfinite(pred), pred, 1.0)), 10.0) \
+            - np.log(train["e2e_mean_s"].to_numpy())
+
+    start = np.log([0.07, 0.014, 0.0014, 0.035, 0.0004, 0.00012])
+    fit = least_squares(residual, start)
+    spread = np.std(fit.fun, ddof=6)
+    pred = predict(fit.x, test)
+    return pd.DataFrame({"pred": pred, "lower": pred * np.exp(-Z90 * spread),
+                         "upper": pred * np.exp(Z90 * spread)}, index=test.index)
+
+
+def bayes_fit(train, test, variant, quick):
+    draws = 300 if quick else 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sb.Posterior.FitWarning)
+        posterior = sb.fit(train, variant=variant, metrics=("e2e",), num_warmup=draws,
+                           num_samples=draws, num_chains=2, seed=0, progress=False)
+    out = posterior.predict(test)
+    return pd.DataFrame({"pred": out["e2e_median_s"].to_numpy(),
+                         "lower": out["e2e_pi_lower_s"].to_numpy(),
+                         "upper": out["e2e_pi_upper_s"].to_numpy()}, index=test.index)
+
+
+def main(quick: bool = False) -> None:
+    points = load_study()
+    print(f"{len(points)} steady operating points, {points['curve'].nunique()} curves "
+          f"from {STUDY}")
+    methods = {"point fit (paper form)": point_fit,
+               **{f"sdbayes {v}": (lambda tr, te, v=v: bayes_fit(tr, te, v, quick))
+                  for v in sb.model.VARIANTS}}
+    rows = []
+    for method, run in methods.items():
+        predictions = {}
+        start = time.perf_counter()
+        for name, train, test in splits(points):
+            predicted = run(points[train], points[test])
+            predictions.setdefault(name, []).append(predicted)
+        for name, parts in predictions.items():
+            got = pd.concat(parts)
+            measured = points.loc[got.index, "e2e_mean_s"]
+            rows.append({
+                "split": name, "method": method,
+                "MAPE": np.mean(np.abs(got["pred"] / measured - 1)),
+                "90% PI coverage": np.mean((got["lower"] <= measured)
+                                           & (measured <= got["upper"])),
+                "points": len(got),
+            })
+        print(f"  {method}: {time.perf_counter() - start:.0f} s")
+    table = pd.DataFrame(rows).sort_values(["split", "method"])
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.1%}"))
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)
