@@ -1,0 +1,289 @@
+"""The ``sdbayes`` command line: fit, predict, plan, tune, simulate, import.
+
+Milliseconds at this edge (``--slo-ms``, table columns ``*_ms``), seconds inside. Bad
+arguments and bad files end with one line on stderr naming the problem and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+EXIT_BAD_INPUT = 2
+
+app = typer.Typer(help="Bayesian latency model of speculative decoding in LLM serving.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)  # one line, however long
+
+
+def _one_line(error: Exception) -> str:
+    problems = getattr(error, "problems", None)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        return problems[0] + more
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _bad_input_exits_2(command):
+    """Turn the errors a user's input can cause into one line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, TypeError, OSError, KeyError) as error:
+            errors.print(f"error: {_one_line(error)}", markup=False, highlight=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+    return wrapper
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return path
+
+
+def _load(path: Path):
+    from sdbayes.posterior import load_posterior
+
+    _existing(path)
+    try:
+        return load_posterior(path)
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path}: not an sdbayes posterior file ({_one_line(error)})") from None
+
+
+def _floats(text: str, name: str) -> np.ndarray:
+    try:
+        return np.array([float(x) for x in text.split(",") if x.strip()])
+    except ValueError:
+        raise ValueError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _table(title: str, frame: pd.DataFrame) -> Table:
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), justify="right")
+    for row in frame.itertuples(index=False):
+        table.add_row(*(f"{x:.4g}" if isinstance(x, float) else str(x) for x in row))
+    return table
+
+
+@app.command()
+@_bad_input_exits_2
+def fit(
+    traces: Annotated[list[Path], typer.Argument(help="CSV or Parquet trace files.")],
+    out: Annotated[Path, typer.Option(help="Posterior file to write (netCDF).")] = Path(
+        "posterior.nc"),
+    method: Annotated[str, typer.Option(help="nuts or svi.")] = "nuts",
+    variant: Annotated[str, typer.Option(help="Model variant: paper or stepped.")] = "paper",
+    metric: Annotated[list[str] | None, typer.Option(
+        help="Metric to fit (e2e, ttft, tpot); repeat for several. Default: those present.")
+    ] = None,
+    chains: int = 4,
+    warmup: int = 1000,
+    samples: int = 1000,
+    seed: int = 0,
+) -> None:
+    """Fit posteriors over the cost coefficients to traces; print them with diagnostics.
+
+    Example: sdbayes fit points.csv --out posterior.nc --variant stepped
+    """
+    import warnings
+
+    from sdbayes.inference import fit as run_fit
+    from sdbayes.posterior import FitWarning
+
+    for path in traces:
+        _existing(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FitWarning)
+        posterior = run_fit([str(p) for p in traces], method, variant=variant,
+                            metrics=tuple(metric) if metric else None, num_warmup=warmup,
+                            num_samples=samples, num_chains=chains, seed=seed,
+                            progress=True)
+    summary = posterior.summary()
+    several = summary["group"].nunique() > 1
+    shown = summary[["group", "coefficient"] if several else ["coefficient"]].copy()
+    for column in ("mean", "lower", "upper"):
+        shown[f"{column}_ms"] = 1e3 * summary[f"{column}_s"]
+    shown[["r_hat", "ess_bulk"]] = summary[["r_hat", "ess_bulk"]]
+    console.print(_table("Posterior over the cost coefficients (90% intervals): "
+                         + ", ".join(posterior.groups), shown))
+    for warning in caught:
+        if issubclass(warning.category, FitWarning):
+            console.print(f"[bold red]warning[/]: {warning.message}")
+    posterior.save(out)
+    console.print(f"Posterior written to {out}")
+
+
+@app.command()
+@_bad_input_exits_2
+def predict(
+    posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
+    grid: Annotated[Path, typer.Argument(help="CSV of operating points: k, acceptance, "
+                                         "output_len, request_rate or concurrency.")],
+    out: Annotated[Path | None, typer.Option(help="CSV to write all columns to.")] = None,
+    ci: float = 0.9,
+    seed: int = 0,
+) -> None:
+    """Predict latency, TTFT, TPOT and speedup with intervals for a grid of operating points.
+
+    Example: sdbayes predict posterior.nc grid.csv --out predictions.csv
+    """
+    post = _load(posterior)
+    points = pd.read_csv(_existing(grid))
+    result = post.predict(points, ci=ci, seed=seed)
+    names = {"k": "k", "acceptance": "alpha", "request_rate": "rate_rps",
+             "concurrency": "concurrency", "e2e_median_s": "e2e_ms", "e2e_lower_s": "lo_ms",
+             "e2e_upper_s": "hi_ms", "ttft_median_s": "ttft_ms", "tpot_median_s": "tpot_ms"}
+    shown = result[[c for c in names if c in result]].rename(columns=names)
+    shown[[c for c in shown if c.endswith("_ms")]] *= 1e3
+    shown["speedup"] = result["speedup_pred"]
+    console.print(_table(f"Predicted means ({ci:.0%} credible intervals)", shown))
+    if out is not None:
+        result.to_csv(out, index=False)
+        console.print(f"Predictions written to {out}")
+
+
+@app.command()
+@_bad_input_exits_2
+def plan(
+    posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
+    slo_ms: Annotated[float, typer.Option(help="The SLO on the metric [ms].")],
+    alpha: Annotated[float, typer.Option(help="Acceptance rate.")],
+    output_len: Annotated[float, typer.Option(help="Output tokens per request.")],
+    k: Annotated[str, typer.Option(help="Draft length(s), comma-separated.")] = "0,1,2,3,4,6,8",
+    metric: str = "e2e",
+    confidence: float = 0.95,
+    traffic: Annotated[float | None, typer.Option(help="Target traffic [req/s].")] = None,
+    group: int = 0,
+) -> None:
+    """Highest request rate one replica holds with P(metric <= SLO) >= confidence.
+
+    Example: sdbayes plan posterior.nc --slo-ms 2000 --alpha 0.7 --output-len 128 --traffic 50
+    """
+    from sdbayes.planning import max_rate
+
+    ks = _floats(k, "k")
+    capacity = max_rate(_load(posterior), slo=slo_ms / 1e3, metric=metric,
+                        confidence=confidence, k=ks, alpha=alpha, output_len=output_len,
+                        group=group)
+    if not capacity.feasible.any():
+        raise ValueError(f"SLO of {slo_ms:g} ms on {metric} is infeasible at any rate: at zero "
+                         f"load it is {1e3 * capacity.zero_load.min():.0f} ms at best "
+                         f"({confidence:.0%} confidence)")
+    shown = pd.DataFrame({"k": ks.astype(int), "max_rate_rps": capacity.rate,
+                          "zero_load_ms": 1e3 * capacity.zero_load})
+    best = int(np.argmax(capacity.rate))
+    if traffic is not None:
+        shown["replicas"] = [int(np.ceil(traffic / r)) if r > 0 else "-" for r in capacity.rate]
+    console.print(_table(f"{metric} <= {slo_ms:g} ms with {confidence:.0%} confidence",
+                         shown))
+    console.print(f"Best: k = {int(ks[best])}, {capacity.rate[best]:.2f} req/s per replica")
+
+
+@app.command()
+@_bad_input_exits_2
+def tune(
+    posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
+    rates: Annotated[str, typer.Option(help="Request rates [req/s], comma-separated.")],
+    alpha: Annotated[float, typer.Option(help="Acceptance rate.")],
+    output_len: Annotated[float, typer.Option(help="Output tokens per request.")],
+    risk: Annotated[str, typer.Option(help="mean, quantile or cvar over draws.")] = "mean",
+    level: float = 0.95,
+    metric: str = "e2e",
+    k_max: int = 16,
+    group: int = 0,
+) -> None:
+    """The best draft length for each request rate, under posterior risk.
+
+    Example: sdbayes tune posterior.nc --rates 1,2,4,8 --alpha 0.7 --output-len 128 --risk cvar
+    """
+    from sdbayes.tuning import tune_k
+
+    grid = _floats(rates, "rates")
+    choice = tune_k(_load(posterior), rate=grid, alpha=alpha, output_len=output_len,
+                    risk=risk, level=level, metric=metric, k_max=k_max, group=group)
+    shown = pd.DataFrame({"rate_rps": grid, "k": choice.k,
+                          f"{risk}_{metric}_ms": 1e3 * choice.objective,
+                          "stable": choice.feasible})
+    console.print(_table(f"Schedule k*(rate), {risk} of {metric}", shown))
+
+
+@app.command()
+@_bad_input_exits_2
+def simulate(
+    out: Annotated[Path, typer.Option(help="Per-request trace to write (CSV or Parquet).")],
+    k: Annotated[int, typer.Option(help="Draft length.")],
+    alpha: Annotated[float, typer.Option(help="Acceptance rate.")],
+    rate: Annotated[float | None, typer.Option(help="Poisson arrival rate [req/s].")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Closed-loop requests.")] = None,
+    requests: int = 1000,
+    prompt_len: int = 512,
+    output_len: int = 128,
+    coefficients_ms: Annotated[str | None, typer.Option(
+        help="c1p,c1v,c1d,c2p,c2v,c2d in ms; default: the example coefficients.")] = None,
+    aggregate: Annotated[bool, typer.Option(help="Write one operating point instead.")] = False,
+    seed: int = 0,
+) -> None:
+    """Simulate one serving replica and write its trace.
+
+    Example: sdbayes simulate --out trace.csv --k 4 --alpha 0.7 --rate 5 --requests 2000
+    """
+    from sdbayes.__main__ import EXAMPLE_COEFFICIENTS
+    from sdbayes.model import Coefficients
+    from sdbayes.simulate import simulate as run
+    from sdbayes.traces import aggregate as to_points
+    from sdbayes.traces import write_traces
+
+    coef = EXAMPLE_COEFFICIENTS
+    if coefficients_ms is not None:
+        values = _floats(coefficients_ms, "coefficients-ms")
+        if len(values) != 6:
+            raise ValueError(f"--coefficients-ms: expected 6 numbers, got {len(values)}")
+        coef = Coefficients(*(values / 1e3))
+    trace = run(coef, k=k, alpha=alpha, rate=rate, concurrency=concurrency,
+                n_requests=requests, prompt_len=prompt_len, output_len=output_len, seed=seed)
+    write_traces(to_points(trace) if aggregate else trace, out)
+    console.print(f"{len(trace)} requests simulated; written to {out}")
+
+
+@app.command("import")
+@_bad_input_exits_2
+def import_(
+    files: Annotated[list[Path], typer.Argument(help="GuideLLM sweep JSON files.")],
+    out: Annotated[Path, typer.Option(help="Operating points to write (CSV or Parquet).")],
+    hardware: Annotated[str, typer.Option(help="GPU the sweep ran on.")],
+    verifier: Annotated[str, typer.Option(help="Served (target) model.")],
+    drafter: str = "",
+    method: str = "",
+    k: Annotated[int | None, typer.Option(help="Draft length, if not in the file name.")] = None,
+    acceptance: Annotated[float | None, typer.Option(help="Forced acceptance rate.")] = None,
+) -> None:
+    """Import GuideLLM sweeps as canonical operating points.
+
+    Example: sdbayes import sweep.json --out points.csv --hardware H100 --verifier Qwen3-8B
+    """
+    from sdbayes.importers import read_guidellm
+    from sdbayes.traces import write_traces
+
+    frames = [read_guidellm(_existing(path), hardware=hardware, verifier=verifier,
+                            drafter=drafter, method=method, k=k, acceptance=acceptance)
+              for path in files]
+    points = pd.concat(frames, ignore_index=True)
+    write_traces(points, out)
+    console.print(f"{len(points)} operating points from {len(files)} file(s) written to {out}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,102 @@
+"""The command line: each command's happy path, and bad input as one line with exit code 2."""
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from sdbayes.cli import EXIT_BAD_INPUT, app
+
+USES_NUMPYRO = True  # conftest: the fit command runs NumPyro
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Simulated operating points (3 configurations x 3 rates) and a small fit of them."""
+    path = tmp_path_factory.mktemp("cli")
+    files = []
+    for i, (k, alpha) in enumerate([(0, 0.0), (4, 0.7), (8, 0.9)]):
+        for j, rate in enumerate((1, 3, 5)):
+            out = path / f"p{i}{j}.csv"
+            result = run("simulate", "--out", out, "--k", k, "--alpha", alpha, "--rate", rate,
+                         "--requests", 300, "--aggregate", "--seed", 10 * i + j)
+            assert result.exit_code == 0, result.output
+            files.append(out)
+    result = run("fit", *files, "--out", path / "post.nc", "--chains", 1, "--warmup", 200,
+                 "--samples", 200)
+    assert result.exit_code == 0, result.output
+    assert "c1v" in result.output and "Posterior written" in result.output
+    return path
+
+
+def test_simulate_writes_a_trace(tmp_path):
+    result = run("simulate", "--out", tmp_path / "t.parquet", "--k", 2, "--alpha", 0.8,
+                 "--concurrency", 4, "--requests", 50, "--coefficients-ms", "70,14,1.4,35,.4,.12")
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_parquet(tmp_path / "t.parquet")) == 50
+
+
+def test_predict_writes_intervals(workdir):
+    grid = workdir / "grid.csv"
+    grid.write_text("k,acceptance,output_len,request_rate\n4,0.7,128,3\n8,0.9,128,2\n")
+    result = run("predict", workdir / "post.nc", grid, "--out", workdir / "pred.csv")
+    assert result.exit_code == 0, result.output
+    pred = pd.read_csv(workdir / "pred.csv")
+    assert (pred["e2e_lower_s"] < pred["e2e_upper_s"]).all()
+
+
+def test_plan_prints_rates_and_replicas(workdir):
+    result = run("plan", workdir / "post.nc", "--slo-ms", 2000, "--alpha", 0.7,
+                 "--output-len", 128, "--k", "0,4", "--traffic", 20)
+    assert result.exit_code == 0, result.output
+    assert "replicas" in result.output and "Best: k = 4" in result.output
+
+
+def test_tune_prints_a_schedule(workdir):
+    result = run("tune", workdir / "post.nc", "--rates", "1,4", "--alpha", 0.8,
+                 "--output-len", 128, "--risk", "quantile")
+    assert result.exit_code == 0, result.output
+    assert "Schedule" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (("plan", "{post}", "--slo-ms", 100, "--alpha", 0.7, "--output-len", 128),
+     "infeasible at any rate"),
+    (("predict", "{dir}/missing.nc", "{dir}/grid.csv"), "missing.nc: no such file"),
+    (("predict", "{dir}/p00.csv", "{dir}/p00.csv"), "not an sdbayes posterior file"),
+    (("fit", "{dir}/bad.csv"), "bad.csv: row 1, column 'acceptance'"),
+    (("tune", "{post}", "--rates", "1,x", "--alpha", 0.8, "--output-len", 128),
+     "--rates: expected comma-separated numbers"),
+    (("tune", "{post}", "--rates", "1", "--alpha", 0.8, "--output-len", 128, "--risk", "max"),
+     "risk must be one of"),
+    (("import", "{dir}/p00.csv", "--out", "{dir}/x.csv", "--hardware", "A",
+      "--verifier", "B"), "p00.csv"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
+    bad = pd.read_csv(workdir / "p00.csv")
+    bad.loc[0, "acceptance"] = 2.0
+    bad.to_csv(workdir / "bad.csv", index=False)
+    (workdir / "grid.csv").write_text("k,acceptance,output_len,request_rate\n4,0.7,128,3\n")
+    args = [str(a).format(dir=workdir, post=workdir / "post.nc") for a in args]
+    result = run(*args)
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+def test_import_reads_a_real_guidellm_sweep(tmp_path):
+    from .test_importers import FILES
+
+    if not FILES:
+        pytest.skip("no study files in ../shared/data")
+    result = run("import", FILES[0], "--out", tmp_path / "points.csv", "--hardware", "GPU-80GB",
+                 "--verifier", "Qwen3-8B", "--drafter", "eagle3-qwen3-8b", "--method", "eagle3")
+    assert result.exit_code == 0, result.output
+    points = pd.read_csv(tmp_path / "points.csv")
+    assert len(points) == 10 and (~points["steady"]).sum() == 1  # the throughput run
