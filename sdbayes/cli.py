@@ -1,4 +1,4 @@
-"""The ``sdbayes`` command line: fit, predict, plan, tune, simulate, import.
+"""The ``sdbayes`` command line: fit, predict, plan, tune, simulate, import, report, demo.
 
 Milliseconds at this edge (``--slo-ms``, table columns ``*_ms``), seconds inside. Bad
 arguments and bad files end with one line on stderr naming the problem and exit code 2.
@@ -98,19 +98,25 @@ def fit(
 
     Example: sdbayes fit points.csv --out posterior.nc --variant stepped
     """
+    for path in traces:
+        _existing(path)
+    posterior = _fit_and_show([str(p) for p in traces], method=method, variant=variant,
+                              metrics=tuple(metric) if metric else None, num_warmup=warmup,
+                              num_samples=samples, num_chains=chains, seed=seed)
+    posterior.save(out)
+    console.print(f"Posterior written to {out}")
+
+
+def _fit_and_show(traces, **settings):
+    """Fit with a progress display, then print the coefficients and any FitWarning."""
     import warnings
 
     from sdbayes.inference import fit as run_fit
     from sdbayes.posterior import FitWarning
 
-    for path in traces:
-        _existing(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FitWarning)
-        posterior = run_fit([str(p) for p in traces], method, variant=variant,
-                            metrics=tuple(metric) if metric else None, num_warmup=warmup,
-                            num_samples=samples, num_chains=chains, seed=seed,
-                            progress=True)
+        posterior = run_fit(traces, progress=True, **settings)
     summary = posterior.summary()
     several = summary["group"].nunique() > 1
     shown = summary[["group", "coefficient"] if several else ["coefficient"]].copy()
@@ -122,8 +128,7 @@ def fit(
     for warning in caught:
         if issubclass(warning.category, FitWarning):
             console.print(f"[bold red]warning[/]: {warning.message}")
-    posterior.save(out)
-    console.print(f"Posterior written to {out}")
+    return posterior
 
 
 @app.command()
@@ -172,12 +177,17 @@ def plan(
 
     Example: sdbayes plan posterior.nc --slo-ms 2000 --alpha 0.7 --output-len 128 --traffic 50
     """
+    _show_plan(_load(posterior), slo_ms=slo_ms, alpha=alpha, output_len=output_len,
+               ks=_floats(k, "k"), metric=metric, confidence=confidence, traffic=traffic,
+               group=group)
+
+
+def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
+               traffic=None, group=0):
     from sdbayes.planning import max_rate
 
-    ks = _floats(k, "k")
-    capacity = max_rate(_load(posterior), slo=slo_ms / 1e3, metric=metric,
-                        confidence=confidence, k=ks, alpha=alpha, output_len=output_len,
-                        group=group)
+    capacity = max_rate(posterior, slo=slo_ms / 1e3, metric=metric, confidence=confidence,
+                        k=ks, alpha=alpha, output_len=output_len, group=group)
     if not capacity.feasible.any():
         raise ValueError(f"SLO of {slo_ms:g} ms on {metric} is infeasible at any rate: at zero "
                          f"load it is {1e3 * capacity.zero_load.min():.0f} ms at best "
@@ -209,11 +219,18 @@ def tune(
 
     Example: sdbayes tune posterior.nc --rates 1,2,4,8 --alpha 0.7 --output-len 128 --risk cvar
     """
+    _show_schedule(_load(posterior), rates=_floats(rates, "rates"), alpha=alpha,
+                   output_len=output_len, risk=risk, level=level, metric=metric, k_max=k_max,
+                   group=group)
+
+
+def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.95,
+                   metric="e2e", k_max=16, group=0):
     from sdbayes.tuning import tune_k
 
-    grid = _floats(rates, "rates")
-    choice = tune_k(_load(posterior), rate=grid, alpha=alpha, output_len=output_len,
-                    risk=risk, level=level, metric=metric, k_max=k_max, group=group)
+    grid = rates
+    choice = tune_k(posterior, rate=grid, alpha=alpha, output_len=output_len, risk=risk,
+                    level=level, metric=metric, k_max=k_max, group=group)
     shown = pd.DataFrame({"rate_rps": grid, "k": choice.k,
                           f"{risk}_{metric}_ms": 1e3 * choice.objective,
                           "stable": choice.feasible})
@@ -283,6 +300,63 @@ def import_(
     points = pd.concat(frames, ignore_index=True)
     write_traces(points, out)
     console.print(f"{len(points)} operating points from {len(files)} file(s) written to {out}")
+
+
+@app.command()
+@_bad_input_exits_2
+def report(
+    posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
+    traces: Annotated[list[Path], typer.Argument(help="The trace files it was fitted to.")],
+    out: Annotated[Path, typer.Option(help="Folder for the plots and report.md.")] = Path(
+        "sdbayes-report"),
+) -> None:
+    """Write a folder of plots and a Markdown summary for a posterior and its traces.
+
+    Example: sdbayes report posterior.nc points.csv --out report/
+    """
+    from sdbayes.report import write_report
+
+    post = _load(posterior)
+    written = write_report(post, _read_points([_existing(p) for p in traces]), out)
+    console.print(f"Report written to {written}")
+
+
+def _read_points(paths) -> pd.DataFrame:
+    from sdbayes.traces import aggregate, read_traces
+
+    frames = [read_traces(p) for p in paths]
+    frames = [f if "e2e_mean_s" in f else aggregate(f) for f in frames]
+    return pd.concat(frames, ignore_index=True)
+
+
+EXAMPLE_TRACES = Path(__file__).parent / "data" / "example_points.csv"
+
+
+@app.command()
+@_bad_input_exits_2
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the report.")] = Path("sdbayes-demo"),
+    draws: Annotated[int, typer.Option(help="Warm-up steps and draws per chain.")] = 500,
+    seed: int = 0,
+) -> None:
+    """Fit the bundled example traces, plan capacity, tune k and write a report.
+
+    The example traces are simulated from coefficients close to a fit of real vLLM sweeps
+    of Qwen3-8B with an EAGLE drafter (calibration/make_example.py). Example: sdbayes demo
+    """
+    from sdbayes.report import write_report
+
+    points = _read_points([EXAMPLE_TRACES])
+    console.print(f"[bold]sdbayes demo[/]: {len(points)} operating points from "
+                  f"{EXAMPLE_TRACES.name} (simulated; see calibration/make_example.py)")
+    posterior = _fit_and_show(points, variant="stepped", metrics=("e2e",), num_warmup=draws,
+                              num_samples=draws, num_chains=2, seed=seed)
+    _show_plan(posterior, slo_ms=1500.0, alpha=0.8, output_len=128.0,
+               ks=np.array([0.0, 1, 2, 3, 4, 6, 8]), traffic=50.0)
+    _show_schedule(posterior, rates=np.array([1.0, 4, 8, 12]), alpha=0.8, output_len=128.0,
+                   risk="quantile")
+    written = write_report(posterior, points, out)
+    console.print(f"Report written to {written}")
 
 
 def main() -> None:

@@ -165,7 +165,9 @@ class Posterior:
             name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
             spread = np.sqrt(self._draws(name)[:, None] ** 2 + (tau_q * inflation) ** 2)
             finite = np.isfinite(x_shifted)
-            noisy = np.where(finite, x_shifted, 1.0) * np.exp(np.where(finite, spread, 0.0) * noise)
+            with np.errstate(over="ignore"):  # near saturation a draw's noise may reach +inf
+                noisy = (np.where(finite, x_shifted, 1.0)
+                         * np.exp(np.where(finite, spread, 0.0) * noise))
             measured = np.where(finite, noisy, np.inf)
             out[f"{metric}_pred_s"] = x.mean(axis=0)
             out[f"{metric}_median_s"] = _quantiles(x, 0.5, 0.5)[0]

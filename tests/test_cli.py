@@ -100,3 +100,21 @@ def test_import_reads_a_real_guidellm_sweep(tmp_path):
     assert result.exit_code == 0, result.output
     points = pd.read_csv(tmp_path / "points.csv")
     assert len(points) == 10 and (~points["steady"]).sum() == 1  # the throughput run
+
+
+def test_report_writes_plots_and_a_summary(workdir):
+    out = workdir / "report"
+    result = run("report", workdir / "post.nc", *sorted(workdir.glob("p[0-9]*.csv")), "--out", out)
+    assert result.exit_code == 0, result.output
+    text = (out / "report.md").read_text()
+    for name in ("latency_vs_rate", "speedup_vs_rate", "k_schedule", "predictive_check",
+                 "pair", "trace"):
+        assert (out / f"{name}.png").stat().st_size > 10_000 and f"({name}.png)" in text
+
+
+def test_demo_fits_plans_tunes_and_reports(tmp_path):
+    result = run("demo", "--out", tmp_path / "demo", "--draws", 150)
+    assert result.exit_code == 0, result.output
+    for expected in ("c2d", "confidence", "Schedule", "Report written"):
+        assert expected in result.output
+    assert (tmp_path / "demo" / "report.md").is_file()
