@@ -228,10 +228,9 @@ def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.
                    metric="e2e", k_max=16, group=0):
     from sdbayes.tuning import tune_k
 
-    grid = rates
-    choice = tune_k(posterior, rate=grid, alpha=alpha, output_len=output_len, risk=risk,
+    choice = tune_k(posterior, rate=rates, alpha=alpha, output_len=output_len, risk=risk,
                     level=level, metric=metric, k_max=k_max, group=group)
-    shown = pd.DataFrame({"rate_rps": grid, "k": choice.k,
+    shown = pd.DataFrame({"rate_rps": rates, "k": choice.k,
                           f"{risk}_{metric}_ms": 1e3 * choice.objective,
                           "stable": choice.feasible})
     console.print(_table(f"Schedule k*(rate), {risk} of {metric}", shown))

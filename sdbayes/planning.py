@@ -107,11 +107,11 @@ def rate_at_slo(
       Rates [req/s] of the broadcast shape; 0 where the SLO is not met even at zero load.
     """
     point = dict(k=k, alpha=alpha, output_len=output_len, variant=variant)
-    c2 = demands(coef, **point).dependent.total
+    d = demands(coef, **point)
+    c2 = d.dependent.total
     slo = jnp.asarray(slo, c2.dtype)
     if metric == "e2e" and variant == "paper":
-        c1 = demands(coef, **point).independent.total
-        return jnp.maximum((1.0 - c1 / slo) / c2, 0.0)
+        return jnp.maximum((1.0 - d.independent.total / slo) / c2, 0.0)
     saturation = jnp.broadcast_to(1.0 / c2, jnp.broadcast_shapes(c2.shape, slo.shape))
     return increasing_root(
         lambda rate: metric_value(coef, metric, rate=rate, **point) - slo,
