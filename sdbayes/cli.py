@@ -277,25 +277,47 @@ def simulate(
 @app.command("import")
 @_bad_input_exits_2
 def import_(
-    files: Annotated[list[Path], typer.Argument(help="GuideLLM sweep JSON files.")],
+    files: Annotated[list[Path], typer.Argument(
+        help="GuideLLM sweeps or `vllm bench serve` result JSON files (told apart by content).")],
     out: Annotated[Path, typer.Option(help="Operating points to write (CSV or Parquet).")],
     hardware: Annotated[str, typer.Option(help="GPU the sweep ran on.")],
     verifier: Annotated[str, typer.Option(help="Served (target) model.")],
     drafter: str = "",
     method: str = "",
-    k: Annotated[int | None, typer.Option(help="Draft length, if not in the file name.")] = None,
+    k: Annotated[int | None, typer.Option(help="Draft length (GuideLLM: if not in the file "
+                                          "name; vLLM results: required).")] = None,
     acceptance: Annotated[float | None, typer.Option(help="Forced acceptance rate.")] = None,
+    metrics_before: Annotated[Path | None, typer.Option(
+        help="vLLM /metrics scrape taken before the run (acceptance from the counters).")] = None,
+    metrics_after: Annotated[Path | None, typer.Option(
+        help="vLLM /metrics scrape taken after the run.")] = None,
 ) -> None:
-    """Import GuideLLM sweeps as canonical operating points.
+    """Import GuideLLM sweeps or `vllm bench serve` results as canonical operating points.
 
-    Example: sdbayes import sweep.json --out points.csv --hardware H100 --verifier Qwen3-8B
+    Example: sdbayes import result.json --out points.csv --hardware H100 --verifier Qwen3-8B
+    --k 4 --metrics-before before.txt --metrics-after after.txt
     """
-    from sdbayes.importers import read_guidellm
+    import json
+
+    from sdbayes.importers import read_guidellm, read_vllm_bench
     from sdbayes.traces import write_traces
 
-    frames = [read_guidellm(_existing(path), hardware=hardware, verifier=verifier,
-                            drafter=drafter, method=method, k=k, acceptance=acceptance)
-              for path in files]
+    config = dict(hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
+                  acceptance=acceptance)
+    frames = []
+    for path in files:
+        try:
+            data = json.loads(_existing(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if isinstance(data, dict) and "benchmarks" not in data:
+            if k is None:
+                raise ValueError(f"{path}: a vllm bench serve result does not record k; "
+                                 "give --k")
+            frames.append(read_vllm_bench(path, metrics_before=metrics_before,
+                                          metrics_after=metrics_after, **config))
+        else:
+            frames.append(read_guidellm(path, **config))
     points = pd.concat(frames, ignore_index=True)
     write_traces(points, out)
     console.print(f"{len(points)} operating points from {len(files)} file(s) written to {out}")

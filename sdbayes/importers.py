@@ -1,5 +1,9 @@
 """Importers from benchmark tools' files into canonical operating points.
 
+vLLM (VLLM.md): ``vllm bench serve`` result JSON (:func:`read_vllm_bench`) and the
+spec-decode counters of its Prometheus /metrics (:func:`read_spec_decode_metrics`).
+
+
 GuideLLM (VLLM.md): a benchmark's ``metrics`` hold ``request_latency`` [s],
 ``time_to_first_token_ms``, ``inter_token_latency_ms`` (GuideLLM's ITL is vLLM's TPOT,
 ``(latency - TTFT) / (n - 1)``), ``requests_per_second``, ``prompt_token_count`` and
@@ -15,10 +19,12 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
+from prometheus_client.parser import text_string_to_metric_families
 
-from sdbayes.traces import TraceError, validate
+from sdbayes.traces import TraceError, acceptance_from_length, validate
 
 # The source study's file names, e.g.
 # output_Qwen3-8B_FS_alpha-0.70_draft-4_prompt-512_output-128_concurrency-128_reduced.json
@@ -149,3 +155,185 @@ def _point(metrics: dict, strategy: str) -> dict:
     else:
         row["request_rate"] = rate
     return row
+
+
+# --- vLLM ------------------------------------------------------------------------------
+
+class SpecDecodeCounts(NamedTuple):
+    """vLLM's speculative-decoding counters from one /metrics scrape (summed over engines)."""
+
+    drafts: float
+    draft_tokens: float
+    accepted_tokens: float
+    accepted_per_position: tuple[float, ...]  # positions 0, 1, ... (unconditional counts)
+
+
+_COUNTERS = {
+    "vllm:spec_decode_num_drafts": "drafts",
+    "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens": "accepted_tokens",
+}
+_PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos"
+
+
+def read_spec_decode_metrics(text: str, source: str = "/metrics") -> SpecDecodeCounts:
+    """Parse vLLM's Prometheus text exposition for the spec-decode counters.
+
+    Counters carry a ``_total`` suffix; samples of several engines are summed.
+
+    Raises:
+      TraceError: when the text is not Prometheus exposition or lacks the counters (a
+        server without ``--speculative-config`` exports none).
+    """
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as err:
+        raise TraceError([f"{source}: not Prometheus text ({err})"]) from None
+    totals: dict[str, float] = {}
+    positions: dict[int, float] = {}
+    for family in families:
+        for sample in family.samples:
+            name = sample.name.removesuffix("_total")
+            if name in _COUNTERS:
+                totals[_COUNTERS[name]] = totals.get(_COUNTERS[name], 0.0) + sample.value
+            elif name == _PER_POSITION:
+                i = int(sample.labels.get("position", -1))
+                positions[i] = positions.get(i, 0.0) + sample.value
+    missing = [f"{name}_total" for name, field in _COUNTERS.items() if field not in totals]
+    if missing:
+        raise TraceError([f"{source}: no counter {m} (is speculative decoding on?)"
+                          for m in missing])
+    per_position = tuple(positions[i] for i in sorted(positions) if i >= 0)
+    return SpecDecodeCounts(accepted_per_position=per_position, **totals)
+
+
+def acceptance_between(before: SpecDecodeCounts, after: SpecDecodeCounts, k: int,
+                       source: str = "/metrics") -> float:
+    """Per-token acceptance alpha over a load point, from scrapes before and after it.
+
+    The mean acceptance length ``1 + accepted / drafts`` is matched to ``E(k, alpha)``.
+
+    Raises:
+      TraceError: when a counter went down (the server restarted between the scrapes) or
+        no drafts were made.
+    """
+    fields = ("drafts", "draft_tokens", "accepted_tokens")
+    fell = [f for f in fields if getattr(after, f) < getattr(before, f)]
+    if fell:
+        raise TraceError([f"{source}: counter(s) {fell} went down between the scrapes: the "
+                          "server restarted during the point; rerun it"])
+    drafts = after.drafts - before.drafts
+    if drafts <= 0:
+        raise TraceError([f"{source}: no drafts between the scrapes"])
+    return acceptance_from_length(k, 1.0 + (after.accepted_tokens - before.accepted_tokens)
+                                  / drafts)
+
+
+def read_vllm_bench(
+    path: str | Path,
+    *,
+    hardware: str,
+    verifier: str,
+    k: int,
+    drafter: str = "",
+    method: str = "",
+    acceptance: float | None = None,
+    metrics_before: str | Path | None = None,
+    metrics_after: str | Path | None = None,
+) -> pd.DataFrame:
+    """Read a ``vllm bench serve`` result JSON into one operating point.
+
+    The JSON must hold end-to-end statistics (``mean_e2el_ms``: run with
+    ``--percentile-metrics ttft,tpot,itl,e2el``). ``request_rate`` ``"inf"`` sends everything
+    at once: with ``max_concurrency`` set that is a closed loop of that many requests, else a
+    burst that is not a steady state (``steady=False``). Failed requests are counted in
+    ``errored_requests``. With ``--save-detailed`` arrays, their lengths must agree and the
+    number of empty ``errors`` must equal ``completed``.
+
+    Acceptance comes from ``acceptance``, else from two /metrics scrapes around the run
+    (files ``metrics_before``, ``metrics_after``), else from the JSON's own
+    ``spec_decode_acceptance_length`` (newer vLLM); 0 for ``k = 0``.
+
+    Raises:
+      TraceError: naming the file and field for a malformed or incomplete result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TraceError([f"{path}: no such file"])
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TraceError([f"{path}: not valid JSON ({err})"]) from None
+    if not isinstance(data, dict):
+        raise TraceError([f"{path}: expected a vllm bench serve result (a JSON object)"])
+    required = ("completed", "failed", "request_rate", "request_throughput",
+                "total_input_tokens", "total_output_tokens", "mean_e2el_ms", "std_e2el_ms")
+    missing = [f"{path}: missing field '{name}'" + (
+        " (run vllm bench serve with --percentile-metrics ttft,tpot,itl,e2el)"
+        if "e2el" in name else "") for name in required if name not in data]
+    if missing:
+        raise TraceError(missing)
+    completed = int(data["completed"])
+    if completed < 1:
+        raise TraceError([f"{path}: field 'completed': no request completed"])
+    problems = _check_detailed(data, completed, path)
+    if problems:
+        raise TraceError(problems)
+
+    rate = data["request_rate"]
+    burst = isinstance(rate, str) or not math.isfinite(float(rate))
+    row = dict(
+        hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
+        acceptance=_acceptance(data, k, acceptance, metrics_before, metrics_after, path),
+        e2e_mean_s=float(data["mean_e2el_ms"]) / 1e3,
+        e2e_se_s=float(data["std_e2el_ms"]) / 1e3 / math.sqrt(completed),
+        prompt_len=float(data["total_input_tokens"]) / completed,
+        output_len=float(data["total_output_tokens"]) / completed,
+        n_requests=completed, errored_requests=int(data["failed"]),
+        throughput_rps=float(data["request_throughput"]),
+    )
+    for name, key in (("ttft", "ttft"), ("tpot", "tpot")):
+        if f"mean_{key}_ms" in data:
+            row[f"{name}_mean_s"] = float(data[f"mean_{key}_ms"]) / 1e3
+    for q in ("50", "90", "99"):
+        if f"p{q}_e2el_ms" in data:
+            row[f"e2e_p{q}_s"] = float(data[f"p{q}_e2el_ms"]) / 1e3
+    if burst and data.get("max_concurrency"):
+        row.update(concurrency=int(data["max_concurrency"]), steady=True)
+    elif burst:
+        row.update(request_rate=row["throughput_rps"], steady=False)
+    else:
+        row.update(request_rate=float(rate), steady=True)
+    return validate(pd.DataFrame([row]), source=str(path))
+
+
+def _check_detailed(data: dict, completed: int, path: Path) -> list[str]:
+    arrays = [name for name in ("input_lens", "output_lens", "ttfts", "itls", "errors")
+              if name in data]
+    if not arrays:
+        return []
+    lengths = {name: len(data[name]) for name in arrays}
+    if len(set(lengths.values())) > 1:
+        return [f"{path}: per-request arrays of different lengths {lengths}"]
+    if "errors" in data:
+        ok = sum(1 for e in data["errors"] if not e)
+        if ok != completed:
+            return [f"{path}: field 'errors': {ok} requests without an error, but "
+                    f"'completed' is {completed}"]
+    return []
+
+
+def _acceptance(data, k, given, before, after, path) -> float:
+    if k == 0:
+        return 0.0
+    if given is not None:
+        return float(given)
+    if (before is None) != (after is None):
+        raise TraceError([f"{path}: give both metrics_before and metrics_after scrapes"])
+    if before is not None:
+        scrapes = [read_spec_decode_metrics(Path(p).read_text(), str(p)) for p in (before, after)]
+        return acceptance_between(*scrapes, k, source=f"{before} -> {after}")
+    if "spec_decode_acceptance_length" in data:
+        return acceptance_from_length(k, float(data["spec_decode_acceptance_length"]))
+    raise TraceError([f"{path}: no acceptance rate: give acceptance=, or /metrics scrapes "
+                      "from before and after the run"])

@@ -420,15 +420,22 @@ def _throughput(arrival: np.ndarray, e2e: np.ndarray) -> float:
 
 
 def _acceptance_from_tokens(group: pd.DataFrame, k: int) -> float:
-    """Solve E(k, alpha) = 1 + k * accepted / drafted for alpha by bisection (NaN if unknown)."""
+    """Solve E(k, alpha) = 1 + k * accepted / drafted for alpha (NaN if unknown)."""
     if k == 0:
         return 0.0
     if not {"draft_tokens", "accepted_tokens"} <= set(group.columns):
         return math.nan
-    drafted = group["draft_tokens"].sum()
+    drafted = float(group["draft_tokens"].sum())
     if pd.isna(drafted) or drafted == 0:
         return math.nan
-    length = 1.0 + k * float(group["accepted_tokens"].sum()) / float(drafted)
+    return acceptance_from_length(k, 1.0 + k * float(group["accepted_tokens"].sum()) / drafted)
+
+
+def acceptance_from_length(k: int, length: float) -> float:
+    """The per-token acceptance alpha whose E(k, alpha) is the mean acceptance length.
+
+    ``length`` counts the bonus token (1 + accepted / drafts), so it lies in [1, k + 1].
+    """
     lo, hi = 0.0, 1.0
     for _ in range(60):  # E is increasing in alpha; 60 halvings reach float64 resolution
         mid = 0.5 * (lo + hi)

@@ -118,3 +118,16 @@ def test_demo_fits_plans_tunes_and_reports(tmp_path):
     for expected in ("c2d", "confidence", "Schedule", "Report written"):
         assert expected in result.output
     assert (tmp_path / "demo" / "report.md").is_file()
+
+
+def test_import_reads_a_vllm_bench_result(tmp_path):
+    from .test_vllm_importers import result, write
+
+    path = write(tmp_path, result())
+    args = ("import", path, "--out", tmp_path / "points.csv", "--hardware", "H100",
+            "--verifier", "Qwen3-8B")
+    missing_k = run(*args)
+    assert missing_k.exit_code == EXIT_BAD_INPUT and "give --k" in missing_k.stderr
+    done = run(*args, "--k", 4, "--acceptance", 0.7, "--method", "eagle3")
+    assert done.exit_code == 0, done.output
+    assert len(pd.read_csv(tmp_path / "points.csv")) == 1
