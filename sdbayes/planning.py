@@ -217,6 +217,21 @@ def coefficient_draws(source, group: str | int = 0, variant: str | None = None):
     raise TypeError(f"expected a Posterior or Coefficients, got {type(source).__name__}")
 
 
+def check_point(**values) -> None:
+    """Raise ValueError naming the first operating-point argument out of its range."""
+    ranges = {"k": (0.0, np.inf), "alpha": (0.0, 1.0), "output_len": (1e-300, np.inf),
+              "rate": (0.0, np.inf), "concurrency": (1.0, np.inf)}
+    for name, value in values.items():
+        if value is None:
+            continue
+        x = np.asarray(value, float)
+        low, high = ranges[name]
+        if not np.all(np.isfinite(x) & (x >= low) & (x <= high)):
+            bound = "in [0, 1]" if name == "alpha" else (
+                "> 0" if name == "output_len" else f">= {low:g}")
+            raise ValueError(f"{name} must be finite and {bound}, got {value}")
+
+
 def order_statistic_index(n_draws: int, confidence: float) -> int:
     """Index into ascending draws of the value that ``confidence`` of them are at or above.
 
@@ -264,6 +279,7 @@ def max_rate(
       >>> cap.rate, cap.replicas(traffic=100.0)
     """
     del prompt_len
+    check_point(k=k, alpha=alpha, output_len=output_len)
     if not np.all(np.asarray(slo) > 0):
         raise ValueError(f"slo must be > 0 seconds, got {slo}")
     coef, variant = coefficient_draws(source, group, variant)

@@ -32,7 +32,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from sdbayes.model import Coefficients, PositionRates, demands, goodput
-from sdbayes.planning import coefficient_draws, metric_value
+from sdbayes.planning import check_point, coefficient_draws, metric_value
 
 Array = jax.Array
 
@@ -290,6 +290,7 @@ def tune_k(
         raise TypeError("give exactly one of rate= (req/s) or concurrency=")
     if not (isinstance(k_max, int) and k_max >= 1):
         raise ValueError(f"k_max must be a whole number >= 1, got {k_max!r}")
+    check_point(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency)
     coef, variant = coefficient_draws(source, group, variant)
     result = optimal_k(coef, alpha=alpha, output_len=output_len, rate=rate,
                        concurrency=concurrency, risk=risk, level=level, metric=metric,

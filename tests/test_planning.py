@@ -109,10 +109,13 @@ def test_an_slo_below_the_zero_load_latency_is_infeasible_at_any_rate():
     (dict(slo=0.0), "slo must be > 0"),
     (dict(slo=1.0, confidence=1.0), "confidence must lie in"),
     (dict(slo=1.0, metric="p99"), "metric must be one of"),
+    (dict(slo=1.0, alpha=1.5), "alpha must be finite and in"),
+    (dict(slo=1.0, k=-1.0), "k must be finite and >= 0"),
+    (dict(slo=1.0, output_len=0.0), "output_len must be finite and > 0"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        sb.max_rate(TRUE, **kwargs, **POINT)
+        sb.max_rate(TRUE, **{**POINT, **kwargs})
 
 
 def test_break_even_acceptance_is_where_sd_stops_paying():

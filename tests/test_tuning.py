@@ -98,6 +98,8 @@ def test_tune_k_takes_a_posterior_and_a_closed_loop():
     (dict(rate=1.0, risk="quantile", level=1.5), ValueError, "level must lie in"),
     (dict(rate=1.0, k_max=0), ValueError, "k_max must be"),
     (dict(), TypeError, "give exactly one of"),
+    (dict(rate=-1.0), ValueError, "rate must be finite and >= 0"),
+    (dict(concurrency=0), ValueError, "concurrency must be finite and >= 1"),
 ])
 def test_bad_arguments_are_named(kwargs, error, message):
     with pytest.raises(error, match=message):
