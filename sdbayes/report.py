@@ -169,7 +169,8 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
     table = ["| group | coefficient | mean [ms] | 90% interval [ms] | R-hat | bulk ESS |",
              "|---|---|---|---|---|---|"]
     for row in summary.itertuples():
-        table.append(f"| {row.group} | {row.coefficient} | {1e3 * row.mean_s:.4g} | "
+        group = row.group.replace("|", "\\|")  # labels hold "|", a Markdown column bar
+        table.append(f"| {group} | {row.coefficient} | {1e3 * row.mean_s:.4g} | "
                      f"{1e3 * row.lower_s:.4g} - {1e3 * row.upper_s:.4g} | {row.r_hat:.3f} | "
                      f"{row.ess_bulk:.0f} |")
     diagnostics = posterior.diagnostics

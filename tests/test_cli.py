@@ -110,6 +110,9 @@ def test_report_writes_plots_and_a_summary(workdir):
     for name in ("latency_vs_rate", "speedup_vs_rate", "k_schedule", "predictive_check",
                  "pair", "trace"):
         assert (out / f"{name}.png").stat().st_size > 10_000 and f"({name}.png)" in text
+    # The header and one row per coefficient, each of 6 columns (group labels hold "|").
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert len(rows) == 7 and all(line.replace("\\|", "").count("|") == 7 for line in rows)
 
 
 def test_demo_fits_plans_tunes_and_reports(tmp_path):
