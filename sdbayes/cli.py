@@ -184,7 +184,7 @@ def plan(
 
 def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
                traffic=None, group=0):
-    from sdbayes.planning import max_rate
+    from sdbayes.planning import max_rate, replicas_needed
 
     capacity = max_rate(posterior, slo=slo_ms / 1e3, metric=metric, confidence=confidence,
                         k=ks, alpha=alpha, output_len=output_len, group=group)
@@ -196,7 +196,8 @@ def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confid
                           "zero_load_ms": 1e3 * capacity.zero_load})
     best = int(np.argmax(capacity.rate))
     if traffic is not None:
-        shown["replicas"] = [int(np.ceil(traffic / r)) if r > 0 else "-" for r in capacity.rate]
+        shown["replicas"] = [int(replicas_needed(traffic, r)) if ok else "-"
+                             for r, ok in zip(capacity.rate, capacity.feasible, strict=True)]
     console.print(_table(f"{metric} <= {slo_ms:g} ms with {confidence:.0%} confidence",
                          shown))
     console.print(f"Best: k = {int(ks[best])}, {capacity.rate[best]:.2f} req/s per replica")
@@ -297,27 +298,13 @@ def import_(
     Example: sdbayes import result.json --out points.csv --hardware H100 --verifier Qwen3-8B
     --k 4 --metrics-before before.txt --metrics-after after.txt
     """
-    import json
-
-    from sdbayes.importers import read_guidellm, read_vllm_bench
+    from sdbayes.importers import read_benchmark
     from sdbayes.traces import write_traces
 
-    config = dict(hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
-                  acceptance=acceptance)
-    frames = []
-    for path in files:
-        try:
-            data = json.loads(_existing(path).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        if isinstance(data, dict) and "benchmarks" not in data:
-            if k is None:
-                raise ValueError(f"{path}: a vllm bench serve result does not record k; "
-                                 "give --k")
-            frames.append(read_vllm_bench(path, metrics_before=metrics_before,
-                                          metrics_after=metrics_after, **config))
-        else:
-            frames.append(read_guidellm(path, **config))
+    frames = [read_benchmark(_existing(path), hardware=hardware, verifier=verifier,
+                             drafter=drafter, method=method, k=k, acceptance=acceptance,
+                             metrics_before=metrics_before, metrics_after=metrics_after)
+              for path in files]
     points = pd.concat(frames, ignore_index=True)
     write_traces(points, out)
     console.print(f"{len(points)} operating points from {len(files)} file(s) written to {out}")

@@ -65,13 +65,45 @@ def read_guidellm(
       TraceError: the file is missing, not JSON, or lacks a field; the message names the
         file, the benchmark and the field.
     """
+    path, data = _read_json(path)
+    return _guidellm_points(path, data, hardware=hardware, verifier=verifier, drafter=drafter,
+                            method=method, k=k, acceptance=acceptance)
+
+
+def _read_json(path: str | Path):
+    """(path, parsed JSON), or a TraceError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise TraceError([f"{path}: no such file"])
     try:
-        data = json.loads(path.read_text())
+        return path, json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TraceError([f"{path}: not valid JSON ({err})"]) from None
+
+
+def read_benchmark(path: str | Path, *, hardware: str, verifier: str, drafter: str = "",
+                   method: str = "", k: int | None = None, acceptance: float | None = None,
+                   metrics_before: str | Path | None = None,
+                   metrics_after: str | Path | None = None) -> pd.DataFrame:
+    """A GuideLLM sweep or a ``vllm bench serve`` result, told apart by content.
+
+    A JSON object without ``benchmarks`` is a vLLM result (:func:`read_vllm_bench`, which
+    needs ``k``); anything else is read as GuideLLM (:func:`read_guidellm`). Arguments as
+    those two take them.
+    """
+    path, data = _read_json(path)
+    if isinstance(data, dict) and "benchmarks" not in data:
+        if k is None:
+            raise TraceError([f"{path}: a vllm bench serve result does not record k; "
+                              "give --k (k= in Python)"])
+        return _vllm_point(path, data, hardware=hardware, verifier=verifier, drafter=drafter,
+                           method=method, k=k, acceptance=acceptance,
+                           metrics_before=metrics_before, metrics_after=metrics_after)
+    return _guidellm_points(path, data, hardware=hardware, verifier=verifier, drafter=drafter,
+                            method=method, k=k, acceptance=acceptance)
+
+
+def _guidellm_points(path: Path, data, *, hardware, verifier, drafter, method, k, acceptance):
     benchmarks = data.get("benchmarks") if isinstance(data, dict) else data
     if not isinstance(benchmarks, list) or not benchmarks:
         raise TraceError([f"{path}: expected a GuideLLM report with 'benchmarks' or a list of "
@@ -257,13 +289,14 @@ def read_vllm_bench(
     Raises:
       TraceError: naming the file and field for a malformed or incomplete result.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise TraceError([f"{path}: no such file"])
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TraceError([f"{path}: not valid JSON ({err})"]) from None
+    path, data = _read_json(path)
+    return _vllm_point(path, data, hardware=hardware, verifier=verifier, drafter=drafter,
+                       method=method, k=k, acceptance=acceptance,
+                       metrics_before=metrics_before, metrics_after=metrics_after)
+
+
+def _vllm_point(path: Path, data, *, hardware, verifier, drafter, method, k, acceptance,
+                metrics_before, metrics_after) -> pd.DataFrame:
     if not isinstance(data, dict):
         raise TraceError([f"{path}: expected a vllm bench serve result (a JSON object)"])
     required = ("completed", "failed", "request_rate", "request_throughput",

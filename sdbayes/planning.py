@@ -23,6 +23,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from sdbayes.model import Coefficients, PositionRates, demands, latency, metrics
+from sdbayes.posterior import Posterior
 
 Array = jax.Array
 
@@ -191,10 +192,15 @@ class Capacity(NamedTuple):
             raise InfeasibleSLO(
                 f"the SLO is infeasible at any rate: even at zero load the metric's quantile "
                 f"is {1e3 * worst:.1f} ms; relax the SLO or the confidence")
-        traffic = np.asarray(traffic, float)
-        if np.any(traffic < 0):
-            raise ValueError("traffic must be >= 0 req/s")
-        return np.ceil(traffic / self.rate - 1e-12).astype(int)
+        return replicas_needed(traffic, self.rate)
+
+
+def replicas_needed(traffic: ArrayLike, rate: ArrayLike) -> np.ndarray:
+    """Fewest replicas, each holding at most ``rate`` [req/s], that serve ``traffic``."""
+    traffic = np.asarray(traffic, float)
+    if np.any(traffic < 0):
+        raise ValueError("traffic must be >= 0 req/s")
+    return np.ceil(traffic / np.asarray(rate) - 1e-12).astype(int)
 
 
 def coefficient_draws(source, group: str | int = 0, variant: str | None = None):
@@ -204,8 +210,6 @@ def coefficient_draws(source, group: str | int = 0, variant: str | None = None):
       (``Coefficients`` with fields of shape [n_draws], variant). Plain coefficients with
       scalar fields count as one draw; their variant is ``variant`` or ``"paper"``.
     """
-    from sdbayes.posterior import Posterior
-
     if isinstance(source, Posterior):
         if variant is not None and variant != source.variant:
             raise ValueError(f"the posterior was fitted with variant {source.variant!r}, "
