@@ -287,12 +287,13 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
 
 
 class Metrics(NamedTuple):
-    """Mean end-to-end latency, TTFT and TPOT [s], and the load-independent demand C1 [s]."""
+    """Mean end-to-end latency, TTFT and TPOT [s], and the demands C1 and C2 [s]."""
 
     latency: Array
     ttft: Array
     tpot: Array
-    alone: Array
+    alone: Array  # C1, the load-independent demand
+    dependent: Array  # C2, the demand per other request in flight
 
 
 def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed=None, variant="paper"):
@@ -306,7 +307,7 @@ def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed=None, varia
                                        closed)
     first = jnp.where(stable, d.independent.prefill + wait, jnp.inf)
     return Metrics(total, first, _per_token(total, first, stable, output_len),
-                   d.independent.total)
+                   d.independent.total, d.dependent.total)
 
 
 def _per_token(total, first, stable, output_len):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from sdbayes.model import Coefficients, PositionRates, demands, latency, metrics
+from sdbayes.model import Coefficients, Metrics, PositionRates, demands, latency, metrics
 from sdbayes.posterior import Posterior
 
 Array = jax.Array
@@ -40,10 +40,14 @@ def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=
     Arguments as :func:`sdbayes.latency`; not jit-compiled itself (it runs in its caller's
     trace).
     """
+    return select_metric(metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
+                                 concurrency=concurrency, variant=variant), metric)
+
+
+def select_metric(m: Metrics, metric: str) -> Array:
+    """The field of :class:`~sdbayes.model.Metrics` that a name in :data:`METRICS` means."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    m = metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
-                concurrency=concurrency, variant=variant)
     return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}[metric]
 
 

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from sdbayes.model import Coefficients, PositionRates, demands, goodput
-from sdbayes.planning import check_point, coefficient_draws, metric_value
+from sdbayes.model import Coefficients, PositionRates, goodput, metrics
+from sdbayes.planning import check_point, coefficient_draws, metric_value, select_metric
 
 Array = jax.Array
 
@@ -108,19 +108,24 @@ def risk_objective(
     Returns:
       The risk [s], shape [...]; ``+inf`` where (enough) draws are saturated.
     """
-    values = metric_value(coef, metric, k=_expand(k), alpha=_expand(alpha),
-                          output_len=_expand(output_len), rate=_expand(rate),
-                          concurrency=_expand(concurrency), variant=variant)
-    return risk_measure(values, risk, level)
+    return _risk_and_pressure(coef, k, alpha=alpha, output_len=output_len, rate=rate,
+                              concurrency=concurrency, risk=risk, level=level, metric=metric,
+                              variant=variant)[0]
 
 
-def _pressure(coef, k, alpha, output_len, rate, variant):
-    """How close the load is to saturation, the draws' mean of rate * C2 (0 in a closed loop)."""
+def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, level, metric,
+                       variant):
+    """The risk, and how close the load is to saturation, both of shape [...], from one solve.
+
+    The pressure is the draws' mean of rate * C2 (0 in a closed loop): where the risk is
+    infinite, the tuner steps towards lower pressure.
+    """
+    m = metrics(coef, k=_expand(k), alpha=_expand(alpha), output_len=_expand(output_len),
+                rate=_expand(rate), concurrency=_expand(concurrency), variant=variant)
+    value = risk_measure(select_metric(m, metric), risk, level)
     if rate is None:
-        return jnp.zeros(np.shape(k))
-    c2 = demands(coef, k=_expand(k), alpha=_expand(alpha), output_len=_expand(output_len),
-                 variant=variant).dependent.total
-    return (_expand(rate) * c2).mean(axis=-1)
+        return value, jnp.zeros(value.shape)
+    return value, (_expand(rate) * m.dependent).mean(axis=-1)
 
 
 def _newton_minimise(objective, start, k_max):
@@ -223,11 +228,7 @@ def optimal_k(
                             for f in coef))
 
     def objective_for(draws, risk_):
-        def objective(k):
-            value = risk_objective(draws, k, risk=risk_, level=level, **point)
-            push = _pressure(draws, k, alpha, output_len, rate, variant)
-            return value, push
-        return objective
+        return partial(_risk_and_pressure, draws, risk=risk_, level=level, **point)
 
     def objective_at(k):
         return risk_objective(coef, k, risk=risk, level=level, **point)
