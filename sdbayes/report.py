@@ -7,16 +7,13 @@ from pathlib import Path
 
 import arviz as az
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only; no display needed
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from sdbayes.calibrate import COEFFICIENTS  # noqa: E402
-from sdbayes.posterior import Posterior  # noqa: E402
-from sdbayes.tuning import tune_k  # noqa: E402
+from sdbayes.calibrate import COEFFICIENTS
+from sdbayes.posterior import Posterior
+from sdbayes.tuning import tune_k
 
 _CI = 0.9
 
