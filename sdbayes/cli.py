@@ -1,4 +1,5 @@
-"""The ``sdbayes`` command line: fit, predict, plan, tune, simulate, import, report, demo.
+"""The ``sdbayes`` command line: fit, predict, plan, tune, simulate, import, profile, report,
+demo.
 
 Milliseconds at this edge (``--slo-ms``, table columns ``*_ms``), seconds inside. Bad
 arguments and bad files end with one line on stderr naming the problem and exit code 2.
@@ -308,6 +309,49 @@ def import_(
     points = pd.concat(frames, ignore_index=True)
     write_traces(points, out)
     console.print(f"{len(points)} operating points from {len(files)} file(s) written to {out}")
+
+
+@app.command()
+@_bad_input_exits_2
+def profile(
+    config: Annotated[Path, typer.Argument(help="Sweep config (TOML); see profiling/.")],
+    out: Annotated[Path, typer.Option(help="Output folder; rerun with it to resume.")] = Path(
+        "sweep"),
+    dry_run: Annotated[bool, typer.Option(help="Print the server commands and points, "
+                                          "run nothing.")] = False,
+) -> None:
+    """Profile a vLLM server: for each k start `vllm serve`, run every load, write traces.
+
+    Writes raw/ (per point), logs/ (server output), requests.csv and points.csv under --out.
+    A rerun skips finished points and retries failed ones; exit code 1 if any failed.
+    Example: sdbayes profile profiling/example-sweep.toml --out sweep-h100
+    """
+    import shlex
+    from itertools import groupby
+
+    from sdbayes.sweep import read_sweep_config, run_sweep
+
+    sweep = read_sweep_config(config)
+    if dry_run:
+        for k, points in groupby(sweep.points, key=lambda p: p.k):
+            console.print(shlex.join(sweep.server_command(k)), markup=False, highlight=False,
+                          soft_wrap=True)
+            for point in points:
+                console.print(f"  {point.name}: {point.n_prompts} requests")
+        return
+    report = run_sweep(sweep, out)
+    if not report.points.empty:
+        shown = report.points[["point", "acceptance", "n_requests", "errored_requests"]].copy()
+        for name in ("e2e", "ttft", "tpot"):
+            shown[f"{name}_ms"] = 1e3 * report.points[f"{name}_mean_s"]
+        console.print(_table(f"Operating points in {out / 'points.csv'}", shown))
+    console.print(f"{len(report.ran)} points run, {len(report.skipped)} already finished")
+    for name, why in report.failed.items():
+        errors.print(f"failed: {name}: {why}", markup=False, highlight=False)
+    if report.failed:
+        errors.print(f"{len(report.failed)} points failed; rerun the same command to retry "
+                     "them", markup=False, highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -134,3 +134,42 @@ def test_import_reads_a_vllm_bench_result(tmp_path):
     done = run(*args, "--k", 4, "--acceptance", 0.7, "--method", "eagle3")
     assert done.exit_code == 0, done.output
     assert len(pd.read_csv(tmp_path / "points.csv")) == 1
+
+
+def test_profile_runs_a_sweep_against_the_loopback_server(tmp_path):
+    from .test_sweep import write_config
+
+    config = write_config(tmp_path, ks=[0, 2], rates=[20], n_prompts=8)
+    dry = run("profile", config, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert "--speculative-config" in dry.output and "k2_p32_g24_rate20: 8 requests" in dry.output
+    assert not (tmp_path / "sweep").exists()
+    result = run("profile", config, "--out", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    assert "2 points run, 0 already finished" in result.output
+    points = pd.read_csv(tmp_path / "sweep" / "points.csv")
+    assert sorted(points["k"]) == [0, 2] and (points["n_requests"] == 8).all()
+    again = run("profile", config, "--out", tmp_path / "sweep")
+    assert again.exit_code == 0 and "0 points run, 2 already finished" in again.output
+
+
+def test_profile_failed_points_exit_1_and_say_how_to_retry(tmp_path):
+    import sys
+
+    from .test_sweep import write_config
+
+    config = write_config(tmp_path, ks=[1], rates=[5],
+                          command=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    result = run("profile", config, "--out", tmp_path / "sweep")
+    assert result.exit_code == 1
+    assert "failed: k1_p32_g24_rate5: server exited with code 3" in result.stderr
+    assert "rerun the same command to retry" in result.stderr
+
+
+def test_profile_bad_config_is_one_line_and_exit_code_2(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nmodel = 'm'\n[sweep]\nk = [0]\n")
+    result = run("profile", config)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.stderr.strip() == f"error: {config}: [sweep] needs request_rates and/or " \
+        "concurrency"

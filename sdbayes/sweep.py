@@ -1,0 +1,549 @@
+"""The sweep runner: profile a vLLM server over draft lengths and loads (DESIGN.md section 2).
+
+A TOML config (:func:`read_sweep_config`; ``profiling/`` has an example) names the served
+model, the speculative method, and the grid: draft lengths ``k``, prompt and output lengths,
+and loads (Poisson ``request_rates`` and closed-loop ``concurrency``). :func:`run_sweep`
+then, for each k, starts ``vllm serve`` (``--speculative-config`` for k > 0, none for
+k = 0), waits for ``GET /health``, sends one warm-up request, and measures each point: it
+scrapes ``/metrics``, drives the load with an asyncio streaming client of the
+OpenAI-compatible ``/v1/completions`` (random token-id prompts, ``ignore_eos`` so every
+request emits the asked number of tokens), and scrapes ``/metrics`` again; acceptance comes
+from the spec-decode counters' difference.
+
+Resumable and robust: each point is written to ``raw/<point>.json`` as soon as it ends,
+finished or failed. A rerun skips finished points and retries failed ones. A server that
+exits or stops answering (no answer within ``request_timeout_s``) fails the point with the
+reason, is killed and restarted for the next point; the sweep goes on.
+
+Output folder::
+
+    raw/<point>.json   settings, per-request timings, both /metrics scrapes, status, reason
+    logs/k<k>-<time>.log   the server's output, one file per start
+    requests.csv       per-request canonical traces of the finished points
+    points.csv         their operating points (:func:`sdbayes.aggregate`), one per point
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from itertools import groupby, product
+from pathlib import Path
+from typing import NamedTuple
+
+import aiohttp
+import numpy as np
+import pandas as pd
+
+from sdbayes.importers import acceptance_between, read_spec_decode_metrics
+from sdbayes.traces import TraceError, aggregate, write_traces
+
+# Random prompts are token ids drawn from this range: inside every modern vocabulary and
+# clear of the special tokens most tokenizers put first.
+_TOKEN_IDS = (1000, 20000)
+_HEALTH_POLL_S = 0.5
+
+
+class SweepError(ValueError):
+    """A sweep config or output folder that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """One operating point of a sweep: a load on one server configuration."""
+
+    k: int
+    prompt_len: int
+    output_len: int
+    request_rate: float | None  # Poisson arrivals [req/s]; or
+    concurrency: int | None  # requests kept in flight (closed loop)
+    n_prompts: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        load = (f"rate{self.request_rate:g}" if self.request_rate is not None
+                else f"conc{self.concurrency}")
+        return f"k{self.k}_p{self.prompt_len}_g{self.output_len}_{load}"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A parsed sweep config (see :func:`read_sweep_config` for the TOML keys)."""
+
+    model: str
+    hardware: str
+    verifier: str
+    drafter: str
+    method: str
+    points: tuple[Point, ...]
+    speculative: dict = field(default_factory=dict)  # --speculative-config but for k
+    command: tuple[str, ...] = ("vllm", "serve")
+    args: tuple[str, ...] = ()
+    port: int = 8000
+    startup_timeout_s: float = 900.0
+    request_timeout_s: float = 600.0
+    acceptance: float | None = None  # forced acceptance; default: from /metrics
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def server_command(self, k: int) -> list[str]:
+        """The command line that serves draft length ``k``."""
+        command = [*self.command, self.model, "--port", str(self.port)]
+        if k > 0:
+            spec = {**self.speculative, "num_speculative_tokens": k}
+            command += ["--speculative-config", json.dumps(spec)]
+        return command + list(self.args)
+
+
+# --- config ----------------------------------------------------------------------------
+
+_KEYS = {
+    "server": {"model", "command", "args", "port", "startup_timeout_s"},
+    "speculative": None,  # method, model, and anything vLLM's --speculative-config takes
+    "sweep": {"k", "request_rates", "concurrency", "prompt_len", "output_len", "n_prompts",
+              "seed", "request_timeout_s", "acceptance"},
+    "trace": {"hardware", "verifier", "drafter"},
+}
+
+
+def read_sweep_config(path: str | Path) -> SweepConfig:
+    """Read and check a sweep config (TOML).
+
+    Tables and keys (defaults in brackets)::
+
+        [server]       model (required), command [["vllm", "serve"]], args [[]],
+                       port [8000], startup_timeout_s [900]
+        [speculative]  method (required when some k > 0), model (the drafter, if any),
+                       and any other --speculative-config keys, passed as they are
+        [sweep]        k (list, required), request_rates (list [req/s]) and/or
+                       concurrency (list), prompt_len [512], output_len [128] (a number or
+                       a list each), n_prompts [200], seed [0], request_timeout_s [600],
+                       acceptance (forced; default: measured from /metrics)
+        [trace]        hardware (required), verifier [server.model],
+                       drafter [speculative.model]
+
+    Points are every k x prompt_len x output_len x load, rates low to high.
+
+    Raises:
+      SweepError: naming the file and key for anything missing, unknown or of the wrong type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"{path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise SweepError(f"{path}: not valid TOML ({err})") from None
+    for table, value in data.items():
+        if table not in _KEYS or not isinstance(value, dict):
+            raise SweepError(f"{path}: unknown table [{table}] (expected "
+                             f"{', '.join(f'[{t}]' for t in _KEYS)})")
+        unknown = set(value) - _KEYS[table] if _KEYS[table] is not None else set()
+        if unknown:
+            raise SweepError(f"{path}: [{table}] has unknown key(s) {sorted(unknown)}")
+
+    def get(table, key, valid, default=..., what=""):
+        value = data.get(table, {}).get(key, default)
+        if value is ...:
+            raise SweepError(f"{path}: [{table}] {key} is required")
+        if value is not default and not valid(value):
+            raise SweepError(f"{path}: [{table}] {key} = {value!r}: expected {what}")
+        return value
+
+    spec = data.get("speculative", {})
+    ks = get("sweep", "k", _each(_whole(0)), what="whole numbers >= 0")
+    if any(k > 0 for k in _as_list(ks)) and "method" not in spec:
+        raise SweepError(f"{path}: [speculative] method is required for k > 0")
+    rates = get("sweep", "request_rates", _each(_positive), [], "numbers > 0 [req/s]")
+    conc = get("sweep", "concurrency", _each(_whole(1)), [], "whole numbers >= 1")
+    if not rates and not conc:
+        raise SweepError(f"{path}: [sweep] needs request_rates and/or concurrency")
+    loads = [(float(r), None) for r in sorted(_as_list(rates))] + \
+        [(None, c) for c in sorted(_as_list(conc))]
+    lengths = [_as_list(get("sweep", key, _each(_whole(1)), default, "whole numbers >= 1"))
+               for key, default in (("prompt_len", 512), ("output_len", 128))]
+    n_prompts = get("sweep", "n_prompts", _whole(1), 200, "a whole number >= 1")
+    seed = get("sweep", "seed", _whole(0), 0, "a whole number >= 0")
+    points = tuple(Point(k=k, prompt_len=p, output_len=g, request_rate=r, concurrency=c,
+                         n_prompts=n_prompts, seed=seed)
+                   for k, p, g, (r, c) in product(_as_list(ks), *lengths, loads))
+    acceptance = get("sweep", "acceptance", lambda a: _positive(a) and a <= 1, None,
+                     "a number in (0, 1]")
+    model = get("server", "model", _text, what="a model name")
+    return SweepConfig(
+        model=model,
+        hardware=get("trace", "hardware", _text, what="a name"),
+        verifier=get("trace", "verifier", _text, model, "a name"),
+        drafter=get("trace", "drafter", _text, str(spec.get("model", "")), "a name"),
+        method=str(spec.get("method", "")),
+        points=points,
+        speculative=spec,
+        command=tuple(get("server", "command", _each(_text), ["vllm", "serve"],
+                          "a list of strings")),
+        args=tuple(str(a) for a in get("server", "args", lambda a: isinstance(a, list), [],
+                                       "a list")),
+        port=get("server", "port", _whole(1), 8000, "a port number"),
+        startup_timeout_s=float(get("server", "startup_timeout_s", _positive, 900.0,
+                                    "seconds > 0")),
+        request_timeout_s=float(get("sweep", "request_timeout_s", _positive, 600.0,
+                                    "seconds > 0")),
+        acceptance=None if acceptance is None else float(acceptance),
+    )
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def _whole(low: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _each(valid):
+    """A value or a non-empty list of values each of which is valid."""
+    return lambda v: (all(map(valid, v)) and bool(v)) if isinstance(v, list) else valid(v)
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+# --- running ---------------------------------------------------------------------------
+
+class PointFailed(Exception):
+    """A point could not be measured; the message is the reason stored with it."""
+
+
+class SweepReport(NamedTuple):
+    """What :func:`run_sweep` did and what the folder now holds."""
+
+    points: pd.DataFrame  # operating points of every finished point of the config
+    ran: list[str]  # point names measured in this run (finished or failed)
+    skipped: list[str]  # already finished before this run
+    failed: dict[str, str]  # point name -> reason, for points not finished
+
+
+def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) -> SweepReport:
+    """Run (or resume) a sweep; write raw results and canonical traces under ``out``.
+
+    Args:
+      config: from :func:`read_sweep_config`.
+      out: the output folder (created); rerunning with the same folder resumes.
+      progress: show a progress bar on stderr.
+
+    Returns:
+      A :class:`SweepReport`. ``requests.csv`` and ``points.csv`` in ``out`` hold every
+      finished point of the config, from this run and earlier ones.
+
+    Raises:
+      SweepError: a finished point in ``out`` was measured with other settings (the config
+        changed: use a new folder).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    out = Path(out)
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    done = {p.name for p in config.points if _finished(out, p)}
+    todo = [p for p in config.points if p.name not in done]
+    failed: dict[str, str] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("sweep", total=sum(p.n_prompts for p in todo))
+        for k, group in groupby(todo, key=lambda p: p.k):
+            server, cannot_start = None, None
+            try:
+                for point in group:
+                    bar.update(task, description=point.name)
+                    try:
+                        if cannot_start:  # one failed start says it for the whole k
+                            raise PointFailed(cannot_start)
+                        if server is None:
+                            try:
+                                server = _Server.start(config, k, out / "logs")
+                            except PointFailed as why:
+                                cannot_start = str(why)
+                                raise
+                        record = _measure(config, server, point, lambda: bar.advance(task))
+                    except PointFailed as why:
+                        failed[point.name] = str(why)
+                        record = dict(status="failed", reason=str(why),
+                                      **getattr(why, "record", {}))
+                        if server is not None:
+                            server.stop()
+                        server = None
+                    _write_json(out / "raw" / f"{point.name}.json",
+                                dict(point=asdict(point), **record))
+            finally:  # also on Ctrl-C: the server runs in its own session and would linger
+                if server is not None:
+                    server.stop()
+    points = collect(config, out)
+    return SweepReport(points=points, ran=[p.name for p in todo], skipped=sorted(done),
+                       failed=failed)
+
+
+def _finished(out: Path, point: Point) -> bool:
+    path = out / "raw" / f"{point.name}.json"
+    if not path.is_file():
+        return False
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False  # written atomically, so only a hand-edited file gets here
+    if record.get("status") != "ok":
+        return False
+    if record.get("point") != asdict(point):
+        raise SweepError(f"{path}: measured with other settings {record.get('point')}, the "
+                         f"config now says {asdict(point)}: use a new output folder")
+    return True
+
+
+def _write_json(path: Path, record: dict) -> None:
+    """Write so that a crash of the runner itself never leaves half a file behind."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(record))
+    partial.replace(path)
+
+
+class _Server:
+    """``vllm serve`` (or a stand-in) as a child process in its own process group."""
+
+    def __init__(self, config: SweepConfig, k: int, logs: Path):
+        self.config = config
+        self.log_path = logs / f"k{k}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
+        self.process = subprocess.Popen(config.server_command(k), stdout=self._log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    @classmethod
+    def start(cls, config: SweepConfig, k: int, logs: Path) -> _Server:
+        """Start, wait until healthy and send a warm-up request; PointFailed if not."""
+        try:
+            server = cls(config, k, logs)
+        except OSError as err:
+            raise PointFailed(f"cannot start {config.command[0]!r}: {err}") from None
+        try:
+            server._wait_healthy()
+            warm_up = Point(k=k, prompt_len=16, output_len=4, request_rate=None,
+                            concurrency=1, n_prompts=1, seed=0)
+            record = asyncio.run(_drive(config, warm_up, lambda: None))
+            if record["error"][0]:
+                raise PointFailed(f"warm-up request failed: {record['error'][0]}")
+        except PointFailed:
+            server.stop()
+            raise
+        return server
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise PointFailed(f"server exited with code {self.process.returncode} while "
+                                  f"starting; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.config.url + "/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass  # not listening yet
+            time.sleep(_HEALTH_POLL_S)
+        raise PointFailed(f"server not healthy after {self.config.startup_timeout_s:g} s; "
+                          f"see {self.log_path}")
+
+    def scrape(self) -> str:
+        try:
+            with urllib.request.urlopen(self.config.url + "/metrics", timeout=30) as answer:
+                return answer.read().decode()
+        except (urllib.error.URLError, OSError) as err:
+            raise PointFailed(f"cannot read /metrics ({err}){self._exit_note()}") from None
+
+    def _exit_note(self) -> str:
+        code = self.process.poll()
+        return "" if code is None else f"; server exited with code {code}, see {self.log_path}"
+
+    def stop(self) -> None:
+        """Terminate the whole process group (vLLM runs workers), kill if it lingers."""
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            if self.process.poll() is not None:
+                break
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        self._log.close()
+
+
+def _measure(config: SweepConfig, server: _Server, point: Point,
+             on_request: Callable[[], None]) -> dict:
+    """Measure one point; its record (per-request timings, scrapes), or PointFailed."""
+    started = time.time()
+    before = server.scrape()
+    requests = asyncio.run(_drive(config, point, on_request))
+    record = dict(started=started, requests=requests, metrics_before=before)
+    try:
+        lost = [e for e, t in zip(requests["error"], requests["transport"], strict=True) if t]
+        note = server._exit_note()
+        if lost or note:
+            raise PointFailed(f"{len(lost)} of {point.n_prompts} requests lost "
+                              f"({lost[0] if lost else 'no error'}){note}")
+        record["metrics_after"] = server.scrape()
+        record["acceptance"] = _acceptance(config, point, before, record["metrics_after"])
+    except PointFailed as why:
+        why.record = record  # kept in the failed point's file for a post-mortem
+        raise
+    return dict(status="ok", **record)
+
+
+def _acceptance(config: SweepConfig, point: Point, before: str, after: str) -> float:
+    if point.k == 0:
+        return 0.0
+    if config.acceptance is not None:
+        return config.acceptance
+    try:
+        counts = [read_spec_decode_metrics(text, "/metrics") for text in (before, after)]
+        return acceptance_between(*counts, point.k)
+    except TraceError as err:
+        raise PointFailed(f"no acceptance rate: {err} (or set [sweep] acceptance)") from None
+
+
+async def _drive(config: SweepConfig, point: Point, on_request: Callable[[], None]) -> dict:
+    """Send a point's requests (Poisson arrivals or a closed loop) and time each one.
+
+    Returns per-request lists, shape [n_prompts] each: ``arrival_s`` (since the first send),
+    ``prompt_len, output_len`` (tokens, from the server's usage report), ``ttft_s, e2e_s``,
+    ``error`` (empty when fine) and ``transport`` (the error was a lost connection or a
+    timeout, not an answer).
+    """
+    rng = np.random.default_rng([point.seed, point.k, point.prompt_len, point.output_len])
+    prompts = rng.integers(*_TOKEN_IDS, size=(point.n_prompts, point.prompt_len))
+    loop = asyncio.get_running_loop()
+    timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = loop.time()
+
+        async def one(i: int) -> dict:
+            body = dict(model=config.model, prompt=prompts[i].tolist(),
+                        max_tokens=point.output_len, ignore_eos=True, temperature=0.0,
+                        stream=True, stream_options=dict(include_usage=True))
+            result = await _stream(session, config.url + "/v1/completions", body, start,
+                                   config.request_timeout_s)
+            on_request()
+            return result
+
+        if point.request_rate is not None:
+            gaps = rng.exponential(1.0 / point.request_rate, point.n_prompts)
+            sends = np.cumsum(gaps) - gaps[0]  # the first request at time 0
+
+            async def at(i: int) -> dict:
+                await asyncio.sleep(max(0.0, start + sends[i] - loop.time()))
+                return await one(i)
+
+            results = await asyncio.gather(*(at(i) for i in range(point.n_prompts)))
+        else:
+            queue = iter(range(point.n_prompts))
+            results = [None] * point.n_prompts
+
+            async def worker():
+                for i in queue:
+                    results[i] = await one(i)
+
+            await asyncio.gather(*(worker() for _ in range(point.concurrency)))
+    return {key: [r[key] for r in results] for key in results[0]}
+
+
+async def _stream(session, url: str, body: dict, start: float, timeout_s: float) -> dict:
+    """One streaming completion, timed."""
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    record = dict(arrival_s=sent - start, prompt_len=len(body["prompt"]), output_len=0,
+                  ttft_s=math.nan, e2e_s=math.nan, error="", transport=False)
+    try:
+        async with session.post(url, json=body) as answer:
+            if answer.status != 200:
+                text = " ".join((await answer.text()).split())[:200]
+                record["error"] = f"HTTP {answer.status}: {text}"
+                return record
+            async for line in answer.content:
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if math.isnan(record["ttft_s"]) and any(
+                        c.get("text") for c in chunk.get("choices") or []):
+                    record["ttft_s"] = loop.time() - sent
+                if chunk.get("usage"):
+                    record["output_len"] = int(chunk["usage"]["completion_tokens"])
+        record["e2e_s"] = loop.time() - sent
+    except TimeoutError:
+        record.update(error=f"no answer within {timeout_s:g} s (server hung?)", transport=True)
+    except (aiohttp.ClientError, ConnectionError) as err:
+        record.update(error=f"connection lost ({type(err).__name__}: {err})", transport=True)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        record["error"] = f"malformed stream ({err})"
+    else:
+        if math.isnan(record["ttft_s"]) or record["output_len"] < 1:
+            record["error"] = ("no tokens streamed" if math.isnan(record["ttft_s"])
+                               else "no usage report at the end of the stream")
+    return record
+
+
+# --- traces ----------------------------------------------------------------------------
+
+def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
+    """Canonical traces of every finished point of ``config`` in ``out``.
+
+    Writes ``requests.csv`` (per request, answered requests only) and ``points.csv`` (one
+    operating point per finished point, with ``errored_requests`` counting the requests the
+    server answered with an error) and returns the points.
+    """
+    out = Path(out)
+    rows, points = [], []
+    for point in config.points:
+        if not _finished(out, point):
+            continue
+        record = json.loads((out / "raw" / f"{point.name}.json").read_text())
+        requests = pd.DataFrame(record["requests"])
+        good = requests[requests["error"] == ""]
+        if good.empty:
+            continue
+        sd = point.k > 0
+        frame = pd.DataFrame(dict(
+            hardware=config.hardware, verifier=config.verifier,
+            drafter=config.drafter if sd else "", method=config.method if sd else "none",
+            k=point.k, request_rate=point.request_rate or math.nan,
+            concurrency=pd.array([point.concurrency] * len(good), dtype="Int64"),
+            acceptance=record["acceptance"],
+            arrival_s=good["arrival_s"], prompt_len=good["prompt_len"],
+            output_len=good["output_len"], ttft_s=good["ttft_s"], e2e_s=good["e2e_s"],
+            point=point.name, errored_requests=len(requests) - len(good)))
+        rows.append(frame)
+        points.append(aggregate(frame, source=f"{out}/raw/{point.name}.json"))
+    columns = ["point", "k", "request_rate", "concurrency", "e2e_mean_s"]
+    if not points:
+        return pd.DataFrame(columns=columns)
+    write_traces(pd.concat(rows, ignore_index=True), out / "requests.csv")
+    table = pd.concat(points, ignore_index=True)
+    write_traces(table, out / "points.csv")
+    return table

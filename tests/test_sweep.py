@@ -1,0 +1,216 @@
+"""The sweep runner, end to end against the loopback stand-in for ``vllm serve``."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdbayes.sweep import SweepError, read_sweep_config, run_sweep
+
+SERVER = Path(__file__).parent / "loopback_server.py"
+EXAMPLE = Path(__file__).parents[1] / "profiling" / "example-sweep.toml"
+# Milliseconds-scale costs so that a point of 40 requests takes about a second.
+COSTS = dict(c1p=0.004, c1v=0.003, c1d=0.0003, c2p=0.0005, c2v=0.0008, c2d=0.0001)
+ALPHA = 0.7
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path: Path, *, ks=(2, 4), rates=(20, 40, 60), n_prompts=40,
+                 server_args=(), sweep_extra="", command=None, timeout_s=5) -> Path:
+    command = command or [sys.executable, str(SERVER)]
+    args = ["--coefficients", json.dumps(COSTS), "--acceptance", str(ALPHA), *server_args]
+    path = tmp_path / "sweep.toml"
+    path.write_text(f"""
+[server]
+model = "loopback"
+command = {json.dumps(command)}
+args = {json.dumps(args)}
+port = {free_port()}
+startup_timeout_s = 30
+
+[speculative]
+method = "eagle3"
+model = "loopback-eagle"
+
+[sweep]
+k = {list(ks)}
+request_rates = {list(rates)}
+prompt_len = 32
+output_len = 24
+n_prompts = {n_prompts}
+request_timeout_s = {timeout_s}
+{sweep_extra}
+
+[trace]
+hardware = "loopback"
+""")
+    return path
+
+
+def acceptance_tolerance(k: int, alpha: float, drafts: float) -> float:
+    """Four standard errors of alpha estimated from the mean accepted count over ``drafts``.
+
+    Accepted drafts per cycle X has P(X >= j) = alpha**j, j <= k; the estimate solves
+    E[X](alpha) = mean X, so its standard error is sd(X) / sqrt(drafts) / dE[X]/dalpha.
+    """
+    j = np.arange(1, k + 1)
+    survival = alpha ** j
+    mean = survival.sum()
+    variance = ((2 * j - 1) * survival).sum() - mean**2  # E[X^2] = sum (2j - 1) P(X >= j)
+    slope = (j * alpha ** (j - 1)).sum()
+    return 4 * math.sqrt(variance / drafts) / slope
+
+
+def test_sweep_crash_then_resume_gives_every_point_once(tmp_path):
+    """2 k x 3 rates; the server is killed mid-sweep (SIGKILL at its 100th request, during
+    the third point), the sweep goes on, and a rerun measures only the failed point."""
+    marker = tmp_path / "crashed"
+    config = read_sweep_config(write_config(
+        tmp_path, server_args=["--crash-after", "100", "--fault-marker", str(marker)]))
+    out = tmp_path / "out"
+
+    first = run_sweep(config, out, progress=False)
+    assert marker.exists()
+    assert first.ran == [p.name for p in config.points]
+    failed = "k2_p32_g24_rate60"
+    assert list(first.failed) == [failed]
+    assert "requests lost" in first.failed[failed] and "exited with code -9" in \
+        first.failed[failed]
+    assert len(first.points) == 5
+    finished = {p: (out / "raw" / f"{p}.json").read_bytes() for p in first.points["point"]}
+
+    second = run_sweep(config, out, progress=False)
+    assert second.ran == [failed] and not second.failed
+    assert sorted(second.skipped) == sorted(finished)
+    for name, raw in finished.items():  # finished points were neither rerun nor rewritten
+        assert (out / "raw" / f"{name}.json").read_bytes() == raw
+
+    points = second.points.set_index("point").loc[[p.name for p in config.points]]
+    assert len(points) == 6 and (points["n_requests"] == 40).all()
+    assert (points["errored_requests"] == 0).all()
+    assert sorted(set(zip(points["k"], points["request_rate"], strict=True))) == \
+        [(k, r) for k in (2, 4) for r in (20.0, 40.0, 60.0)]
+    assert (points["prompt_len"] == 32).all() and (points["output_len"] == 24).all()
+    for name, point in points.iterrows():
+        # At least (24 - 1) / (k + 1) cycles per request: fewest drafts, widest tolerance.
+        drafts = 40 * 23 / (point["k"] + 1)
+        assert abs(point["acceptance"] - ALPHA) < acceptance_tolerance(point["k"], ALPHA,
+                                                                       drafts), name
+    assert (out / "requests.csv").is_file() and (out / "points.csv").is_file()
+
+
+def test_latency_measured_is_the_servers(tmp_path):
+    """At low load the loopback server's latency is C1 of the model; the runner's timings
+    (arrival to last token, in seconds) must land near it, not off by a unit."""
+    import sdbayes as sb
+
+    config = read_sweep_config(write_config(tmp_path, ks=[0, 3], rates=[5], n_prompts=10,
+                                            sweep_extra="concurrency = [1]"))
+    report = run_sweep(config, tmp_path / "out", progress=False)
+    assert not report.failed
+    assert len(report.points) == 4
+    for _, point in report.points.iterrows():
+        alpha = ALPHA if point["k"] > 0 else 0.0
+        alone = float(sb.latency(sb.Coefficients(**COSTS), rate=0.0, k=point["k"],
+                                 alpha=alpha, prompt_len=32, output_len=24))
+        # Measured 1.03-1.22x on an idle machine: real-time sleeps overshoot, whole decode
+        # steps round up, and rate 5 adds ~5% of queueing. The check is for units and gross
+        # timing errors, with room for a busy CI machine.
+        assert 0.85 * alone < point["e2e_mean_s"] < 1.5 * alone, point["point"]
+    closed = report.points[report.points["concurrency"].notna()]
+    assert sorted(closed["k"]) == [0, 3] and (closed["concurrency"] == 1).all()
+
+
+def test_hung_server_fails_the_point_is_restarted_and_the_rerun_finishes(tmp_path):
+    marker = tmp_path / "hung"
+    config = read_sweep_config(write_config(
+        tmp_path, ks=[2], rates=[20, 40], n_prompts=20,
+        server_args=["--hang-after", "25", "--fault-marker", str(marker)],
+        timeout_s=1))
+    out = tmp_path / "out"
+    first = run_sweep(config, out, progress=False)
+    assert list(first.failed) == ["k2_p32_g24_rate40"]
+    assert "no answer within 1 s" in first.failed["k2_p32_g24_rate40"]
+    raw = json.loads((out / "raw" / "k2_p32_g24_rate40.json").read_text())
+    assert raw["status"] == "failed" and len(raw["requests"]["e2e_s"]) == 20
+    second = run_sweep(config, out, progress=False)
+    assert second.ran == ["k2_p32_g24_rate40"] and not second.failed
+    assert len(second.points) == 2
+
+
+def test_a_server_that_cannot_start_fails_its_points_and_the_sweep_goes_on(tmp_path):
+    bad = write_config(tmp_path, ks=[1], rates=[5, 10],
+                       command=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    report = run_sweep(read_sweep_config(bad), tmp_path / "out", progress=False)
+    assert sorted(report.failed) == ["k1_p32_g24_rate10", "k1_p32_g24_rate5"]
+    assert all("exited with code 3 while starting" in why for why in report.failed.values())
+    assert report.points.empty
+
+
+def test_changed_settings_are_not_mixed_with_finished_points(tmp_path):
+    config = read_sweep_config(write_config(tmp_path, ks=[0], rates=[20], n_prompts=5))
+    run_sweep(config, tmp_path / "out", progress=False)
+    changed = read_sweep_config(write_config(tmp_path, ks=[0], rates=[20], n_prompts=6))
+    with pytest.raises(SweepError, match="measured with other settings"):
+        run_sweep(changed, tmp_path / "out", progress=False)
+
+
+def test_server_command_follows_vllm(tmp_path):
+    config = read_sweep_config(write_config(tmp_path, command=["vllm", "serve"]))
+    assert config.server_command(0)[:4] == ["vllm", "serve", "loopback", "--port"]
+    assert "--speculative-config" not in config.server_command(0)
+    command = config.server_command(4)
+    spec = json.loads(command[command.index("--speculative-config") + 1])
+    assert spec == {"method": "eagle3", "model": "loopback-eagle", "num_speculative_tokens": 4}
+    assert config.drafter == "loopback-eagle" and config.verifier == "loopback"
+
+
+def test_example_config_reads():
+    config = read_sweep_config(EXAMPLE)
+    assert config.model and config.hardware
+    assert {p.k for p in config.points} >= {0, 2}
+    assert any(p.concurrency == 1 for p in config.points)
+
+
+GOOD = "[server]\nmodel = 'm'\n[speculative]\nmethod = 'ngram'\n[trace]\nhardware = 'x'\n"
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("k = [2]", "[sweep] needs request_rates and/or concurrency"),
+    ("k = [2]\nrequest_rate = [1]", "[sweep] has unknown key(s) ['request_rate']"),
+    ("k = [-1]\nrequest_rates = [1]", "[sweep] k = [-1]: expected whole numbers >= 0"),
+    ("k = [2]\nrequest_rates = [0]", "[sweep] request_rates = [0]: expected numbers > 0"),
+    ("k = [2]\nrequest_rates = [1]\n[extra]\na = 1", "unknown table [extra]"),
+    ("k = [2]\nrequest_rates = [1]\nacceptance = 1.5", "[sweep] acceptance = 1.5"),
+    ("k = [2]\nrequest_rates = [1]\nn_prompts = 'ten'", "[sweep] n_prompts = 'ten'"),
+    ("k = [2\n", "not valid TOML"),
+])
+def test_bad_configs_name_the_key(tmp_path, sweep, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD + "[sweep]\n" + sweep + "\n")
+    with pytest.raises(SweepError, match=f"^{re.escape(str(path))}: .*{re.escape(message)}"):
+        read_sweep_config(path)
+
+
+def test_missing_required_keys_are_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[sweep]\nk = [0]\nrequest_rates = [1]\n[trace]\nhardware = 'x'\n")
+    with pytest.raises(SweepError, match=r"\[server\] model is required"):
+        read_sweep_config(path)
+    path.write_text("[server]\nmodel = 'm'\n[sweep]\nk = [3]\nrequest_rates = [1]\n")
+    with pytest.raises(SweepError, match=r"\[speculative\] method is required"):
+        read_sweep_config(path)
+    with pytest.raises(SweepError, match="no such file"):
+        read_sweep_config(tmp_path / "nothing.toml")
