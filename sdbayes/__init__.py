@@ -30,6 +30,7 @@ from sdbayes.model import (
 from sdbayes.planning import Capacity, InfeasibleSLO, max_rate  # noqa: E402
 from sdbayes.posterior import Posterior, load_posterior
 from sdbayes.simulate import Empirical, Uniform, simulate
+from sdbayes.sweep import SweepConfig, SweepError, read_sweep_config, run_sweep
 from sdbayes.traces import TraceError, aggregate, read_traces, validate, write_traces
 from sdbayes.tuning import KChoice, tune_k  # noqa: E402
 
@@ -43,6 +44,8 @@ __all__ = [
     "PhaseDemands",
     "PositionRates",
     "Posterior",
+    "SweepConfig",
+    "SweepError",
     "TraceError",
     "Uniform",
     "aggregate",
@@ -53,7 +56,9 @@ __all__ = [
     "load_posterior",
     "max_rate",
     "read_guidellm",
+    "read_sweep_config",
     "read_traces",
+    "run_sweep",
     "saturation_rate",
     "simulate",
     "speedup",
