@@ -18,7 +18,9 @@ from sdbayes.model import (
     Demands,
     PhaseDemands,
     PositionRates,
+    Variant,
     demands,
+    expert_coverage,
     goodput,
     latency,
     saturation_rate,
@@ -28,7 +30,7 @@ from sdbayes.model import (
     ttft,
 )
 from sdbayes.planning import Capacity, InfeasibleSLO, max_rate  # noqa: E402
-from sdbayes.posterior import Posterior, load_posterior
+from sdbayes.posterior import Posterior, compare, load_posterior
 from sdbayes.simulate import Empirical, Uniform, simulate
 from sdbayes.sweep import SweepConfig, SweepError, read_sweep_config, run_sweep
 from sdbayes.traces import TraceError, aggregate, read_traces, validate, write_traces
@@ -48,8 +50,11 @@ __all__ = [
     "SweepError",
     "TraceError",
     "Uniform",
+    "Variant",
     "aggregate",
+    "compare",
     "demands",
+    "expert_coverage",
     "fit",
     "goodput",
     "latency",

@@ -1,10 +1,11 @@
 """The probabilistic model: priors over the cost coefficients and the likelihood of traces.
 
-DESIGN.md section 3. The six coefficients of each group (hardware x model pair) are sampled
-in log space. With one group their prior is a log-normal per coefficient; with several, the
-groups' log coefficients are partially pooled: ``log c[g] = mu + tau * z[g]``,
-``z ~ Normal(0, 1)`` (non-centred), with ``mu`` under that log-normal prior and
-``tau ~ HalfNormal(pool_scale)`` per coefficient.
+DESIGN.md section 3. The six coefficients of each group (hardware x model pair; eight with
+an MoE verifier's expert terms ``c1e, c2e``) are sampled in log space. With one group
+their prior is a log-normal per coefficient; with several, the groups' log coefficients
+are partially pooled: ``log c[g] = mu + tau * z[g]``, ``z ~ Normal(0, 1)`` (non-centred),
+with ``mu`` under that log-normal prior and ``tau ~ HalfNormal(pool_scale)`` per
+coefficient.
 
 Each observed mean is compared on the log scale with the latency model's prediction (the
 very functions of :mod:`sdbayes.model`), with a relative error of standard deviation
@@ -40,25 +41,45 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from sdbayes.model import Coefficients, metrics, tokens_per_step
+from sdbayes.model import Coefficients, Variant, as_variant, metrics, tokens_per_step
 from sdbayes.traces import Points
 
 COEFFICIENTS = ("c1p", "c1v", "c1d", "c2p", "c2v", "c2d")
+MOE_COEFFICIENTS = ("c1e", "c2e")
+"""Expert-loading terms, fitted only for an MoE verifier (a :class:`~sdbayes.model.Variant`
+with ``experts`` and ``top_m``)."""
 METRICS = ("e2e", "ttft", "tpot")
 LIKELIHOODS = ("lognormal", "student_t")
 _STUDENT_DF = 4.0
 _SATURATED = 1e30  # [s]
 
 
+def coefficient_names(variant: str | Variant = "paper") -> tuple[str, ...]:
+    """The coefficients a variant fits: :data:`COEFFICIENTS`, plus ``c1e, c2e`` for MoE."""
+    return COEFFICIENTS + (MOE_COEFFICIENTS if as_variant(variant).moe else ())
+
+
 class Prior(NamedTuple):
-    """Log-normal prior of each coefficient: ``log c ~ Normal(loc, scale)``, shape [6] each,
-    in the order of :data:`COEFFICIENTS` (locations are logs of seconds)."""
+    """Log-normal prior of each coefficient: ``log c ~ Normal(loc, scale)``, shape [6] each
+    (or [8] for an MoE verifier), in the order of :func:`coefficient_names` (locations are
+    logs of seconds)."""
 
     loc: np.ndarray
     scale: np.ndarray
 
     def median(self) -> Coefficients:
-        return Coefficients(*(float(math.exp(x)) for x in self.loc))
+        names = (COEFFICIENTS + MOE_COEFFICIENTS)[:len(self.loc)]
+        return Coefficients(**{n: float(math.exp(x))
+                               for n, x in zip(names, self.loc, strict=True)})
+
+    def with_experts(self) -> Prior:
+        """This prior extended to the MoE terms when it has only the six: ``c1e`` and
+        ``c2e`` centred on ``c1v`` and ``c2v`` (loading all experts costs about what the
+        rest of a pass does), as wide as those."""
+        if len(self.loc) == 8:
+            return self
+        loc, scale = np.asarray(self.loc, float), np.asarray(self.scale, float)
+        return Prior(np.concatenate([loc, loc[[1, 4]]]), np.concatenate([scale, scale[[1, 4]]]))
 
 
 class ModelSpec(NamedTuple):
@@ -147,6 +168,14 @@ def roofline_prior(
     return Prior(loc=np.log(medians), scale=np.full(6, float(scale)))
 
 
+def scale_demands(coef: Coefficients, c1_scale, c2_scale) -> Coefficients:
+    """Coefficients with every load-independent term (``c1*``) times ``c1_scale`` and every
+    load-dependent one (``c2*``) times ``c2_scale``: ``C1`` and ``C2`` scaled."""
+    return Coefficients(**{name: getattr(coef, name) * (c1_scale if name.startswith("c1")
+                                                        else c2_scale)
+                           for name in Coefficients._fields})
+
+
 def predicted_means(coef, points: Points, variant):
     """Predicted means of each metric, and the queueing inflation L / C1 - 1, shape [n].
 
@@ -187,35 +216,42 @@ def model(
       queue_error_scale: half-normal scale of ``tau_q``.
       discrepancy_scale: half-normal scale of the configuration discrepancy sds; 0 leaves
         the discrepancy out.
-      variant: the latency model's variant, one of :data:`sdbayes.model.VARIANTS`.
+      variant: the latency model's variant, a name in :data:`sdbayes.model.VARIANTS` or a
+        :class:`~sdbayes.model.Variant` (with MoE settings, ``c1e, c2e`` are fitted too).
 
-    Sample sites: ``c1p .. c2d`` of shape [n_groups] (seconds), ``sigma_<metric>``,
-    ``tau_q``, ``discrepancy`` [2], ``delta`` [n_configs, 2]; with several groups also
-    ``mu`` and ``tau`` of shape [6]; observed ``obs_<metric>`` of shape [n].
+    Sample sites: ``c1p .. c2d`` (and ``c1e, c2e`` for MoE) of shape [n_groups] (seconds),
+    ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta`` [n_configs, 2]; with
+    several groups also ``mu`` and ``tau`` of shape [n_coefficients]; observed
+    ``obs_<metric>`` of shape [n].
     """
+    names = coefficient_names(variant)
+    if len(prior.loc) != len(names):
+        raise ValueError(f"the prior has {len(prior.loc)} coefficients, variant {variant} "
+                         f"fits {len(names)} ({', '.join(names)})")
     loc, scale = jnp.asarray(prior.loc), jnp.asarray(prior.scale)
     if n_groups == 1:
-        with numpyro.plate("coefficient", 6):
+        with numpyro.plate("coefficient", len(names)):
             log_c = numpyro.sample("log_c", dist.Normal(loc, scale))[None, :]
     else:
-        with numpyro.plate("coefficient", 6):
+        with numpyro.plate("coefficient", len(names)):
             mu = numpyro.sample("mu", dist.Normal(loc, scale))
             tau = numpyro.sample("tau", dist.HalfNormal(pool_scale))
-        with numpyro.plate("group", n_groups, dim=-2), numpyro.plate("coefficient", 6, dim=-1):
+        with (numpyro.plate("group", n_groups, dim=-2),
+              numpyro.plate("coefficient", len(names), dim=-1)):
             z = numpyro.sample("z", dist.Normal(0.0, 1.0))
         log_c = mu + tau * z
-    c = jnp.exp(log_c)  # [n_groups, 6]
-    for i, name in enumerate(COEFFICIENTS):
+    c = jnp.exp(log_c)  # [n_groups, n_coefficients]
+    for i, name in enumerate(names):
         numpyro.deterministic(name, c[:, i])
 
-    coef = Coefficients(*(c[points.group, i] for i in range(6)))
+    coef = Coefficients(**{name: c[points.group, i] for i, name in enumerate(names)})
     if discrepancy_scale > 0:
         spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
         with numpyro.plate("config", int(points.config.max()) + 1):
             # Non-centred: the spreads are often tiny, where a centred delta is a funnel.
             delta = numpyro.sample("delta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
         scale_c = jnp.exp(delta[points.config] * spread_c)  # [n, 2]: C1 and C2 multipliers
-        coef = Coefficients(*(field * scale_c[:, i // 3] for i, field in enumerate(coef[:6])))
+        coef = scale_demands(coef, scale_c[:, 0], scale_c[:, 1])
 
     predicted, inflation = predicted_means(coef, points, variant)
     tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))

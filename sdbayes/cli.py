@@ -87,6 +87,10 @@ def fit(
         "posterior.nc"),
     method: Annotated[str, typer.Option(help="nuts or svi.")] = "nuts",
     variant: Annotated[str, typer.Option(help="Model variant: paper or stepped.")] = "paper",
+    experts: Annotated[int | None, typer.Option(
+        help="MoE verifier: number of experts M (fits c1e, c2e too).")] = None,
+    top_m: Annotated[int | None, typer.Option(
+        help="MoE verifier: experts routed per token m.")] = None,
     metric: Annotated[list[str] | None, typer.Option(
         help="Metric to fit (e2e, ttft, tpot); repeat for several. Default: those present.")
     ] = None,
@@ -98,10 +102,12 @@ def fit(
     """Fit posteriors over the cost coefficients to traces; print them with diagnostics.
 
     Example: sdbayes fit points.csv --out posterior.nc --variant stepped
+    (an MoE verifier such as Qwen3-30B-A3B: --experts 128 --top-m 8)
     """
     for path in traces:
         _existing(path)
     posterior = _fit_and_show([str(p) for p in traces], method=method, variant=variant,
+                              experts=experts, top_m=top_m,
                               metrics=tuple(metric) if metric else None, num_warmup=warmup,
                               num_samples=samples, num_chains=chains, seed=seed)
     posterior.save(out)

@@ -17,7 +17,7 @@ from numpyro.infer.autoguide import AutoMultivariateNormal
 
 from sdbayes import calibrate
 from sdbayes.calibrate import LIKELIHOODS, METRICS, Prior
-from sdbayes.model import VARIANTS
+from sdbayes.model import Variant, as_variant
 from sdbayes.posterior import Posterior, diagnose
 from sdbayes.traces import (
     SCHEMA_VERSION,
@@ -37,7 +37,9 @@ def fit(
     traces: pd.DataFrame | str | Path | list[str | Path],
     method: str = "nuts",
     *,
-    variant: str = "paper",
+    variant: str | Variant = "paper",
+    experts: int | None = None,
+    top_m: int | None = None,
     prior: Prior | None = None,
     metrics: tuple[str, ...] | None = None,
     likelihood: str = "lognormal",
@@ -61,8 +63,12 @@ def fit(
         sets too large for NUTS, at the cost of approximate intervals).
       variant: the latency model's variant (:data:`sdbayes.model.VARIANTS`): ``"paper"``,
         the reference, or ``"stepped"`` (whole steps and step-boundary waits).
+      experts, top_m: for an MoE verifier, its number of experts M and routed experts per
+        token m, from the model's config; the expert-loading terms ``c1e, c2e`` are then
+        fitted too (compare with a dense fit by :func:`sdbayes.compare`).
       prior: log-normal prior of the coefficients; by default
         :func:`sdbayes.calibrate.data_prior`. See also :func:`sdbayes.calibrate.roofline_prior`.
+        A six-coefficient prior for an MoE fit is extended by ``Prior.with_experts``.
       metrics: which of ``"e2e", "ttft", "tpot"`` to fit; by default those present.
       likelihood: ``"lognormal"`` or ``"student_t"`` (robust to outliers).
       num_warmup, num_samples, num_chains: NUTS settings (``num_samples`` draws from SVI).
@@ -81,8 +87,7 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    variant = as_variant(variant, experts, top_m)
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     points_df, provenance = _load(traces)
@@ -96,6 +101,8 @@ def fit(
     if unknown or "e2e" not in metrics:
         raise ValueError(f"metrics must include 'e2e' and be among {METRICS}, got {metrics}")
     prior = prior if prior is not None else calibrate.data_prior(points)
+    if variant.moe:
+        prior = prior.with_experts()
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     args = dict(points=points, prior=prior, n_groups=len(groups), metrics=tuple(metrics),
                 likelihood=likelihood, pool_scale=pool_scale, variant=variant)
@@ -118,7 +125,9 @@ def fit(
 
     idata.attrs.update(
         sdbayes_schema_version=SCHEMA_VERSION,
-        sdbayes_variant=variant,
+        sdbayes_variant=variant.form,
+        **({"sdbayes_experts": variant.experts, "sdbayes_top_m": variant.top_m}
+           if variant.moe else {}),
         sdbayes_method=method,
         sdbayes_likelihood=likelihood,
         sdbayes_metrics=json.dumps(list(metrics)),

@@ -20,6 +20,7 @@ are zero, not NaN. Dtypes follow JAX: float32 by default, float64 when
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import NamedTuple
 
@@ -50,7 +51,68 @@ decode batch after its prefill: ``L = C1 + B * C2 + 2 * W`` with ``W`` the bound
 (DESIGN.md section 1; ``bench/analytic_vs_simulated.py`` measures both variants).
 """
 
-_jit = partial(jax.jit, static_argnames=("variant",))
+_jit = partial(jax.jit, static_argnames=("variant", "experts", "top_m"))
+_GRID = 33  # points of the scan for the MoE fixed point's first crossing
+_BISECTIONS = 64  # halvings of a bracket: below float64 resolution
+
+
+class Variant(NamedTuple):
+    """A model variant: its form (one of :data:`VARIANTS`) and an optional MoE verifier.
+
+    With ``experts`` (M) and ``top_m`` (m) set, a verifier pass over ``T`` tokens loads a
+    fraction :func:`expert_coverage` of the experts, and the expert terms ``c1e, c2e`` are
+    scaled by it (DESIGN.md section 1, MoE). Hashable, so it can be a static argument;
+    every ``variant=`` argument takes one of these or a form's name.
+    """
+
+    form: str = "paper"
+    experts: int | None = None
+    top_m: int | None = None
+
+    @property
+    def moe(self) -> bool:
+        return self.experts is not None
+
+    def __str__(self) -> str:
+        return self.form + (f" (MoE: {self.experts} experts, top-{self.top_m})"
+                            if self.moe else "")
+
+
+def as_variant(variant: str | Variant = "paper", experts: int | None = None,
+               top_m: int | None = None) -> Variant:
+    """A checked :class:`Variant` from a form's name or a Variant, and MoE settings."""
+    if isinstance(variant, Variant):
+        if experts is not None or top_m is not None:
+            if variant.moe and (experts, top_m) != (variant.experts, variant.top_m):
+                raise ValueError(f"experts={experts}, top_m={top_m} contradict {variant}")
+            variant = variant._replace(experts=experts, top_m=top_m)
+    else:
+        variant = Variant(variant, experts, top_m)
+    if variant.form not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant.form!r}")
+    if (variant.experts is None) != (variant.top_m is None):
+        raise ValueError("give both experts= (M) and top_m= (m) for an MoE verifier, or neither")
+    if variant.moe:
+        m, big_m = variant.top_m, variant.experts
+        whole = all(isinstance(x, int) and not isinstance(x, bool) for x in (m, big_m))
+        if not (whole and 1 <= m <= big_m):
+            raise ValueError(f"need whole numbers 1 <= top_m <= experts, got top_m={m!r}, "
+                             f"experts={big_m!r}")
+    return variant
+
+
+def expert_coverage(tokens: ArrayLike, experts: int, top_m: int) -> Array:
+    """Fraction of ``experts`` that a pass over ``tokens`` tokens loads with top-``top_m``
+    routing: ``phi(T) = 1 - (1 - m/M)**T``; 1 for every T > 0 when ``m = M``.
+
+    Args:
+      tokens: tokens in the pass, any shape, >= 0, may be real.
+      experts, top_m: M and m (Python ints).
+    """
+    tokens = jnp.asarray(tokens, _float_dtype(tokens))
+    if top_m >= experts:
+        return jnp.where(tokens > 0, 1.0, 0.0).astype(tokens.dtype)
+    return -jnp.expm1(tokens * math.log1p(-top_m / experts))
 
 
 class Coefficients(NamedTuple):
@@ -174,7 +236,7 @@ def _tokens_per_step_positions(k, rates):
     return 1.0 + jnp.sum(weights * survival, axis=-1)
 
 
-@_jit
+@partial(jax.jit, static_argnames="variant")
 def demands(
     coef: Coefficients,
     *,
@@ -182,13 +244,15 @@ def demands(
     alpha: ArrayLike | PositionRates,
     output_len: ArrayLike,
     prompt_len: ArrayLike | None = None,
-    variant: str = "paper",
+    coverage: ArrayLike = 1.0,
+    variant: str | Variant = "paper",
 ) -> Demands:
     """Per-request demand by phase: what ``C1`` and ``C2`` are made of.
 
     Under the ``"stepped"`` variant the cycle count includes the partly wasted last cycle.
-    The MoE terms ``c1e, c2e`` enter verification at full expert coverage (every expert
-    loaded by every pass), the dense limit of the MoE model.
+    The MoE terms ``c1e, c2e`` enter verification scaled by ``coverage``, the fraction of
+    experts a pass loads (:func:`expert_coverage`); the default 1 is full coverage, what a
+    loaded MoE server reaches and what a dense model's zero ``c1e, c2e`` make moot.
 
     Args:
       coef: cost coefficients [s]; fields broadcast with the operating point.
@@ -197,25 +261,25 @@ def demands(
       output_len: tokens each request emits, > 0.
       prompt_len: accepted so a whole operating point can be passed; the base model's
         coefficients belong to one prompt length, so it does not enter.
-      variant: one of :data:`VARIANTS`.
+      coverage: fraction of experts loaded per verifier pass, in [0, 1].
+      variant: a form's name or :class:`Variant` (its MoE settings are not used here).
 
     Returns:
       :class:`Demands`, every leaf of the broadcast shape of the arguments.
     """
     del prompt_len
     e = tokens_per_step(k, alpha)
-    extra = _wasted_cycles(k, alpha, e, variant)
-    dtype = _float_dtype(e, output_len, *coef)
-    e, extra, k, output_len, *fields = jnp.broadcast_arrays(
-        *(jnp.asarray(x, dtype) for x in (e, extra, k, output_len, *coef))
+    extra = _wasted_cycles(k, alpha, e, as_variant(variant).form)
+    dtype = _float_dtype(e, output_len, coverage, *coef)
+    e, extra, k, output_len, coverage, *fields = jnp.broadcast_arrays(
+        *(jnp.asarray(x, dtype) for x in (e, extra, k, output_len, coverage, *coef))
     )
     c = Coefficients(*fields)
     cycles = output_len / e + extra
 
     def phases(prefill, verify, expert, draft):
-        return PhaseDemands(
-            prefill=prefill, drafting=cycles * k * draft, verification=cycles * (verify + expert)
-        )
+        return PhaseDemands(prefill=prefill, drafting=cycles * k * draft,
+                            verification=cycles * (verify + coverage * expert))
 
     return Demands(
         independent=phases(c.c1p, c.c1v, c.c1e, c.c1d),
@@ -250,40 +314,147 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
     the boolean array ``closed`` choosing per point (for fitting traces of both kinds).
     Where the load is past saturation, latency is +inf and ``others`` and the wait are 0
     (finite stand-ins so that callers' products stay finite); callers mask with ``stable``.
+    The demands returned are those at the point's expert coverage (MoE), else full.
     """
     if closed is None and (rate is None) == (concurrency is None):
         raise TypeError("give exactly one of rate= (open loop, req/s) "
                         "or concurrency= (closed loop)")
-    d = demands(coef, k=k, alpha=alpha, output_len=output_len, variant=variant)
-    c1, c2 = d.independent.total, d.dependent.total
-    dtype = c1.dtype
+    variant = as_variant(variant)
+    full = demands(coef, k=k, alpha=alpha, output_len=output_len, variant=variant)
+    dtype = full.independent.total.dtype
+    d_open = d_closed = full
+    if variant.moe:  # demands are linear in the coverage: d(phi) = bare + phi * (full - bare)
+        bare = demands(coef, k=k, alpha=alpha, output_len=output_len, coverage=0.0,
+                       variant=variant)
+
+        def at(phi):
+            return jax.tree.map(lambda b, f: b + phi * (f - b), bare, full)
+
+        passes = jnp.asarray(k, dtype) + 1.0  # tokens a request puts in each verifier pass
+        if concurrency is not None:
+            d_closed = at(expert_coverage(passes * jnp.asarray(concurrency, dtype),
+                                          variant.experts, variant.top_m))
+        if rate is not None:
+            d_open = at(_open_coverage(bare, full, passes, jnp.asarray(rate, dtype), variant))
     if concurrency is not None:
-        c1, c2, concurrency = jnp.broadcast_arrays(c1, c2, jnp.asarray(concurrency, dtype))
+        c1, c2, concurrency = jnp.broadcast_arrays(
+            d_closed.independent.total, d_closed.dependent.total,
+            jnp.asarray(concurrency, dtype))
         closed_others = concurrency - 1.0
         closed_total = c1 + closed_others * c2
         closed_throughput = concurrency / closed_total  # Little's Law
     if rate is not None:
-        c1, c2, rate = jnp.broadcast_arrays(c1, c2, jnp.asarray(rate, dtype))
-        slack = 1.0 - rate * c2
-        open_stable = slack > 0
+        c1, c2, c2_full, rate = jnp.broadcast_arrays(
+            d_open.independent.total, d_open.dependent.total, full.dependent.total,
+            jnp.asarray(rate, dtype))
+        # Saturation is where the load-dependent demand at full coverage meets 1 / rate.
+        open_stable = 1.0 - rate * c2_full > 0
         # Double `where`s keep the untaken branch finite, so its gradient is 0, not NaN.
-        open_total = c1 / jnp.where(open_stable, slack, 1.0)
+        open_total = c1 / jnp.where(open_stable, 1.0 - rate * c2, 1.0)
         open_others = jnp.where(open_stable, rate * open_total, 0.0)
     if rate is None:
-        total, others, throughput = closed_total, closed_others, closed_throughput
+        d, total, others, throughput = d_closed, closed_total, closed_others, closed_throughput
         stable = jnp.ones(total.shape, bool)
     elif concurrency is None:
-        total, others, throughput, stable = open_total, open_others, rate, open_stable
+        d, total, others, throughput, stable = d_open, open_total, open_others, rate, open_stable
     else:
         closed = jnp.broadcast_to(jnp.asarray(closed, bool), open_total.shape)
+        d = jax.tree.map(lambda a, b: jnp.where(closed, a, b), d_closed, d_open)
         total = jnp.where(closed, closed_total, open_total)
         others = jnp.where(closed, closed_others, open_others)
         throughput = jnp.where(closed, closed_throughput, rate)
         stable = closed | open_stable
-    wait = jnp.where(stable, _boundary_wait(coef, k, others, throughput), 0.0)
-    if variant == "stepped":
+    coverage = _step_coverage(variant, k, others, dtype)
+    wait = jnp.where(stable, _boundary_wait(coef, k, others, throughput, coverage), 0.0)
+    if variant.form == "stepped":
         total = total + 2.0 * wait
     return d, jnp.where(stable, total, jnp.inf), others, stable, wait
+
+
+def _open_coverage(bare: Demands, full: Demands, passes, rate, variant: Variant) -> Array:
+    """Expert coverage at the open-loop fixed point of an MoE verifier.
+
+    A pass holds ``T = (k + 1) * (1 + rate * L)`` tokens (the request's and the others'),
+    so the demands depend on the latency they determine: ``L`` solves
+    ``r(L) = L - C1(phi(L)) - rate * L * C2(phi(L)) = 0``. Bounding ``phi`` between its
+    zero-load value ``phi(k + 1)`` and 1 brackets the root between the two closed forms,
+    ``r <= 0`` at the low one and ``>= 0`` at the high one; the first crossing on a grid
+    over the bracket picks the smallest root (the one a server filling up from empty
+    reaches; it is unique when ``2 * c2e <= (k + 1) * |log(1 - m/M)| * c1e``, where ``-r``
+    is concave), and a bisection with implicit-function gradients refines it. Past
+    saturation at full coverage (``rate * C2(1) >= 1``) it returns 1, a finite stand-in.
+
+    Returns:
+      ``phi(T(L))``, the broadcast shape of the demands, ``passes`` and ``rate``.
+    """
+    def coverage(latency):
+        return expert_coverage(passes * (1.0 + rate * latency), variant.experts, variant.top_m)
+
+    a1, a2, f1, f2, passes, rate = jnp.broadcast_arrays(
+        bare.independent.total, bare.dependent.total, full.independent.total,
+        full.dependent.total, passes, rate)
+    b1, b2 = f1 - a1, f2 - a2
+
+    def residual(latency):
+        phi = coverage(latency)
+        return latency - (a1 + b1 * phi) - rate * latency * (a2 + b2 * phi)
+
+    stable = 1.0 - rate * f2 > 0
+    phi0 = expert_coverage(passes, variant.experts, variant.top_m)
+    lo = (a1 + b1 * phi0) / jnp.where(stable, 1.0 - rate * (a2 + b2 * phi0), 1.0)
+    hi = f1 / jnp.where(stable, 1.0 - rate * f2, 1.0)
+    lo, hi = jnp.where(stable, lo, 1.0), jnp.where(stable, jnp.maximum(hi, lo), 1.0)
+    # The bracket only steers the search; the root's gradient comes from the residual.
+    lo, hi = jax.lax.stop_gradient(lo), jax.lax.stop_gradient(hi)
+    grid = jax.vmap(lambda t: lo + (hi - lo) * t)(jnp.linspace(0.0, 1.0, _GRID, dtype=lo.dtype))
+    crossed = (jax.vmap(residual)(grid) >= 0).at[-1].set(True)  # [_GRID, ...]
+    first = jnp.argmax(crossed, axis=0)[None]
+    sub_lo = jnp.take_along_axis(grid, jnp.maximum(first - 1, 0), axis=0)[0]
+    sub_hi = jnp.take_along_axis(grid, first, axis=0)[0]
+    latency = increasing_root(residual, sub_lo, sub_hi)
+    return jnp.where(stable, coverage(latency), 1.0)
+
+
+def _step_coverage(variant: Variant, k, others, dtype):
+    """Expert coverage of a decode step holding the request and ``others`` [..]: 1 if dense."""
+    if not variant.moe:
+        return 1.0
+    tokens = (jnp.asarray(k, dtype) + 1.0) * (1.0 + others)
+    return expert_coverage(tokens, variant.experts, variant.top_m)
+
+
+def increasing_root(residual, lo: Array, hi: Array, iterations: int = _BISECTIONS) -> Array:
+    """Elementwise root of ``residual``, increasing on ``[lo, hi]``, by bisection.
+
+    ``residual`` may be ``+inf`` (e.g. past saturation) but not NaN. Where it is positive
+    already at ``lo`` the answer is ``lo``. Gradients with respect to whatever ``residual``
+    closes over come from the implicit function theorem (``jax.lax.custom_root``), exact
+    and as cheap as one more evaluation.
+
+    Args:
+      residual: maps an array of the shape of ``lo`` to one of the same shape.
+      lo, hi: the bracket, arrays of one shape.
+      iterations: bisection steps.
+
+    Returns:
+      The root, of the shape of ``lo``.
+    """
+
+    def solve(f, _):
+        def halve(_, bounds):
+            a, b = bounds
+            mid = 0.5 * (a + b)
+            above = f(mid) > 0
+            return jnp.where(above, a, mid), jnp.where(above, mid, b)
+
+        a, b = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+        return jnp.where(f(lo) > 0, lo, 0.5 * (a + b))
+
+    def tangent_solve(g, y):
+        slope = g(jnp.ones_like(y))
+        return y / jnp.where(slope != 0, slope, jnp.inf)
+
+    return jax.lax.custom_root(residual, 0.5 * (lo + hi), solve, tangent_solve)
 
 
 class Metrics(NamedTuple):
@@ -296,15 +467,16 @@ class Metrics(NamedTuple):
     dependent: Array  # C2, the demand per other request in flight
 
 
-def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed=None, variant="paper"):
+def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed=None, variant="paper",
+            experts=None, top_m=None):
     """All metrics from one solve: the single place TTFT and TPOT are derived.
 
     Arguments as :func:`latency`; with both ``rate`` and ``concurrency`` given, the boolean
     array ``closed`` picks per point (the probabilistic model's traces mix both kinds).
     Not jit-compiled itself: it runs inside its caller's trace.
     """
-    d, total, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency, variant,
-                                       closed)
+    d, total, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency,
+                                       as_variant(variant, experts, top_m), closed)
     first = jnp.where(stable, d.independent.prefill + wait, jnp.inf)
     return Metrics(total, first, _per_token(total, first, stable, output_len),
                    d.independent.total, d.dependent.total)
@@ -319,14 +491,15 @@ def _per_token(total, first, stable, output_len):
     return jnp.where(stable, per_token, jnp.inf)
 
 
-def _boundary_wait(coef, k, others, throughput):
+def _boundary_wait(coef, k, others, throughput, coverage=1.0):
     """Mean wait of an arrival for the step in progress to end [s] (see :func:`ttft`)."""
-    k, others, throughput, *fields = jnp.broadcast_arrays(
-        *(jnp.asarray(x, others.dtype) for x in (k, others, throughput, *coef))
+    k, others, throughput, phi, *fields = jnp.broadcast_arrays(
+        *(jnp.asarray(x, others.dtype) for x in (k, others, throughput, coverage, *coef))
     )
     c = Coefficients(*fields)
     busy = -jnp.expm1(-others)
-    step = busy * (c.c1v + c.c1e + k * c.c1d) + (others - busy) * (c.c2v + c.c2e + k * c.c2d)
+    step = (busy * (c.c1v + phi * c.c1e + k * c.c1d)
+            + (others - busy) * (c.c2v + phi * c.c2e + k * c.c2d))
     stretch = jnp.maximum(1.0 - throughput * c.c2p, 1e-12)  # > 0 while stable
     return step / (2.0 * stretch)
 
@@ -341,7 +514,9 @@ def latency(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
-    variant: str = "paper",
+    variant: str | Variant = "paper",
+    experts: int | None = None,
+    top_m: int | None = None,
 ) -> Array:
     """Mean end-to-end request latency [s].
 
@@ -353,13 +528,20 @@ def latency(
       rate: open-loop arrival rate [req/s], >= 0. Give this or ``concurrency``.
       concurrency: requests kept in flight (closed loop), >= 1.
       prompt_len: see :func:`demands`.
-      variant: one of :data:`VARIANTS` (static).
+      variant: one of :data:`VARIANTS` or a :class:`Variant` (static).
+      experts, top_m: an MoE verifier's number of experts M and routed experts per token
+        m (static). Then latency solves the fixed point of :func:`expert_coverage`: a
+        verifier pass over ``T = (k + 1) * (1 + rate * L)`` tokens costs
+        ``c1v + phi(T) * c1e`` and ``c2v + phi(T) * c2e``. Without them the expert terms
+        count at full coverage.
 
     Returns:
-      Latency of the arguments' broadcast shape; ``+inf`` at and past saturation.
+      Latency of the arguments' broadcast shape; ``+inf`` at and past saturation (for an
+      MoE verifier: past ``1 / C2`` at full coverage, what a loaded batch reaches).
     """
     del prompt_len
-    return _solve(coef, k, alpha, output_len, rate, concurrency, variant)[1]
+    return _solve(coef, k, alpha, output_len, rate, concurrency,
+                  as_variant(variant, experts, top_m))[1]
 
 
 @_jit
@@ -372,7 +554,9 @@ def ttft(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
-    variant: str = "paper",
+    variant: str | Variant = "paper",
+    experts: int | None = None,
+    top_m: int | None = None,
 ) -> Array:
     """Mean time to first token [s]: the request's prefill plus the wait for a step boundary.
 
@@ -392,7 +576,7 @@ def ttft(
     """
     del prompt_len
     return metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
-                   concurrency=concurrency, variant=variant).ttft
+                   concurrency=concurrency, variant=as_variant(variant, experts, top_m)).ttft
 
 
 @_jit
@@ -405,7 +589,9 @@ def tpot(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
-    variant: str = "paper",
+    variant: str | Variant = "paper",
+    experts: int | None = None,
+    top_m: int | None = None,
 ) -> Array:
     """Mean time per output token after the first [s], vLLM's ``(L - TTFT) / (g - 1)``.
 
@@ -414,7 +600,7 @@ def tpot(
     """
     del prompt_len
     return metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
-                   concurrency=concurrency, variant=variant).tpot
+                   concurrency=concurrency, variant=as_variant(variant, experts, top_m)).tpot
 
 
 @_jit
@@ -425,11 +611,18 @@ def saturation_rate(
     alpha: ArrayLike | PositionRates,
     output_len: ArrayLike,
     prompt_len: ArrayLike | None = None,
-    variant: str = "paper",
+    variant: str | Variant = "paper",
+    experts: int | None = None,
+    top_m: int | None = None,
 ) -> Array:
-    """Arrival rate [req/s] at which the mean latency diverges, ``1 / C2``."""
+    """Arrival rate [req/s] at which the mean latency diverges, ``1 / C2``.
+
+    For an MoE verifier (``experts``, ``top_m``) ``C2`` is at full expert coverage: near
+    saturation the batch is large enough to load every expert.
+    """
     del prompt_len
-    d = demands(coef, k=k, alpha=alpha, output_len=output_len, variant=variant)
+    d = demands(coef, k=k, alpha=alpha, output_len=output_len,
+                variant=as_variant(variant, experts, top_m))
     return 1.0 / d.dependent.total
 
 
@@ -443,7 +636,9 @@ def speedup(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     prompt_len: ArrayLike | None = None,
-    variant: str = "paper",
+    variant: str | Variant = "paper",
+    experts: int | None = None,
+    top_m: int | None = None,
 ) -> Array:
     """Mean latency without SD over mean latency with draft length ``k``, at the same load.
 
@@ -452,6 +647,7 @@ def speedup(
     steady state to compare.
     """
     del prompt_len
+    variant = as_variant(variant, experts, top_m)
     with_sd = _solve(coef, k, alpha, output_len, rate, concurrency, variant)[1]
     no_sd = jnp.zeros_like(with_sd)
     without = _solve(coef, no_sd, 0.0, output_len, rate, concurrency, variant)[1]
@@ -464,24 +660,29 @@ def speedup(
     )
 
 
-@jax.jit
+@partial(jax.jit, static_argnames=("experts", "top_m"))
 def goodput(
     coef: Coefficients,
     *,
     k: ArrayLike,
     alpha: ArrayLike | PositionRates,
     batch_size: ArrayLike,
+    experts: int | None = None,
+    top_m: int | None = None,
 ) -> Array:
     """Emitted tokens per second of batch time for ``batch_size`` requests decoding together.
 
     SmartSpec's criterion (DESIGN.md section 4): ``B * E(k, alpha) / T_cycle`` with
-    ``T_cycle = (c1v + k*c1d) + (B - 1) * (c2v + k*c2d)`` (MoE terms at full coverage).
+    ``T_cycle = (c1v + k*c1d) + (B - 1) * (c2v + k*c2d)``, plus the MoE terms
+    ``phi * (c1e + (B - 1) * c2e)`` with ``phi`` the :func:`expert_coverage` of the step's
+    ``B * (k + 1)`` tokens (full coverage without ``experts``, ``top_m``).
 
     Args:
       coef: cost coefficients [s].
       k: draft length, >= 0, may be real.
       alpha: acceptance probability in [0, 1], or :class:`PositionRates`.
       batch_size: requests decoding in the batch, >= 1.
+      experts, top_m: an MoE verifier's M and m (static), as for :func:`latency`.
 
     Returns:
       Tokens per second, the broadcast shape of the arguments.
@@ -492,5 +693,7 @@ def goodput(
         *(jnp.asarray(x, dtype) for x in (e, k, batch_size, *coef))
     )
     c = Coefficients(*fields)
-    cycle = (c.c1v + c.c1e + k * c.c1d) + (batch - 1.0) * (c.c2v + c.c2e + k * c.c2d)
+    variant = as_variant("paper", experts, top_m)
+    phi = _step_coverage(variant, k, batch - 1.0, dtype)
+    cycle = (c.c1v + phi * c.c1e + k * c.c1d) + (batch - 1.0) * (c.c2v + phi * c.c2e + k * c.c2d)
     return batch * e / cycle

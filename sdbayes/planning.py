@@ -22,7 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from sdbayes.model import Coefficients, Metrics, PositionRates, demands, latency, metrics
+from sdbayes.model import (
+    Coefficients,
+    Metrics,
+    PositionRates,
+    Variant,
+    as_variant,
+    demands,
+    increasing_root,
+    latency,
+    metrics,
+)
 from sdbayes.posterior import Posterior
 
 Array = jax.Array
@@ -30,11 +40,8 @@ Array = jax.Array
 METRICS = ("e2e", "ttft", "tpot")
 """Metrics a plan or a tuning can target: mean end-to-end latency, TTFT and TPOT [s]."""
 
-_BISECTIONS = 64  # halves [0, 1/C2] to below float64 resolution
-
-
 def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=None,
-                 concurrency=None, variant: str = "paper") -> Array:
+                 concurrency=None, variant: str | Variant = "paper") -> Array:
     """One of :data:`METRICS` [s] from the one model solve (:func:`sdbayes.model.metrics`).
 
     Arguments as :func:`sdbayes.latency`; not jit-compiled itself (it runs in its caller's
@@ -51,40 +58,6 @@ def select_metric(m: Metrics, metric: str) -> Array:
     return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}[metric]
 
 
-def increasing_root(residual, lo: Array, hi: Array, iterations: int = _BISECTIONS) -> Array:
-    """Elementwise root of ``residual``, increasing on ``[lo, hi]``, by bisection.
-
-    ``residual`` may be ``+inf`` (e.g. past saturation) but not NaN. Where it is positive
-    already at ``lo`` the answer is ``lo``. Gradients with respect to whatever ``residual``
-    closes over come from the implicit function theorem (``jax.lax.custom_root``), exact
-    and as cheap as one more evaluation.
-
-    Args:
-      residual: maps an array of the shape of ``lo`` to one of the same shape.
-      lo, hi: the bracket, arrays of one shape.
-      iterations: bisection steps.
-
-    Returns:
-      The root, of the shape of ``lo``.
-    """
-
-    def solve(f, _):
-        def halve(_, bounds):
-            a, b = bounds
-            mid = 0.5 * (a + b)
-            above = f(mid) > 0
-            return jnp.where(above, a, mid), jnp.where(above, mid, b)
-
-        a, b = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
-        return jnp.where(f(lo) > 0, lo, 0.5 * (a + b))
-
-    def tangent_solve(g, y):
-        slope = g(jnp.ones_like(y))
-        return y / jnp.where(slope != 0, slope, jnp.inf)
-
-    return jax.lax.custom_root(residual, 0.5 * (lo + hi), solve, tangent_solve)
-
-
 @partial(jax.jit, static_argnames=("metric", "variant"))
 def rate_at_slo(
     coef: Coefficients,
@@ -94,7 +67,7 @@ def rate_at_slo(
     alpha: ArrayLike | PositionRates,
     output_len: ArrayLike,
     metric: str = "e2e",
-    variant: str = "paper",
+    variant: str | Variant = "paper",
 ) -> Array:
     """Highest open-loop arrival rate [req/s] at which the mean ``metric`` is at most ``slo``.
 
@@ -115,7 +88,7 @@ def rate_at_slo(
     d = demands(coef, **point)
     c2 = d.dependent.total
     slo = jnp.asarray(slo, c2.dtype)
-    if metric == "e2e" and variant == "paper":
+    if metric == "e2e" and as_variant(variant) == Variant("paper"):
         return jnp.maximum((1.0 - d.independent.total / slo) / c2, 0.0)
     saturation = jnp.broadcast_to(1.0 / c2, jnp.broadcast_shapes(c2.shape, slo.shape))
     return increasing_root(
@@ -131,7 +104,7 @@ def break_even_acceptance(
     output_len: ArrayLike,
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
-    variant: str = "paper",
+    variant: str | Variant = "paper",
 ) -> Array:
     """Acceptance rate below which draft length ``k`` is slower than no SD at the same load.
 
@@ -207,7 +180,7 @@ def replicas_needed(traffic: ArrayLike, rate: ArrayLike) -> np.ndarray:
     return np.ceil(traffic / np.asarray(rate) - 1e-12).astype(int)
 
 
-def coefficient_draws(source, group: str | int = 0, variant: str | None = None):
+def coefficient_draws(source, group: str | int = 0, variant: str | Variant | None = None):
     """Coefficient draws and model variant from a ``Posterior`` or plain ``Coefficients``.
 
     Returns:
@@ -263,7 +236,7 @@ def max_rate(
     output_len: ArrayLike,
     prompt_len: ArrayLike | None = None,
     group: str | int = 0,
-    variant: str | None = None,
+    variant: str | Variant | None = None,
 ) -> Capacity:
     """Highest request rate one replica holds with ``P(mean metric <= slo) >= confidence``.
 

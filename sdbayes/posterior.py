@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from sdbayes.calibrate import COEFFICIENTS, predicted_means
-from sdbayes.model import Coefficients, saturation_rate, speedup
+from sdbayes.calibrate import coefficient_names, predicted_means, scale_demands
+from sdbayes.model import Coefficients, Variant, saturation_rate, speedup
 from sdbayes.traces import TraceError, group_labels, to_points
 
 _RHAT_LIMIT = 1.01
@@ -65,8 +66,19 @@ class Posterior:
         self.diagnostics = diagnostics
 
     @property
-    def variant(self) -> str:
-        return self.idata.attrs["sdbayes_variant"]
+    def variant(self) -> str | Variant:
+        """The model variant fitted: a form's name, or a :class:`~sdbayes.model.Variant`
+        carrying an MoE verifier's ``experts`` and ``top_m``."""
+        attrs = self.idata.attrs
+        if "sdbayes_experts" in attrs:
+            return Variant(attrs["sdbayes_variant"], int(attrs["sdbayes_experts"]),
+                           int(attrs["sdbayes_top_m"]))
+        return attrs["sdbayes_variant"]
+
+    @property
+    def coefficient_names(self) -> tuple[str, ...]:
+        """The coefficients fitted: ``c1p .. c2d``, and ``c1e, c2e`` for an MoE verifier."""
+        return coefficient_names(self.variant)
 
     @property
     def metrics(self) -> list[str]:
@@ -80,18 +92,20 @@ class Posterior:
     def coefficients(self, group: str | int = 0) -> Coefficients:
         """Coefficient draws of one group, each field of shape [n_draws] (seconds)."""
         index = group if isinstance(group, int) else self.groups.index(group)
-        return Coefficients(*(self._draws(name)[:, index] for name in COEFFICIENTS))
+        return Coefficients(**{name: self._draws(name)[:, index]
+                               for name in self.coefficient_names})
 
     def summary(self, ci: float = 0.9) -> pd.DataFrame:
         """One row per group and coefficient: mean, sd, equal-tailed interval, R-hat, ESS.
 
         Values in seconds.
         """
-        stats = az.summary(self.idata, var_names=list(COEFFICIENTS), kind="diagnostics")
+        stats = az.summary(self.idata, var_names=list(self.coefficient_names),
+                           kind="diagnostics")
         rows = []
         tail = (1 - ci) / 2
         for g, label in enumerate(self.groups):
-            for name in COEFFICIENTS:
+            for name in self.coefficient_names:
                 x = self._draws(name)[:, g]
                 key = f"{name}[{g}]"
                 row = stats.loc[key] if key in stats.index else None
@@ -151,8 +165,7 @@ class Posterior:
         delta = np.asarray(jax.random.normal(key_noise, (2,) + spread_c.shape + (len(grid),)))
         c1_scale = np.exp(delta[0, :, 0] * spread_c[:, :1])  # [D, R]
         c2_scale = np.exp(delta[0, :, 1] * spread_c[:, 1:])
-        shifted = Coefficients(*(field * (c1_scale if i < 3 else c2_scale)
-                                 for i, field in enumerate(coef[:6])))
+        shifted = scale_demands(coef, c1_scale, c2_scale)
         values, _ = _predicted_means(coef, arrays, self.variant)
         shifted_values, inflation = _predicted_means(shifted, arrays, self.variant)
         # Intervals are per metric, so one standard normal per draw and row serves them all.
@@ -229,14 +242,16 @@ class Posterior:
 
     def _coefficients_for(self, group: np.ndarray, resolved: np.ndarray, key) -> Coefficients:
         """Coefficient draws for each row, fields of shape [n_draws, n_rows]."""
-        c = np.stack([self._draws(name) for name in COEFFICIENTS], axis=-1)  # [D, G, 6]
+        names = self.coefficient_names
+        c = np.stack([self._draws(name) for name in names], axis=-1)  # [D, G, n_coefficients]
         fitted = c[:, np.maximum(resolved, 0), :]
         if (resolved < 0).any():
-            mu, tau = self._draws("mu"), self._draws("tau")  # [D, 6]
+            mu, tau = self._draws("mu"), self._draws("tau")  # [D, n_coefficients]
             z = np.asarray(jax.random.normal(key, mu.shape))
             population = np.exp(mu + tau * z)[:, None, :]
             fitted = np.where((resolved < 0)[None, :, None], population, fitted)
-        return Coefficients(*(jnp.asarray(fitted[..., j]) for j in range(6)))
+        return Coefficients(**{name: jnp.asarray(fitted[..., j])
+                               for j, name in enumerate(names)})
 
 
 def _quantiles(x: np.ndarray, lo: float, hi: float):
@@ -249,8 +264,9 @@ def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
     """Convergence (R-hat, bulk and tail ESS, divergences) and identification of a fit."""
     idata = posterior.idata
     problems = []
+    coefficients = posterior.coefficient_names
     names = [n for n in idata.posterior.data_vars
-             if n in COEFFICIENTS or n.startswith("sigma_") or n == "tau_q"]
+             if n in coefficients or n.startswith("sigma_") or n == "tau_q"]
     n_chains = idata.posterior.sizes["chain"]
     max_rhat = min_bulk = min_tail = math.nan
     divergences = 0
@@ -268,13 +284,13 @@ def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
         divergences = int(idata.sample_stats["diverging"].values.sum())
         if divergences:
             problems.append(f"{divergences} divergent transitions: the posterior may be biased")
-    if n_points < len(COEFFICIENTS):
-        problems.append(f"only {n_points} operating points for {len(COEFFICIENTS)} coefficients "
-                        "per group")
+    if n_points < len(coefficients):
+        problems.append(f"only {n_points} operating points for {len(coefficients)} "
+                        "coefficients per group")
     prior_scale = np.asarray(json.loads(idata.attrs["sdbayes_prior_scale"]))
     for g, label in enumerate(posterior.groups):
         loose = []
-        for j, name in enumerate(COEFFICIENTS):
+        for j, name in enumerate(coefficients):
             sd = np.log(posterior._draws(name)[:, g]).std()
             if sd > _IDENTIFIED_SD_RATIO * prior_scale[j]:
                 loose.append(name)
@@ -283,6 +299,39 @@ def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
                             "(posterior about as wide as the prior); measure more loads, k or "
                             "acceptance rates, or give an informative prior")
     return Diagnostics(max_rhat, min_bulk, min_tail, divergences, tuple(problems))
+
+
+def compare(posteriors: dict[str, Posterior], metric: str = "e2e") -> pd.DataFrame:
+    """Rank fits of the same traces (e.g. dense and MoE variants) by PSIS-LOO, via ArviZ.
+
+    Args:
+      posteriors: name -> a NUTS fit; all fitted to the same operating points.
+      metric: whose pointwise log-likelihood to compare (``"e2e"``, ``"ttft"``, ``"tpot"``).
+
+    Returns:
+      ``arviz.compare``'s table, best first: ``elpd_loo`` (higher is better), ``p_loo``,
+      ``elpd_diff`` from the best and its standard error ``dse``, ``weight``, and
+      ``warning`` (true where Pareto k is high and the estimate unreliable).
+
+    Raises:
+      ValueError: fewer than two fits, one without pointwise log-likelihood (SVI), or
+        fits of different traces.
+    """
+    if len(posteriors) < 2:
+        raise ValueError("compare needs at least two posteriors")
+    site = f"obs_{metric}"
+    for name, post in posteriors.items():
+        if "log_likelihood" not in post.idata or site not in post.idata.log_likelihood:
+            raise ValueError(f"posterior {name!r} has no pointwise log-likelihood of {metric} "
+                             "(fit it with method='nuts')")
+    counts = {name: post.idata.attrs["sdbayes_n_points"] for name, post in posteriors.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"the fits saw different traces ({counts} operating points)")
+    with warnings.catch_warnings():
+        # A high Pareto k is reported in the table's `warning` column instead.
+        warnings.filterwarnings("ignore", message=".*[Pp]areto", category=UserWarning)
+        return az.compare({name: post.idata for name, post in posteriors.items()},
+                          ic="loo", var_name=site)
 
 
 def load_posterior(path: str | Path) -> Posterior:

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from sdbayes.calibrate import COEFFICIENTS
+from sdbayes.model import Coefficients, Variant, as_variant, saturation_rate, speedup
 from sdbayes.posterior import Posterior
 from sdbayes.tuning import tune_k
 
@@ -106,6 +106,33 @@ def plot_k_schedule(posterior: Posterior, output_len: float, path: Path) -> None
     plt.close(fig)
 
 
+def plot_moe_vs_dense(coef: Coefficients, variant: Variant, alpha: float, output_len: float,
+                      path: Path, ks=(2, 4)) -> None:
+    """Speedup against load of an MoE verifier and of a dense one with the same costs but
+    no expert terms (``c1e = c2e = 0``), each up to 95% of its own no-SD saturation.
+
+    At low load SD's ``k + 1`` tokens a pass load more experts than one token does, which
+    lowers the MoE zero-load speedup; at high load the batch loads every expert either way.
+    """
+    dense = coef._replace(c1e=0.0, c2e=0.0)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c, v, style in (("MoE", coef, variant, "-"), ("dense", dense, variant.form, "--")):
+        top = 0.95 * float(saturation_rate(c, k=0, alpha=0.0, output_len=output_len,
+                                           variant=v))
+        rates = np.linspace(0.0, top, 60)
+        for i, k in enumerate(ks):
+            gain = speedup(c, rate=rates, k=k, alpha=alpha, output_len=output_len, variant=v)
+            ax.plot(rates, np.asarray(gain), style, color=f"C{i}", label=f"{name}, k={k}")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set(xlabel="request rate [req/s]", ylabel="speedup over k = 0",
+           title=f"MoE ({variant.experts} experts, top-{variant.top_m}) against dense, "
+                 f"alpha = {alpha:.2f}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_predictive_check(posterior: Posterior, points: pd.DataFrame, path: Path) -> None:
     """Measured against predicted mean latency, with 90% predictive intervals."""
     steady = points[points.get("steady", True).astype(bool)]
@@ -149,15 +176,25 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
     plot_speedup_vs_rate(posterior, alpha, output_len, folder / "speedup_vs_rate.png")
     plot_k_schedule(posterior, output_len, folder / "k_schedule.png")
     plot_predictive_check(posterior, points, folder / "predictive_check.png")
+    variant = as_variant(posterior.variant)
+    moe_section = []
+    if variant.moe:
+        median = Coefficients(**{name: float(np.median(values)) for name, values
+                                 in posterior.coefficients(0)._asdict().items()})
+        plot_moe_vs_dense(median, variant, alpha, output_len, folder / "moe_vs_dense.png")
+        moe_section = ["## MoE against dense", "", "Posterior-median coefficients, and the "
+                       "same without the expert terms.", "", "![moe vs dense](moe_vs_dense.png)",
+                       ""]
+    names = list(posterior.coefficient_names)
     with warnings.catch_warnings():
         # ArviZ 0.2x calls matplotlib APIs that matplotlib >= 3.11 deprecates.
         warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
-        az.plot_pair(posterior.idata, var_names=list(COEFFICIENTS), kind="kde",
+        az.plot_pair(posterior.idata, var_names=names, kind="kde",
                      marginals=True, figsize=(10, 10))
         plt.gcf().tight_layout()
         plt.gcf().savefig(folder / "pair.png", dpi=80)
         plt.close("all")
-        az.plot_trace(posterior.idata, var_names=list(COEFFICIENTS), compact=True)
+        az.plot_trace(posterior.idata, var_names=names, compact=True)
         plt.gcf().tight_layout()
         plt.gcf().savefig(folder / "trace.png", dpi=80)
         plt.close("all")
@@ -180,6 +217,7 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         "## Cost coefficients", "", *table, "",
         "## Latency against load", "", "![latency vs rate](latency_vs_rate.png)", "",
         "## Speedup against load", "", "![speedup vs rate](speedup_vs_rate.png)", "",
+        *moe_section,
         "## Tuned draft length", "", "![k schedule](k_schedule.png)", "",
         "## Posterior predictive check", "", "![predictive check](predictive_check.png)", "",
         "## Posterior: pairs and traces", "", "![pair plot](pair.png)", "",

@@ -10,7 +10,10 @@ tail latencies (DESIGN.md section 4). It reads the cost coefficients mechanistic
   after its admission (its time to first token) and it joins the decode batch at the next
   step boundary.
 - A decode step with ``n`` requests decoding lasts ``(c1v + k*c1d) + (n - 1)*(c2v + k*c2d)``
-  (MoE terms at full coverage), and each request in it emits ``1 +`` (drafts accepted before
+  plus, for an MoE verifier (``experts``, ``top_m``), ``phi * (c1e + (n - 1)*c2e)`` with
+  ``phi`` the fraction of experts its ``n * (k + 1)`` tokens load
+  (:func:`sdbayes.model.expert_coverage`; full coverage without them), and each request in
+  it emits ``1 +`` (drafts accepted before
   the first rejection, at most ``k``) tokens. A request leaves once it has emitted its
   ``output_len`` tokens, as in the analytic model, where they take ``output_len / E`` steps.
 
@@ -30,7 +33,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from sdbayes.model import Coefficients, PositionRates
+from sdbayes.model import Coefficients, PositionRates, as_variant, expert_coverage
 
 
 class Uniform(NamedTuple):
@@ -61,6 +64,8 @@ def simulate(
     concurrency: int | None = None,
     arrival_times: np.ndarray | None = None,
     max_batch: int = 256,
+    experts: int | None = None,
+    top_m: int | None = None,
     seed: int | jax.Array = 0,
     hardware: str = "simulated",
     verifier: str = "simulated",
@@ -85,6 +90,8 @@ def simulate(
       concurrency: requests kept in flight, >= 1.
       arrival_times: arrival time of each request [s], shape [n_requests], >= 0.
       max_batch: most requests in the engine at once (prefilling or decoding), >= 1.
+      experts, top_m: an MoE verifier's number of experts M and routed experts per token
+        m; without them the expert terms ``c1e, c2e`` count at full coverage.
       seed: an int or a JAX PRNG key; the same seed gives the same trace.
       hardware, verifier, drafter, method: names written into the trace's config columns.
 
@@ -114,7 +121,11 @@ def simulate(
 
     batch = np.arange(max_batch + 1, dtype=float)
     c = Coefficients(*(float(x) for x in coef))
-    step_time = (c.c1v + c.c1e + k * c.c1d) + (batch - 1) * (c.c2v + c.c2e + k * c.c2d)
+    phi = 1.0
+    if as_variant("paper", experts, top_m).moe:
+        phi = np.asarray(expert_coverage(batch * (k + 1), experts, top_m), float)
+    step_time = ((c.c1v + phi * c.c1e + k * c.c1d)
+                 + (batch - 1) * (c.c2v + phi * c.c2e + k * c.c2d))
     in_flight = n if concurrency is None else min(int(concurrency), n)
     arrivals, admitted, ready, finished = _run(arrivals, in_flight, steps, step_time,
                                                c.c1p, c.c2p, max_batch)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from sdbayes.model import Coefficients, PositionRates, goodput, metrics
+from sdbayes.model import Coefficients, PositionRates, Variant, goodput, metrics
 from sdbayes.planning import check_point, coefficient_draws, metric_value, select_metric
 
 Array = jax.Array
@@ -93,7 +93,7 @@ def risk_objective(
     risk: str = "mean",
     level: float = 0.95,
     metric: str = "e2e",
-    variant: str = "paper",
+    variant: str | Variant = "paper",
 ) -> Array:
     """Risk over posterior draws of a mean metric [s] at each operating point.
 
@@ -199,7 +199,7 @@ def optimal_k(
     level: float = 0.95,
     metric: str = "e2e",
     k_max: int = 16,
-    variant: str = "paper",
+    variant: str | Variant = "paper",
 ) -> KChoice:
     """The draft length minimising the risk of a metric over posterior draws.
 
@@ -261,7 +261,7 @@ def tune_k(
     k_max: int = 16,
     prompt_len: ArrayLike | None = None,
     group: str | int = 0,
-    variant: str | None = None,
+    variant: str | Variant | None = None,
 ) -> KChoice:
     """Best draft length for each operating point under posterior risk.
 
@@ -339,7 +339,7 @@ def sensitivities(
     rate: ArrayLike | None = None,
     concurrency: ArrayLike | None = None,
     metric: str = "e2e",
-    variant: str = "paper",
+    variant: str | Variant = "paper",
 ) -> Sensitivities:
     """A mean metric and its derivatives in draft length and acceptance, by forward mode.
 
