@@ -330,6 +330,8 @@ def compare(posteriors: dict[str, Posterior], metric: str = "e2e") -> pd.DataFra
     with warnings.catch_warnings():
         # A high Pareto k is reported in the table's `warning` column instead.
         warnings.filterwarnings("ignore", message=".*[Pp]areto", category=UserWarning)
+        # ArviZ 0.2x sorts with pandas' `inplace=`, which pandas >= 3.1 deprecates.
+        warnings.filterwarnings("ignore", message="The inplace keyword")
         return az.compare({name: post.idata for name, post in posteriors.items()},
                           ic="loo", var_name=site)
 

@@ -142,3 +142,11 @@ def test_planning_and_tuning_take_the_moe_variant_as_it_is():
 def test_bad_moe_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):
         sb.latency(COEF, rate=1.0, **POINT, **settings)
+
+
+def test_report_plot_of_moe_against_dense(tmp_path):
+    from sdbayes.report import plot_moe_vs_dense
+
+    path = tmp_path / "moe_vs_dense.png"
+    plot_moe_vs_dense(COEF, sb.Variant("stepped", **MOE), 0.8, 128.0, path)
+    assert path.stat().st_size > 10_000
