@@ -266,32 +266,19 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("sweep", total=sum(p.n_prompts for p in todo))
         for k, group in groupby(todo, key=lambda p: p.k):
-            server, cannot_start = None, None
-            try:
+            with _ServerSlot(config, k, out / "logs") as slot:
                 for point in group:
                     bar.update(task, description=point.name)
                     try:
-                        if cannot_start:  # one failed start says it for the whole k
-                            raise PointFailed(cannot_start)
-                        if server is None:
-                            try:
-                                server = _Server.start(config, k, out / "logs")
-                            except PointFailed as why:
-                                cannot_start = str(why)
-                                raise
-                        record = _measure(config, server, point, lambda: bar.advance(task))
+                        record = _measure(config, slot.server(), point,
+                                          lambda: bar.advance(task))  # once per request
                     except PointFailed as why:
                         failed[point.name] = str(why)
                         record = dict(status="failed", reason=str(why),
                                       **getattr(why, "record", {}))
-                        if server is not None:
-                            server.stop()
-                        server = None
+                        slot.discard()  # the next point gets a fresh server
                     _write_json(out / "raw" / f"{point.name}.json",
                                 dict(point=asdict(point), **record))
-            finally:  # also on Ctrl-C: the server runs in its own session and would linger
-                if server is not None:
-                    server.stop()
     points = collect(config, out)
     return SweepReport(points=points, ran=[p.name for p in todo], skipped=sorted(done),
                        failed=failed)
@@ -318,6 +305,39 @@ def _write_json(path: Path, record: dict) -> None:
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(record))
     partial.replace(path)
+
+
+class _ServerSlot:
+    """The server of one k: started on first use, discarded after a failed point (and so
+    restarted for the next), stopped on leaving, also on Ctrl-C (the server runs in its
+    own session and would linger). A start that fails fails every point of that k."""
+
+    def __init__(self, config: SweepConfig, k: int, logs: Path):
+        self.config, self.k, self.logs = config, k, logs
+        self._server: _Server | None = None
+        self._cannot_start: str | None = None
+
+    def server(self) -> _Server:
+        if self._cannot_start:
+            raise PointFailed(self._cannot_start)
+        if self._server is None:
+            try:
+                self._server = _Server.start(self.config, self.k, self.logs)
+            except PointFailed as why:
+                self._cannot_start = str(why)
+                raise
+        return self._server
+
+    def discard(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> _ServerSlot:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.discard()
 
 
 class _Server:
