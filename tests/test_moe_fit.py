@@ -54,7 +54,7 @@ def test_moe_truth_recovers_the_expert_terms_and_loo_prefers_moe(tmp_path):
         assert summary.loc[name, "lower_s"] <= truth <= summary.loc[name, "upper_s"], name
     table = sb.compare(fits)
     assert table.index[0] == "moe"
-    # Measured: elpd difference 24 with standard error 4.6.
+    # Measured: elpd difference 20 with standard error 4.8.
     assert table.loc["dense", "elpd_diff"] > 2 * table.loc["dense", "dse"]
 
     from sdbayes.report import write_report
