@@ -4,7 +4,9 @@
 
 Times jit-compiled `sb.latency` over n_points operating points (random k, alpha, rate), and
 `jax.grad` of their summed latency with respect to k (a tuning step), after compilation.
-Prints the device, both figures, and the ratio gradient / value.
+Then the same for an MoE verifier (128 experts, top-8, expert terms added to the example
+coefficients), whose latency is a fixed point (grid scan and bisection). Prints the device,
+the figures, and the ratios gradient / value and MoE / dense.
 """
 
 import sys
@@ -33,16 +35,23 @@ def main(n: int = 10_000_000) -> None:
     alpha = jax.random.uniform(keys[1], (n,), minval=0.5, maxval=1.0)
     rate = jax.random.uniform(keys[2], (n,), minval=0.0, maxval=8.0)
 
-    value = jax.jit(lambda k, a, r: sb.latency(COEF, k=k, alpha=a, output_len=128.0, rate=r))
-    grad = jax.jit(jax.grad(lambda k, a, r: jnp.sum(
-        sb.latency(COEF, k=k, alpha=a, output_len=128.0, rate=jnp.minimum(r, 5.0)))))
-    t_value = best_of(value, k, alpha, rate)
-    t_grad = best_of(grad, k, alpha, rate)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {n:,} points, "
           f"float{32 if k.dtype == jnp.float32 else 64}")
-    print(f"latency:        {t_value * 1e3:9.2f} ms  {n / t_value:14,.0f} points/s")
-    print(f"d latency / dk: {t_grad * 1e3:9.2f} ms  {n / t_grad:14,.0f} points/s  "
-          f"({t_grad / t_value:.1f}x the value)")
+    moe = dict(experts=128, top_m=8)
+    times = {}
+    for name, coef, settings in (("dense", COEF, {}),
+                                 ("MoE", COEF._replace(c1e=COEF.c1v, c2e=COEF.c2v), moe)):
+        def latency(k, a, r, coef=coef, settings=settings):
+            return sb.latency(coef, k=k, alpha=a, output_len=128.0, rate=r, **settings)
+
+        value = jax.jit(latency)
+        grad = jax.jit(jax.grad(lambda k, a, r, f=latency: jnp.sum(f(k, a, jnp.minimum(r, 3.0)))))
+        t_value, t_grad = best_of(value, k, alpha, rate), best_of(grad, k, alpha, rate)
+        times[name] = t_value
+        print(f"{name:5s} latency:        {t_value * 1e3:9.2f} ms  {n / t_value:14,.0f} points/s")
+        print(f"{name:5s} d latency / dk: {t_grad * 1e3:9.2f} ms  {n / t_grad:14,.0f} points/s  "
+              f"({t_grad / t_value:.1f}x the value)")
+    print(f"MoE / dense latency: {times['MoE'] / times['dense']:.0f}x")
 
 
 if __name__ == "__main__":
