@@ -425,6 +425,8 @@ def _measure(config: SweepConfig, server: _Server, point: Point,
         if lost or note:
             raise PointFailed(f"{len(lost)} of {point.n_prompts} requests lost "
                               f"({lost[0] if lost else 'no error'}){note}")
+        if all(requests["error"]):
+            raise PointFailed(f"all {point.n_prompts} requests failed ({requests['error'][0]})")
         record["metrics_after"] = server.scrape()
         record["acceptance"] = _acceptance(config, point, before, record["metrics_after"])
     except PointFailed as why:
@@ -545,9 +547,7 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
             continue
         record = json.loads((out / "raw" / f"{point.name}.json").read_text())
         requests = pd.DataFrame(record["requests"])
-        good = requests[requests["error"] == ""]
-        if good.empty:
-            continue
+        good = requests[requests["error"] == ""]  # a finished point has some
         sd = point.k > 0
         frame = pd.DataFrame(dict(
             hardware=config.hardware, verifier=config.verifier,

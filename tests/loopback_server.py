@@ -2,8 +2,9 @@
 
 Run as ``python loopback_server.py MODEL --port P [--speculative-config JSON] [options]``,
 the command line the runner gives vLLM, plus its own options: ``--coefficients`` (JSON of
-the six costs [s]), ``--acceptance`` (per-token alpha), ``--max-num-seqs``, ``--seed``, and
-faults for the robustness tests: ``--crash-after N`` (SIGKILL itself when the N-th
+the six costs [s]), ``--acceptance`` (per-token alpha), ``--max-num-seqs``, ``--seed``; two
+of vLLM's own, ``--served-model-name`` and ``--max-model-len`` (longer requests get HTTP 400);
+and faults for the robustness tests: ``--crash-after N`` (SIGKILL itself when the N-th
 completion request arrives) and ``--hang-after N`` (stop stepping the engine from then on),
 each only when the ``--fault-marker`` file does not exist yet (it is created), so that the
 restarted server behaves.
@@ -161,12 +162,16 @@ def make_app(args) -> web.Application:
         if body.get("model") != args.model:
             return web.json_response({"error": {"message": f"The model `{body.get('model')}` "
                                                 "does not exist."}}, status=404)
+        tokens = int(body["max_tokens"])
+        if len(body["prompt"]) + tokens > args.max_model_len:
+            return web.json_response({"error": {"message": "This model's maximum context "
+                                                f"length is {args.max_model_len} tokens."}},
+                                     status=400)
         arrived += 1
         if fault_due(args.crash_after):
             os.kill(os.getpid(), signal.SIGKILL)
         if fault_due(args.hang_after):
             engine.hung = True
-        tokens = int(body["max_tokens"])
         request = Request(tokens)
         engine.submit(request)
         answer = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -197,6 +202,9 @@ def make_app(args) -> web.Application:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
+    parser.add_argument("--served-model-name", help="the name the API answers to")
+    parser.add_argument("--max-model-len", type=int, default=1 << 20,
+                        help="longest prompt + output; longer requests get HTTP 400")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--speculative-config")
     parser.add_argument("--coefficients", required=True, help="JSON of the six costs [s]")
@@ -207,6 +215,7 @@ def main() -> None:
     parser.add_argument("--hang-after", type=int)
     parser.add_argument("--fault-marker")
     args = parser.parse_args()
+    args.model = args.served_model_name or args.model
     # A short grace period on SIGTERM: a hung engine's requests would hold it for a minute.
     web.run_app(make_app(args), host="127.0.0.1", port=args.port, print=None,
                 shutdown_timeout=1.0)

@@ -159,6 +159,24 @@ def test_a_server_that_cannot_start_fails_its_points_and_the_sweep_goes_on(tmp_p
     assert report.points.empty
 
 
+def test_a_server_answering_to_another_model_name_fails_at_the_warm_up(tmp_path):
+    config = read_sweep_config(write_config(tmp_path, ks=[0], rates=[20], n_prompts=5,
+                                            server_args=["--served-model-name", "other"]))
+    report = run_sweep(config, tmp_path / "out", progress=False)
+    assert report.failed == {"k0_p32_g24_rate20": "warm-up request failed: HTTP 404: "
+                             '{"error": {"message": "The model `loopback` does not exist."}}'}
+
+
+def test_a_point_whose_every_request_is_refused_fails_with_the_servers_answer(tmp_path):
+    # The warm-up's 16 + 4 tokens fit in 40; the points' 32 + 24 do not.
+    config = read_sweep_config(write_config(tmp_path, ks=[0], rates=[20], n_prompts=5,
+                                            server_args=["--max-model-len", "40"]))
+    report = run_sweep(config, tmp_path / "out", progress=False)
+    assert report.failed["k0_p32_g24_rate20"].startswith(
+        "all 5 requests failed (HTTP 400: {\"error\": {\"message\": \"This model's maximum")
+    assert report.points.empty
+
+
 def test_changed_settings_are_not_mixed_with_finished_points(tmp_path):
     config = read_sweep_config(write_config(tmp_path, ks=[0], rates=[20], n_prompts=5))
     run_sweep(config, tmp_path / "out", progress=False)
