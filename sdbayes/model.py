@@ -10,6 +10,13 @@ drafter passes. With ``B`` other requests in flight its latency is ``L = C1 + B 
 Under an open-loop arrival rate ``lam`` Little's Law gives ``B = lam * L`` and so
 ``L = C1 / (1 - lam * C2)``; under a closed loop of ``N`` requests ``B = N - 1``.
 
+An MoE verifier (``experts=M, top_m=m``, or a :class:`Variant`) adds ``phi * c1e`` and
+``phi * c2e`` to the verification costs, ``phi`` the fraction of experts a pass over
+``T = (k + 1) * (1 + B)`` tokens loads (:func:`expert_coverage`). As ``B`` depends on ``L``,
+the open-loop latency is then a fixed point, solved by a bracketed root search with
+implicit-function gradients (``_open_coverage``); it is the closed form when
+``c1e = c2e = 0``.
+
 Every public function is pure and ``jax.jit``-compiled, broadcasts its array arguments
 against each other (NumPy rules), accepts a real-valued ``k`` and is differentiable with
 respect to ``k``, ``alpha``, ``rate`` and every coefficient. Seconds and tokens throughout.
