@@ -17,7 +17,8 @@ reason, is killed and restarted for the next point; the sweep goes on.
 
 Output folder::
 
-    raw/<point>.json   settings, per-request timings, both /metrics scrapes, status, reason
+    raw/<point>.json   settings, server version, per-request timings, both /metrics
+                       scrapes, status, reason
     logs/k<k>-<time>.log   the server's output, one file per start
     requests.csv       per-request canonical traces of the finished points
     points.csv         their operating points (:func:`sdbayes.aggregate`), one per point
@@ -392,6 +393,14 @@ class _Server:
         except (urllib.error.URLError, OSError) as err:
             raise PointFailed(f"cannot read /metrics ({err}){self._exit_note()}") from None
 
+    def version(self) -> str:
+        """The server's ``GET /version`` (vLLM's version), or "" where it has none."""
+        try:
+            with urllib.request.urlopen(self.config.url + "/version", timeout=10) as answer:
+                return str(json.loads(answer.read()).get("version", ""))
+        except (urllib.error.URLError, OSError, json.JSONDecodeError, AttributeError):
+            return ""  # provenance only: a server without it is still measured
+
     def _exit_note(self) -> str:
         code = self.process.poll()
         return "" if code is None else f"; server exited with code {code}, see {self.log_path}"
@@ -418,7 +427,8 @@ def _measure(config: SweepConfig, server: _Server, point: Point,
     started = time.time()
     before = server.scrape()
     requests = asyncio.run(_drive(config, point, on_request))
-    record = dict(started=started, requests=requests, metrics_before=before)
+    record = dict(started=started, server_version=server.version(), requests=requests,
+                  metrics_before=before)
     try:
         lost = [e for e, t in zip(requests["error"], requests["transport"], strict=True) if t]
         note = server._exit_note()
@@ -557,7 +567,8 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
             acceptance=record["acceptance"],
             arrival_s=good["arrival_s"], prompt_len=good["prompt_len"],
             output_len=good["output_len"], ttft_s=good["ttft_s"], e2e_s=good["e2e_s"],
-            point=point.name, errored_requests=len(requests) - len(good)))
+            point=point.name, errored_requests=len(requests) - len(good),
+            server_version=record.get("server_version", "")))
         rows.append(frame)
         points.append(aggregate(frame, source=f"{out}/raw/{point.name}.json"))
     columns = ["point", "k", "request_rate", "concurrency", "e2e_mean_s"]

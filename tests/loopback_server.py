@@ -9,9 +9,9 @@ completion request arrives) and ``--hang-after N`` (stop stepping the engine fro
 each only when the ``--fault-marker`` file does not exist yet (it is created), so that the
 restarted server behaves.
 
-It serves ``GET /health``, ``GET /metrics`` (vLLM's spec-decode counters, exposed with
-prometheus-client as vLLM does) and streaming ``POST /v1/completions`` (SSE chunks, a usage
-chunk when ``stream_options.include_usage``, then ``[DONE]``).
+It serves ``GET /health``, ``GET /version``, ``GET /metrics`` (vLLM's spec-decode counters,
+exposed with prometheus-client as vLLM does) and streaming ``POST /v1/completions`` (SSE
+chunks, a usage chunk when ``stream_options.include_usage``, then ``[DONE]``).
 
 Token timings follow the simulator's rules (:mod:`sdbayes.simulate`), played in real time
 by an asyncio engine loop: admitting requests stalls the engine ``c2p`` each; a request's
@@ -153,6 +153,9 @@ def make_app(args) -> web.Application:
     async def health(_):
         return web.Response(text="")
 
+    async def version(_):
+        return web.json_response({"version": "loopback"})
+
     async def metrics(_):
         return web.Response(body=generate_latest(registry), content_type="text/plain")
 
@@ -194,6 +197,7 @@ def make_app(args) -> web.Application:
     app = web.Application()
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/version", version)
     app.router.add_post("/v1/completions", completions)
     app.on_startup.append(start_engine)
     return app

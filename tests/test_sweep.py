@@ -100,6 +100,7 @@ def test_sweep_crash_then_resume_gives_every_point_once(tmp_path):
     points = second.points.set_index("point").loc[[p.name for p in config.points]]
     assert len(points) == 6 and (points["n_requests"] == 40).all()
     assert (points["errored_requests"] == 0).all()
+    assert (points["server_version"] == "loopback").all()  # provenance, from GET /version
     assert sorted(set(zip(points["k"], points["request_rate"], strict=True))) == \
         [(k, r) for k in (2, 4) for r in (20.0, 40.0, 60.0)]
     assert (points["prompt_len"] == 32).all() and (points["output_len"] == 24).all()
