@@ -346,6 +346,7 @@ class _Server:
 
     def __init__(self, config: SweepConfig, k: int, logs: Path):
         self.config = config
+        self.version = ""  # the server's own, read once it is up
         self.log_path = logs / f"k{k}-{time.strftime('%Y%m%dT%H%M%S')}.log"
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(config.server_command(k), stdout=self._log,
@@ -365,6 +366,7 @@ class _Server:
             record = asyncio.run(_drive(config, warm_up, lambda: None))
             if record["error"][0]:
                 raise PointFailed(f"warm-up request failed: {record['error'][0]}")
+            server.version = server._version()
         except PointFailed:
             server.stop()
             raise
@@ -393,7 +395,7 @@ class _Server:
         except (urllib.error.URLError, OSError) as err:
             raise PointFailed(f"cannot read /metrics ({err}){self._exit_note()}") from None
 
-    def version(self) -> str:
+    def _version(self) -> str:
         """The server's ``GET /version`` (vLLM's version), or "" where it has none."""
         try:
             with urllib.request.urlopen(self.config.url + "/version", timeout=10) as answer:
@@ -427,7 +429,7 @@ def _measure(config: SweepConfig, server: _Server, point: Point,
     started = time.time()
     before = server.scrape()
     requests = asyncio.run(_drive(config, point, on_request))
-    record = dict(started=started, server_version=server.version(), requests=requests,
+    record = dict(started=started, server_version=server.version, requests=requests,
                   metrics_before=before)
     try:
         lost = [e for e, t in zip(requests["error"], requests["transport"], strict=True) if t]
