@@ -246,7 +246,7 @@ def _tokens_per_step_positions(k, rates):
     return 1.0 + jnp.sum(weights * survival, axis=-1)
 
 
-@partial(jax.jit, static_argnames="variant")
+@_jit
 def demands(
     coef: Coefficients,
     *,
@@ -254,15 +254,18 @@ def demands(
     alpha: ArrayLike | PositionRates,
     output_len: ArrayLike,
     prompt_len: ArrayLike | None = None,
-    coverage: ArrayLike = 1.0,
+    coverage: ArrayLike | None = None,
+    rate: ArrayLike | None = None,
+    concurrency: ArrayLike | None = None,
     variant: str | Variant = "paper",
+    experts: int | None = None,
+    top_m: int | None = None,
 ) -> Demands:
     """Per-request demand by phase: what ``C1`` and ``C2`` are made of.
 
     Under the ``"stepped"`` variant the cycle count includes the partly wasted last cycle.
-    The MoE terms ``c1e, c2e`` enter verification scaled by ``coverage``, the fraction of
-    experts a pass loads (:func:`expert_coverage`); the default 1 is full coverage, what a
-    loaded MoE server reaches and what a dense model's zero ``c1e, c2e`` make moot.
+    The MoE terms ``c1e, c2e`` enter verification scaled by the expert coverage, the
+    fraction of experts a pass loads (:func:`expert_coverage`).
 
     Args:
       coef: cost coefficients [s]; fields broadcast with the operating point.
@@ -271,15 +274,33 @@ def demands(
       output_len: tokens each request emits, > 0.
       prompt_len: accepted so a whole operating point can be passed; the base model's
         coefficients belong to one prompt length, so it does not enter.
-      coverage: fraction of experts loaded per verifier pass, in [0, 1].
-      variant: a form's name or :class:`Variant` (its MoE settings are not used here).
+      coverage: fraction of experts loaded per verifier pass, in [0, 1]. By default 1
+        (full coverage, what a loaded MoE server reaches and what a dense model's zero
+        ``c1e, c2e`` make moot); for an MoE verifier (``experts``, ``top_m``) the
+        coverage at the load given by ``rate`` or ``concurrency`` (the fixed point of
+        :func:`latency`), or of a request alone (``k + 1`` tokens a pass) without a load.
+      rate, concurrency: the load, for an MoE verifier's coverage only.
+      variant: one of :data:`VARIANTS` or a :class:`Variant` (static).
+      experts, top_m: an MoE verifier's M and m (static), as for :func:`latency`.
 
     Returns:
       :class:`Demands`, every leaf of the broadcast shape of the arguments.
     """
     del prompt_len
+    variant = as_variant(variant, experts, top_m)
+    if coverage is None and variant.moe:
+        if rate is not None or concurrency is not None:
+            return _solve(coef, k, alpha, output_len, rate, concurrency, variant)[0]
+        coverage = expert_coverage(jnp.asarray(k, _float_dtype(k)) + 1.0, variant.experts,
+                                   variant.top_m)
+    return _demands(coef, k, alpha, output_len, 1.0 if coverage is None else coverage,
+                    variant.form)
+
+
+def _demands(coef, k, alpha, output_len, coverage, form) -> Demands:
+    """:func:`demands` at a given expert coverage (any shape broadcasting with the point)."""
     e = tokens_per_step(k, alpha)
-    extra = _wasted_cycles(k, alpha, e, as_variant(variant).form)
+    extra = _wasted_cycles(k, alpha, e, form)
     dtype = _float_dtype(e, output_len, coverage, *coef)
     e, extra, k, output_len, coverage, *fields = jnp.broadcast_arrays(
         *(jnp.asarray(x, dtype) for x in (e, extra, k, output_len, coverage, *coef))
@@ -330,12 +351,11 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
         raise TypeError("give exactly one of rate= (open loop, req/s) "
                         "or concurrency= (closed loop)")
     variant = as_variant(variant)
-    full = demands(coef, k=k, alpha=alpha, output_len=output_len, variant=variant)
+    full = _demands(coef, k, alpha, output_len, 1.0, variant.form)
     dtype = full.independent.total.dtype
     d_open = d_closed = full
     if variant.moe:  # demands are linear in the coverage: d(phi) = bare + phi * (full - bare)
-        bare = demands(coef, k=k, alpha=alpha, output_len=output_len, coverage=0.0,
-                       variant=variant)
+        bare = _demands(coef, k, alpha, output_len, 0.0, variant.form)
 
         def at(phi):
             return jax.tree.map(lambda b, f: b + phi * (f - b), bare, full)
@@ -642,8 +662,7 @@ def saturation_rate(
     saturation the batch is large enough to load every expert.
     """
     del prompt_len
-    d = demands(coef, k=k, alpha=alpha, output_len=output_len,
-                variant=as_variant(variant, experts, top_m))
+    d = _demands(coef, k, alpha, output_len, 1.0, as_variant(variant, experts, top_m).form)
     return 1.0 / d.dependent.total
 
 

@@ -85,7 +85,7 @@ def rate_at_slo(
       Rates [req/s] of the broadcast shape; 0 where the SLO is not met even at zero load.
     """
     point = dict(k=k, alpha=alpha, output_len=output_len, variant=variant)
-    d = demands(coef, **point)
+    d = demands(coef, coverage=1.0, **point)  # full coverage: saturation is 1 / C2
     c2 = d.dependent.total
     slo = jnp.asarray(slo, c2.dtype)
     if metric == "e2e" and as_variant(variant) == Variant("paper"):

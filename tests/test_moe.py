@@ -57,6 +57,21 @@ def test_the_latency_solves_its_fixed_point():
                                d.independent.total + (n - 1) * d.dependent.total, rtol=1e-12)
 
 
+def test_demands_of_an_moe_verifier_are_at_the_loads_coverage():
+    lam = rates()[1:4]
+    latency = sb.latency(COEF, rate=lam, **POINT, **MOE)
+    phi = expert_coverage((POINT["k"] + 1) * (1 + lam * latency), **MOE)
+    at_load = sb.demands(COEF, rate=lam, **POINT, **MOE)
+    np.testing.assert_allclose(at_load.dependent.total,
+                               sb.demands(COEF, coverage=phi, **POINT).dependent.total,
+                               rtol=1e-10)
+    alone = sb.demands(COEF, **POINT, **MOE)  # no load: k + 1 tokens a pass
+    np.testing.assert_allclose(alone.independent.total,
+                               sb.latency(COEF, rate=0.0, **POINT, **MOE), rtol=1e-12)
+    full = sb.demands(COEF, **POINT)  # dense call: expert terms at full coverage
+    assert float(full.independent.total) > float(alone.independent.total)
+
+
 @pytest.mark.parametrize("load", [0.05, 0.3, 0.95])
 def test_gradients_match_central_differences(load):
     """Implicit-function gradients of the fixed point, float64, relative error < 1e-4."""
