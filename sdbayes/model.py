@@ -360,11 +360,11 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
         def at(phi):
             return jax.tree.map(lambda b, f: b + phi * (f - b), bare, full)
 
-        passes = jnp.asarray(k, dtype) + 1.0  # tokens a request puts in each verifier pass
-        if concurrency is not None:
-            d_closed = at(expert_coverage(passes * jnp.asarray(concurrency, dtype),
-                                          variant.experts, variant.top_m))
+        if concurrency is not None:  # N - 1 others: no fixed point
+            d_closed = at(_step_coverage(variant, k, jnp.asarray(concurrency, dtype) - 1.0,
+                                         dtype))
         if rate is not None:
+            passes = jnp.asarray(k, dtype) + 1.0  # tokens a request puts in each pass
             d_open = at(_open_coverage(bare, full, passes, jnp.asarray(rate, dtype), variant))
     if concurrency is not None:
         c1, c2, concurrency = jnp.broadcast_arrays(

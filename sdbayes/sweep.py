@@ -260,7 +260,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
     out = Path(out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    done = {p.name for p in config.points if _finished(out, p)}
+    done = {p.name for p in config.points if _finished(out, p) is not None}
     todo = [p for p in config.points if p.name not in done]
     failed: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
@@ -285,20 +285,21 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
                        failed=failed)
 
 
-def _finished(out: Path, point: Point) -> bool:
+def _finished(out: Path, point: Point) -> dict | None:
+    """The raw record of ``point`` in ``out`` if it finished there, else None."""
     path = out / "raw" / f"{point.name}.json"
     if not path.is_file():
-        return False
+        return None
     try:
         record = json.loads(path.read_text())
     except json.JSONDecodeError:
-        return False  # written atomically, so only a hand-edited file gets here
+        return None  # written atomically, so only a hand-edited file gets here
     if record.get("status") != "ok":
-        return False
+        return None
     if record.get("point") != asdict(point):
         raise SweepError(f"{path}: measured with other settings {record.get('point')}, the "
                          f"config now says {asdict(point)}: use a new output folder")
-    return True
+    return record
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -555,9 +556,9 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
     out = Path(out)
     rows, points = [], []
     for point in config.points:
-        if not _finished(out, point):
+        record = _finished(out, point)
+        if record is None:
             continue
-        record = json.loads((out / "raw" / f"{point.name}.json").read_text())
         requests = pd.DataFrame(record["requests"])
         good = requests[requests["error"] == ""]  # a finished point has some
         sd = point.k > 0
