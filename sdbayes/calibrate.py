@@ -76,7 +76,7 @@ class Prior(NamedTuple):
         """This prior extended to the MoE terms when it has only the six: ``c1e`` and
         ``c2e`` centred on ``c1v`` and ``c2v`` (loading all experts costs about what the
         rest of a pass does), as wide as those."""
-        if len(self.loc) == 8:
+        if len(self.loc) == len(COEFFICIENTS + MOE_COEFFICIENTS):
             return self
         loc, scale = np.asarray(self.loc, float), np.asarray(self.scale, float)
         return Prior(np.concatenate([loc, loc[[1, 4]]]), np.concatenate([scale, scale[[1, 4]]]))

@@ -70,10 +70,8 @@ def plot_speedup_vs_rate(posterior: Posterior, alpha: float, output_len: float,
                          path: Path) -> None:
     """Speedup over no SD against load, for several draft lengths, with credible bands."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    top = None
     for i, k in enumerate((1, 2, 4, 6, 8)):
         pred = _load_grid(posterior, {"k": k, "acceptance": alpha, "output_len": output_len})
-        top = pred["request_rate"].max() if top is None else max(top, pred["request_rate"].max())
         ax.plot(pred["request_rate"], pred["speedup_pred"], color=f"C{i}", label=f"k={k}")
         ax.fill_between(pred["request_rate"], pred["speedup_lower"], pred["speedup_upper"],
                         color=f"C{i}", alpha=0.2)
