@@ -23,6 +23,7 @@ import time
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
@@ -76,9 +77,12 @@ def point_fit(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
             - np.log(train["e2e_mean_s"].to_numpy())
 
     start = np.log([0.07, 0.014, 0.0014, 0.035, 0.0004, 0.00012])
-    fit = least_squares(residual, start)
-    spread = np.std(fit.fun, ddof=6)
-    pred = predict(fit.x, test)
+    # Float64: least squares differentiates numerically, and float32 steps stall it far
+    # from the optimum (58% error on a fold where float64 reaches 7%).
+    with jax.enable_x64(True):
+        fit = least_squares(residual, start)
+        spread = np.std(fit.fun, ddof=6)
+        pred = predict(fit.x, test)
     return pd.DataFrame({"pred": pred, "lower": pred * np.exp(-Z90 * spread),
                          "upper": pred * np.exp(Z90 * spread)}, index=test.index)
 

@@ -41,13 +41,20 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from sdbayes.model import Coefficients, Variant, as_variant, metrics, tokens_per_step
+from sdbayes.model import Coefficients, Variant, as_variant, demands, metrics, tokens_per_step
 from sdbayes.traces import Points
 
 COEFFICIENTS = ("c1p", "c1v", "c1d", "c2p", "c2v", "c2d")
 MOE_COEFFICIENTS = ("c1e", "c2e")
 """Expert-loading terms, fitted only for an MoE verifier (a :class:`~sdbayes.model.Variant`
 with ``experts`` and ``top_m``)."""
+FILL_COEFFICIENTS = ("fill", "fill_half")
+"""How the marginal load-dependent cost grows as the batch fills the GPU, fitted only under
+the ``"filling"`` form (:func:`sdbayes.model.batch_load`)."""
+# Their prior, log-normal: a marginal cost rising by 0.1x..2.6x between an empty and a full
+# batch, half-way at 1.5..40 others (90% intervals). A GPU runs some tens of decode
+# requests before its kernels stop being latency-bound; wide enough for the data to decide.
+_FILL_PRIOR = ((math.log(0.5), 1.0), (math.log(8.0), 1.0))
 METRICS = ("e2e", "ttft", "tpot")
 LIKELIHOODS = ("lognormal", "student_t")
 _STUDENT_DF = 4.0
@@ -55,31 +62,43 @@ _SATURATED = 1e30  # [s]
 
 
 def coefficient_names(variant: str | Variant = "paper") -> tuple[str, ...]:
-    """The coefficients a variant fits: :data:`COEFFICIENTS`, plus ``c1e, c2e`` for MoE."""
-    return COEFFICIENTS + (MOE_COEFFICIENTS if as_variant(variant).moe else ())
+    """The coefficients a variant fits: :data:`COEFFICIENTS`, plus ``c1e, c2e`` for MoE,
+    plus ``fill, fill_half`` under the ``"filling"`` form."""
+    variant = as_variant(variant)
+    return (COEFFICIENTS + (MOE_COEFFICIENTS if variant.moe else ())
+            + (FILL_COEFFICIENTS if variant.form == "filling" else ()))
 
 
 class Prior(NamedTuple):
     """Log-normal prior of each coefficient: ``log c ~ Normal(loc, scale)``, shape [6] each
-    (or [8] for an MoE verifier), in the order of :func:`coefficient_names` (locations are
-    logs of seconds)."""
+    (more for the variants that fit more), in the order of :func:`coefficient_names`
+    (locations are logs of seconds, of requests for ``fill_half``)."""
 
     loc: np.ndarray
     scale: np.ndarray
 
-    def median(self) -> Coefficients:
-        names = (COEFFICIENTS + MOE_COEFFICIENTS)[:len(self.loc)]
+    def median(self, variant: str | Variant = "paper") -> Coefficients:
+        """The prior's median coefficients; ``variant`` names them when there are more
+        than six."""
+        names = coefficient_names(variant)
         return Coefficients(**{n: float(math.exp(x))
                                for n, x in zip(names, self.loc, strict=True)})
 
-    def with_experts(self) -> Prior:
-        """This prior extended to the MoE terms when it has only the six: ``c1e`` and
-        ``c2e`` centred on ``c1v`` and ``c2v`` (loading all experts costs about what the
-        rest of a pass does), as wide as those."""
-        if len(self.loc) == len(COEFFICIENTS + MOE_COEFFICIENTS):
-            return self
-        loc, scale = np.asarray(self.loc, float), np.asarray(self.scale, float)
-        return Prior(np.concatenate([loc, loc[[1, 4]]]), np.concatenate([scale, scale[[1, 4]]]))
+    def for_variant(self, variant: str | Variant) -> Prior:
+        """This prior extended to the terms a variant adds, when it has only the six:
+        ``c1e`` and ``c2e`` centred on ``c1v`` and ``c2v`` (loading all experts costs about
+        what the rest of a pass does), as wide as those; ``fill`` and ``fill_half`` as
+        :data:`FILL_COEFFICIENTS` says."""
+        names = coefficient_names(variant)
+        if len(self.loc) != len(COEFFICIENTS):
+            return self  # already the variant's (the model checks the count)
+        loc, scale = list(np.asarray(self.loc, float)), list(np.asarray(self.scale, float))
+        if as_variant(variant).moe:
+            loc, scale = loc + [loc[1], loc[4]], scale + [scale[1], scale[4]]
+        if "fill" in names:
+            loc += [m for m, _ in _FILL_PRIOR]
+            scale += [s for _, s in _FILL_PRIOR]
+        return Prior(np.array(loc), np.array(scale))
 
 
 class ModelSpec(NamedTuple):
@@ -171,13 +190,14 @@ def roofline_prior(
 def scale_demands(coef: Coefficients, c1_scale, c2_scale) -> Coefficients:
     """Coefficients with every load-independent term (``c1*``) times ``c1_scale`` and every
     load-dependent one (``c2*``) times ``c2_scale``: ``C1`` and ``C2`` scaled."""
-    return Coefficients(**{name: getattr(coef, name) * (c1_scale if name.startswith("c1")
-                                                        else c2_scale)
-                           for name in Coefficients._fields})
+    return coef._replace(**{name: getattr(coef, name) * (c1_scale if name.startswith("c1")
+                                                         else c2_scale)
+                            for name in Coefficients._fields if name[:2] in ("c1", "c2")})
 
 
 def predicted_means(coef, points: Points, variant):
-    """Predicted means of each metric, and the queueing inflation L / C1 - 1, shape [n].
+    """Predicted means of each metric, and the queueing inflation L / C1 - 1, shape [n]
+    (under the ``"filling"`` form, the sensitivity of log L to a relative error of C2).
 
     The model's likelihood and :meth:`sdbayes.Posterior.predict` both use this. Past
     saturation the means are +inf and the inflation 0.
@@ -187,7 +207,20 @@ def predicted_means(coef, points: Points, variant):
                 concurrency=jnp.where(points.closed, points.concurrency, 1.0),
                 closed=points.closed, variant=variant)
     stable = jnp.isfinite(m.latency)  # past saturation the likelihood is zero anyway
-    inflation = jnp.where(stable, jnp.where(stable, m.latency, 1.0) / m.alone - 1.0, 0.0)
+    total = jnp.where(stable, m.latency, 1.0)
+    inflation = jnp.where(stable, total / m.alone - 1.0, 0.0)
+    if as_variant(variant).form == "filling":
+        # How much a relative error in C2 moves log L, d log L / d log C2: for the paper's
+        # open loop that is L / C1 - 1 (= x / (1 - x)); here the rising marginal cost G'
+        # of the decode cycles' D2 steepens it to (L - C1) / (L * (1 - rate * (c2p + G' D2))).
+        dependent = demands(coef, k=points.k, alpha=points.alpha,
+                            output_len=points.output_len, variant=variant).dependent
+        rate = jnp.where(points.closed, 0.0, points.rate)
+        others = rate * total
+        slope = 1.0 + coef.fill * others / (others + coef.fill_half)
+        marginal = dependent.prefill + slope * (dependent.total - dependent.prefill)
+        room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
+        inflation = jnp.where(stable, (total - m.alone) / (total * room), 0.0)
     return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}, inflation
 
 

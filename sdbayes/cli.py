@@ -86,7 +86,8 @@ def fit(
     out: Annotated[Path, typer.Option(help="Posterior file to write (netCDF).")] = Path(
         "posterior.nc"),
     method: Annotated[str, typer.Option(help="nuts or svi.")] = "nuts",
-    variant: Annotated[str, typer.Option(help="Model variant: paper or stepped.")] = "paper",
+    variant: Annotated[str, typer.Option(
+        help="Model variant: paper, stepped or filling.")] = "paper",
     experts: Annotated[int | None, typer.Option(
         help="MoE verifier: number of experts M (fits c1e, c2e too).")] = None,
     top_m: Annotated[int | None, typer.Option(
@@ -127,8 +128,10 @@ def _fit_and_show(traces, **settings):
     summary = posterior.summary()
     several = summary["group"].nunique() > 1
     shown = summary[["group", "coefficient"] if several else ["coefficient"]].copy()
+    seconds = summary["unit"] == "s"
     for column in ("mean", "lower", "upper"):
-        shown[f"{column}_ms"] = 1e3 * summary[f"{column}_s"]
+        shown[column] = np.where(seconds, 1e3 * summary[column], summary[column])
+    shown["unit"] = np.where(seconds, "ms", summary["unit"])
     shown[["r_hat", "ess_bulk"]] = summary[["r_hat", "ess_bulk"]]
     console.print(_table("Posterior over the cost coefficients (90% intervals): "
                          + ", ".join(posterior.groups), shown))

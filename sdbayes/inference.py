@@ -68,7 +68,7 @@ def fit(
         fitted too (compare with a dense fit by :func:`sdbayes.compare`).
       prior: log-normal prior of the coefficients; by default
         :func:`sdbayes.calibrate.data_prior`. See also :func:`sdbayes.calibrate.roofline_prior`.
-        A six-coefficient prior for an MoE fit is extended by ``Prior.with_experts``.
+        A six-coefficient prior is extended to the variant's terms by ``Prior.for_variant``.
       metrics: which of ``"e2e", "ttft", "tpot"`` to fit; by default those present.
       likelihood: ``"lognormal"`` or ``"student_t"`` (robust to outliers).
       num_warmup, num_samples, num_chains: NUTS settings (``num_samples`` draws from SVI).
@@ -101,8 +101,7 @@ def fit(
     if unknown or "e2e" not in metrics:
         raise ValueError(f"metrics must include 'e2e' and be among {METRICS}, got {metrics}")
     prior = prior if prior is not None else calibrate.data_prior(points)
-    if variant.moe:
-        prior = prior.with_experts()
+    prior = prior.for_variant(variant)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     args = dict(points=points, prior=prior, n_groups=len(groups), metrics=tuple(metrics),
                 likelihood=likelihood, pool_scale=pool_scale, variant=variant)

@@ -43,7 +43,7 @@ Array = jax.Array
 _TAYLOR_BELOW = 1e-3
 
 
-VARIANTS = ("paper", "stepped")
+VARIANTS = ("paper", "stepped", "filling")
 """Model variants.
 
 ``"paper"``: the source paper's form, the reference: a request takes ``g / E`` SD cycles and
@@ -56,13 +56,33 @@ cycle more. (2) A request waits for a step boundary twice, to be admitted and to
 decode batch after its prefill: ``L = C1 + B * C2 + 2 * W`` with ``W`` the boundary wait of
 :func:`ttft`. Neither adds a coefficient; each is a few percent of the latency
 (DESIGN.md section 1; ``bench/analytic_vs_simulated.py`` measures both variants).
+
+``"filling"``: the marginal cost of a request in a decode step grows as the batch fills the
+GPU. A step over a small batch leaves much of the GPU idle (its kernels are bound by
+latency, not by bandwidth or compute), so the first others in flight cost less per step
+than later ones. With ``B`` others the per-cycle load-dependent latency
+``D2 = n * (c2v + k*c2d)`` counts ``G(B)`` others instead of ``B`` (prefill stalls,
+``c2p``, stay linear):
+
+    L = C1 + B * c2p + G(B) * D2,
+    G(B) = B + fill * (B - fill_half * log(1 + B / fill_half))        (:func:`batch_load`)
+
+``G'(B) = 1 + fill * B / (B + fill_half)`` rises from 1 (an empty batch) to ``1 + fill``
+(a full one), half-way at ``B = fill_half``. Two coefficients: ``fill`` (dimensionless,
+the relative rise of the marginal cost of a step) and ``fill_half`` (requests);
+``fill = 0`` is the paper's form. The open-loop latency solves ``L = C1 + rate*L*c2p +
+G(rate * L) * D2`` (one root, found by bisection and Newton with implicit gradients); it
+saturates at ``rate = 1 / (c2p + (1 + fill) * D2)``. The simulator charges a step with
+``n`` requests decoding ``(c1v + k*c1d) + G(n - 1) * (c2v + k*c2d)``. The other forms
+ignore ``fill`` and ``fill_half``.
 """
 
 _jit = partial(jax.jit, static_argnames=("variant", "experts", "top_m"))
 _GRID = 17  # points of the scan for the MoE fixed point's first crossing
-# Then halvings to 1/4096 of a grid cell, where the residual is close to linear, and Newton
-# steps (quadratic convergence) to float64 resolution.
-_MOE_BISECTIONS, _MOE_NEWTON = 12, 4
+# Fixed points (MoE, "filling") are refined by halvings to 1/4096 of a bracket (a grid cell
+# for MoE), where the residual is close to linear, then Newton steps (quadratic convergence)
+# to float64 resolution.
+_REFINE_BISECTIONS, _REFINE_NEWTON = 12, 4
 _BISECTIONS = 64  # halvings of a bracket: below float64 resolution
 
 
@@ -102,6 +122,8 @@ def as_variant(variant: str | Variant = "paper", experts: int | None = None,
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant.form!r}")
     if (variant.experts is None) != (variant.top_m is None):
         raise ValueError("give both experts= (M) and top_m= (m) for an MoE verifier, or neither")
+    if variant.moe and variant.form == "filling":
+        raise ValueError("the filling form does not take an MoE verifier (experts=, top_m=)")
     if variant.moe:
         m, big_m = variant.top_m, variant.experts
         whole = all(isinstance(x, int) and not isinstance(x, bool) for x in (m, big_m))
@@ -140,6 +162,23 @@ class Coefficients(NamedTuple):
     c2d: ArrayLike  # drafting, per pass, per other request in flight [s]
     c1e: ArrayLike = 0.0  # MoE expert loading, per verifier pass at full coverage [s]
     c2e: ArrayLike = 0.0  # the same, per other request in flight [s]
+    fill: ArrayLike = 0.0  # "filling" form: rise of the marginal C2 from empty to full [1]
+    fill_half: ArrayLike = 1.0  # "filling" form: others at half that rise [requests]
+
+
+def batch_load(others: ArrayLike, fill: ArrayLike, fill_half: ArrayLike) -> Array:
+    """Others in flight weighted by their marginal cost, ``G(B)`` of the ``"filling"`` form.
+
+    ``G(B) = B + fill * (B - fill_half * log(1 + B / fill_half))``: ``B`` when ``fill = 0``,
+    ``(1 + fill) * B`` less a constant for ``B >> fill_half``. Increasing and convex in B.
+
+    Args:
+      others: other requests in flight, >= 0, any shape.
+      fill: relative rise of the marginal cost, >= 0; fill_half: others at half of it, > 0
+        [requests]; both broadcast with ``others``.
+    """
+    others = jnp.asarray(others, _float_dtype(others, fill, fill_half))
+    return others + fill * (others - fill_half * jnp.log1p(others / fill_half))
 
 
 class PositionRates(NamedTuple):
@@ -325,7 +364,7 @@ def _wasted_cycles(k, alpha, e, variant):
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant == "paper":
+    if variant != "stepped":
         return jnp.zeros_like(e)
     # "stepped": whole cycles
     if isinstance(alpha, PositionRates):
@@ -371,16 +410,19 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
             d_closed.independent.total, d_closed.dependent.total,
             jnp.asarray(concurrency, dtype))
         closed_others = concurrency - 1.0
-        closed_total = c1 + closed_others * c2
+        closed_total = c1 + _dependent_latency(coef, d_closed, closed_others, variant)
         closed_throughput = concurrency / closed_total  # Little's Law
     if rate is not None:
         c1, c2, c2_full, rate = jnp.broadcast_arrays(
             d_open.independent.total, d_open.dependent.total, full.dependent.total,
             jnp.asarray(rate, dtype))
-        # Saturation is where the load-dependent demand at full coverage meets 1 / rate.
-        open_stable = 1.0 - rate * c2_full > 0
-        # Double `where`s keep the untaken branch finite, so its gradient is 0, not NaN.
-        open_total = c1 / jnp.where(open_stable, 1.0 - rate * c2, 1.0)
+        if variant.form == "filling":
+            open_total, open_stable = _open_filling(coef, d_open, rate)
+        else:
+            # Saturation is where the load-dependent demand at full coverage meets 1 / rate.
+            open_stable = 1.0 - rate * c2_full > 0
+            # Double `where`s keep the untaken branch finite, so its gradient is 0, not NaN.
+            open_total = c1 / jnp.where(open_stable, 1.0 - rate * c2, 1.0)
         open_others = jnp.where(open_stable, rate * open_total, 0.0)
     if rate is None:
         d, total, others, throughput = d_closed, closed_total, closed_others, closed_throughput
@@ -395,10 +437,68 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
         throughput = jnp.where(closed, closed_throughput, rate)
         stable = closed | open_stable
     coverage = _step_coverage(variant, k, others, dtype)
-    wait = jnp.where(stable, _boundary_wait(coef, k, others, throughput, coverage), 0.0)
+    wait = jnp.where(stable, _boundary_wait(coef, k, others, _load(coef, others, variant),
+                                            throughput, coverage), 0.0)
     if variant.form == "stepped":
         total = total + 2.0 * wait
     return d, jnp.where(stable, total, jnp.inf), others, stable, wait
+
+
+def _load(coef, others, variant: Variant):
+    """Others in flight as the per-cycle load-dependent costs count them:
+    :func:`batch_load` under the ``"filling"`` form, else themselves."""
+    if variant.form != "filling":
+        return others
+    return batch_load(others, coef.fill, coef.fill_half)
+
+
+def _dependent_latency(coef, d: Demands, others, variant: Variant):
+    """Latency [s] that ``others`` in flight add: ``B * C2``, or under ``"filling"``
+    ``B * c2p + G(B) * D2`` (prefill stalls linear, decode cycles filling the GPU)."""
+    dependent = d.dependent
+    if variant.form != "filling":
+        return others * dependent.total
+    return (others * dependent.prefill
+            + _load(coef, others, variant) * (dependent.drafting + dependent.verification))
+
+
+def _full_batch_demand(coef, d: Demands, form: str):
+    """The marginal load-dependent demand of one more request in a full batch [s]: ``C2``,
+    or ``c2p + (1 + fill) * D2`` under ``"filling"``; its inverse is the saturation rate."""
+    dependent = d.dependent
+    if form != "filling":
+        return dependent.total
+    fill = jnp.asarray(coef.fill, dependent.total.dtype)
+    return dependent.total + fill * (dependent.drafting + dependent.verification)
+
+
+def _open_filling(coef, d: Demands, rate):
+    """Open-loop latency of the ``"filling"`` form and its stability, each of the broadcast
+    shape of the demands and ``rate``.
+
+    ``L`` solves ``r(L) = L - C1 - rate*L*c2p - G(rate * L) * D2 = 0``. As
+    ``B <= G(B) <= (1 + fill) * B``, the paper's closed forms at ``C2`` and at the full
+    batch's demand bracket the root, and ``r`` increases while that demand is below
+    ``1 / rate`` (``G' < 1 + fill``): one root. Past that, latency is a finite stand-in
+    (callers mask it with ``stable``).
+    """
+    variant = Variant("filling")
+    full = _full_batch_demand(coef, d, "filling")
+    c1, c2, full, rate = jnp.broadcast_arrays(d.independent.total, d.dependent.total, full,
+                                              jnp.asarray(rate, full.dtype))
+    stable = 1.0 - rate * full > 0
+    lo = c1 / jnp.where(stable, 1.0 - rate * c2, 1.0)
+    hi = c1 / jnp.where(stable, 1.0 - rate * full, 1.0)
+    # The bracket only steers the search; the root's gradient comes from the residual.
+    lo = jax.lax.stop_gradient(jnp.where(stable, lo, 1.0))
+    hi = jax.lax.stop_gradient(jnp.where(stable, jnp.maximum(hi, lo), 1.0))
+
+    def residual(latency):
+        return latency - c1 - _dependent_latency(coef, d, rate * latency, variant)
+
+    total = increasing_root(residual, lo, hi, iterations=_REFINE_BISECTIONS,
+                            newton=_REFINE_NEWTON)
+    return total, stable
 
 
 def _open_coverage(bare: Demands, full: Demands, passes, rate, variant: Variant) -> Array:
@@ -441,8 +541,8 @@ def _open_coverage(bare: Demands, full: Demands, passes, rate, variant: Variant)
     first = jnp.argmax(crossed, axis=0)[None]
     sub_lo = jnp.take_along_axis(grid, jnp.maximum(first - 1, 0), axis=0)[0]
     sub_hi = jnp.take_along_axis(grid, first, axis=0)[0]
-    latency = increasing_root(residual, sub_lo, sub_hi, iterations=_MOE_BISECTIONS,
-                              newton=_MOE_NEWTON)
+    latency = increasing_root(residual, sub_lo, sub_hi, iterations=_REFINE_BISECTIONS,
+                              newton=_REFINE_NEWTON)
     return jnp.where(stable, coverage(latency), 1.0)
 
 
@@ -532,15 +632,17 @@ def _per_token(total, first, stable, output_len):
     return jnp.where(stable, per_token, jnp.inf)
 
 
-def _boundary_wait(coef, k, others, throughput, coverage=1.0):
-    """Mean wait of an arrival for the step in progress to end [s] (see :func:`ttft`)."""
-    k, others, throughput, phi, *fields = jnp.broadcast_arrays(
-        *(jnp.asarray(x, others.dtype) for x in (k, others, throughput, coverage, *coef))
+def _boundary_wait(coef, k, others, loaded, throughput, coverage=1.0):
+    """Mean wait of an arrival for the step in progress to end [s] (see :func:`ttft`);
+    ``loaded`` is ``others`` as the load-dependent costs count them (:func:`_load`)."""
+    k, others, loaded, throughput, phi, *fields = jnp.broadcast_arrays(
+        *(jnp.asarray(x, others.dtype)
+          for x in (k, others, loaded, throughput, coverage, *coef))
     )
     c = Coefficients(*fields)
     busy = -jnp.expm1(-others)
     step = (busy * (c.c1v + phi * c.c1e + k * c.c1d)
-            + (others - busy) * (c.c2v + phi * c.c2e + k * c.c2d))
+            + (loaded - busy) * (c.c2v + phi * c.c2e + k * c.c2d))
     stretch = jnp.maximum(1.0 - throughput * c.c2p, 1e-12)  # > 0 while stable
     return step / (2.0 * stretch)
 
@@ -659,11 +761,12 @@ def saturation_rate(
     """Arrival rate [req/s] at which the mean latency diverges, ``1 / C2``.
 
     For an MoE verifier (``experts``, ``top_m``) ``C2`` is at full expert coverage: near
-    saturation the batch is large enough to load every expert.
+    saturation the batch is large enough to load every expert. Under the ``"filling"``
+    form it is ``1 / (c2p + (1 + fill) * D2)``, the marginal demand in a full batch.
     """
     del prompt_len
-    d = _demands(coef, k, alpha, output_len, 1.0, as_variant(variant, experts, top_m).form)
-    return 1.0 / d.dependent.total
+    form = as_variant(variant, experts, top_m).form
+    return 1.0 / _full_batch_demand(coef, _demands(coef, k, alpha, output_len, 1.0, form), form)
 
 
 @_jit

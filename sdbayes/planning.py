@@ -32,6 +32,7 @@ from sdbayes.model import (
     increasing_root,
     latency,
     metrics,
+    saturation_rate,
 )
 from sdbayes.posterior import Posterior
 
@@ -72,7 +73,8 @@ def rate_at_slo(
     """Highest open-loop arrival rate [req/s] at which the mean ``metric`` is at most ``slo``.
 
     For the paper's end-to-end latency this is the closed form ``(1 - C1/SLO) / C2``; for
-    the other metrics and variants a bisection on ``[0, 1/C2]`` through the model.
+    the other metrics and variants a bisection up to :func:`sdbayes.saturation_rate`
+    through the model.
 
     Args:
       coef: cost coefficients [s], fields of any shape broadcasting with the point.
@@ -85,12 +87,13 @@ def rate_at_slo(
       Rates [req/s] of the broadcast shape; 0 where the SLO is not met even at zero load.
     """
     point = dict(k=k, alpha=alpha, output_len=output_len, variant=variant)
-    d = demands(coef, coverage=1.0, **point)  # full coverage: saturation is 1 / C2
-    c2 = d.dependent.total
-    slo = jnp.asarray(slo, c2.dtype)
     if metric == "e2e" and as_variant(variant) == Variant("paper"):
-        return jnp.maximum((1.0 - d.independent.total / slo) / c2, 0.0)
-    saturation = jnp.broadcast_to(1.0 / c2, jnp.broadcast_shapes(c2.shape, slo.shape))
+        d = demands(coef, **point)
+        c2 = d.dependent.total
+        return jnp.maximum((1.0 - d.independent.total / jnp.asarray(slo, c2.dtype)) / c2, 0.0)
+    limit = saturation_rate(coef, **point)
+    slo = jnp.asarray(slo, limit.dtype)
+    saturation = jnp.broadcast_to(limit, jnp.broadcast_shapes(limit.shape, slo.shape))
     return increasing_root(
         lambda rate: metric_value(coef, metric, rate=rate, **point) - slo,
         jnp.zeros_like(saturation), saturation)

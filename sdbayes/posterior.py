@@ -23,6 +23,8 @@ _ESS_PER_CHAIN = 100
 _IDENTIFIED_SD_RATIO = 0.5  # posterior sd of log c over prior sd above this: not learned
 
 
+UNITS = {"fill": "1", "fill_half": "requests"}
+"""Units of the fitted terms that are not seconds."""
 _predicted_means = jax.jit(predicted_means, static_argnames="variant")
 
 
@@ -96,9 +98,9 @@ class Posterior:
                                for name in self.coefficient_names})
 
     def summary(self, ci: float = 0.9) -> pd.DataFrame:
-        """One row per group and coefficient: mean, sd, equal-tailed interval, R-hat, ESS.
-
-        Values in seconds.
+        """One row per group and coefficient: mean, sd, equal-tailed interval (``lower``,
+        ``upper``), R-hat, ESS, and the ``unit`` of the values: seconds (``"s"``) for the
+        cost coefficients, ``"1"`` for ``fill``, ``"requests"`` for ``fill_half``.
         """
         stats = az.summary(self.idata, var_names=list(self.coefficient_names),
                            kind="diagnostics")
@@ -110,8 +112,9 @@ class Posterior:
                 key = f"{name}[{g}]"
                 row = stats.loc[key] if key in stats.index else None
                 rows.append({
-                    "group": label, "coefficient": name, "mean_s": x.mean(), "sd_s": x.std(),
-                    "lower_s": np.quantile(x, tail), "upper_s": np.quantile(x, 1 - tail),
+                    "group": label, "coefficient": name, "unit": UNITS.get(name, "s"),
+                    "mean": x.mean(), "sd": x.std(),
+                    "lower": np.quantile(x, tail), "upper": np.quantile(x, 1 - tail),
                     "r_hat": row["r_hat"] if row is not None else math.nan,
                     "ess_bulk": row["ess_bulk"] if row is not None else math.nan,
                     "ess_tail": row["ess_tail"] if row is not None else math.nan,

@@ -11,15 +11,25 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from sdbayes.model import Coefficients, Variant, as_variant, saturation_rate, speedup
+from sdbayes.model import Coefficients, Variant, as_variant, demands, saturation_rate, speedup
+from sdbayes.model import latency as latency_fn
 from sdbayes.posterior import Posterior
 from sdbayes.tuning import tune_k
 
 _CI = 0.9
 
 
+def _length_bucket(output_len) -> np.ndarray:
+    """Output lengths within about 10% share a bucket: importers record the measured mean
+    (127.6 for a 128-token request), which differs a little from point to point."""
+    return np.round(np.log(np.asarray(output_len, float)) / np.log(1.1)).astype(int)
+
+
 def _configs(points: pd.DataFrame) -> pd.DataFrame:
-    return (points[["k", "acceptance", "output_len"]].drop_duplicates()
+    """One row per configuration (k, acceptance, output-length bucket), with the bucket's
+    median output length and a ``bucket`` column to select its points by."""
+    keyed = points.assign(bucket=_length_bucket(points["output_len"]))
+    return (keyed.groupby(["k", "acceptance", "bucket"], as_index=False)["output_len"].median()
             .sort_values(["output_len", "acceptance", "k"]).reset_index(drop=True))
 
 
@@ -38,32 +48,118 @@ def _saturation(posterior: Posterior, config) -> float:
 
 
 def plot_latency_vs_rate(posterior: Posterior, points: pd.DataFrame, path: Path) -> None:
-    """Measured mean latency per configuration over predicted median and 90% bands."""
+    """Measured mean latency per configuration over predicted median and 90% bands; one
+    panel per acceptance rate and output length, one colour per draft length."""
     configs = _configs(points)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    highest = 0.0
-    for i, config in configs.iterrows():
-        color = f"C{i % 10}"
-        pred = _load_grid(posterior, config.to_dict())
-        highest = max(highest, float(pred["e2e_median_s"].max()))
-        label = (f"k={int(config.k)}, alpha={config.acceptance:.2f}, "
-                 f"{int(config.output_len)} tokens")
-        ax.plot(pred["request_rate"], 1e3 * pred["e2e_median_s"], color=color, label=label)
-        ax.fill_between(pred["request_rate"], 1e3 * pred["e2e_pi_lower_s"],
-                        1e3 * pred["e2e_pi_upper_s"], color=color, alpha=0.2)
-        measured = points[(points["k"] == config.k) & (points["acceptance"] == config.acceptance)
-                          & (points["output_len"] == config.output_len)
-                          & points["request_rate"].notna()]
-        ax.errorbar(measured["request_rate"], 1e3 * measured["e2e_mean_s"],
-                    yerr=1e3 * 1.645 * measured.get("e2e_se_s", 0), fmt="o", color=color, ms=4)
-    ax.set(xlabel="request rate [req/s]", ylabel="mean end-to-end latency [ms]",
-           title=f"Latency against load: measured (dots), predicted median and "
-                 f"{_CI:.0%} predictive band")
-    ax.legend(fontsize=7)
-    ax.set_ylim(0, 1.3e3 * highest)  # bands near saturation would flatten everything else
+    panels = list(configs.groupby(["bucket", "acceptance"], sort=True))
+    buckets = _length_bucket(points["output_len"])
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
+    ks = sorted(configs["k"].unique())
+    for ax, ((bucket, acceptance), group) in zip(axes.flat, panels, strict=False):
+        highest = 0.0
+        for _, config in group.sort_values("k").iterrows():
+            color = f"C{ks.index(config.k) % 10}"
+            pred = _load_grid(posterior, config.drop("bucket").to_dict())
+            highest = max(highest, float(pred["e2e_median_s"].max()))
+            ax.plot(pred["request_rate"], 1e3 * pred["e2e_median_s"], color=color,
+                    label=f"k={int(config.k)}")
+            ax.fill_between(pred["request_rate"], 1e3 * pred["e2e_pi_lower_s"],
+                            1e3 * pred["e2e_pi_upper_s"], color=color, alpha=0.2)
+            measured = points[(points["k"] == config.k)
+                              & (points["acceptance"] == config.acceptance)
+                              & (buckets == bucket) & points["request_rate"].notna()]
+            steady = measured.get("steady", pd.Series(True, measured.index)).astype(bool)
+            ax.errorbar(measured["request_rate"][steady], 1e3 * measured["e2e_mean_s"][steady],
+                        yerr=1e3 * 1.645 * measured.get("e2e_se_s", pd.Series(0.0,
+                                                                          measured.index))[steady],
+                        fmt="o", color=color, ms=3)
+            ax.plot(measured["request_rate"][~steady], 1e3 * measured["e2e_mean_s"][~steady],
+                    "x", color=color, ms=5)
+        ax.set(xlabel="request rate [req/s]", ylabel="mean end-to-end latency [ms]",
+               title=f"alpha = {acceptance:.2f}, {group['output_len'].median():.0f} "
+                     "output tokens")
+        ax.legend(fontsize=7, ncol=2)
+        ax.set_ylim(0, 1.3e3 * highest)  # bands near saturation would flatten everything else
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"Latency against load: measured (dots; crosses: saturated, not fitted), "
+                 f"predicted median and {_CI:.0%} predictive band ({posterior.variant} form)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _median_coefficients(posterior: Posterior) -> Coefficients:
+    return Coefficients(**{name: float(np.median(values)) for name, values
+                           in posterior.coefficients(0)._asdict().items()})
+
+
+def plot_collapse(posterior: Posterior, points: pd.DataFrame, path: Path) -> bool:
+    """The normalised collapse: measured ``L / C1`` against ``x = rate * C2`` for every
+    open-loop point, with ``C1, C2`` of its configuration from the posterior-median
+    coefficients. The paper's form puts every configuration on ``1 / (1 - x)``; points
+    above the curve at high ``x`` are the load the form misses. False (and no file) when
+    there are no open-loop points."""
+    open_loop = points[points["request_rate"].notna() & points.get("steady", True).astype(bool)]
+    if open_loop.empty:
+        return False
+    d = demands(_median_coefficients(posterior), k=open_loop["k"].to_numpy(float),
+                alpha=open_loop["acceptance"].to_numpy(float),
+                output_len=open_loop["output_len"].to_numpy(float),
+                variant=as_variant(posterior.variant).form)
+    x = open_loop["request_rate"].to_numpy() * np.asarray(d.dependent.total)
+    y = open_loop["e2e_mean_s"].to_numpy() / np.asarray(d.independent.total)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    scatter = ax.scatter(x, y, c=open_loop["k"], cmap="viridis", s=12)
+    fig.colorbar(scatter, ax=ax, label="draft length k")
+    curve = np.linspace(0.0, min(0.97, max(x.max(), 0.5)), 200)
+    ax.plot(curve, 1.0 / (1.0 - curve), color="black", lw=1, label="1 / (1 - x)")
+    ax.set(xlabel="x = rate * C2", ylabel="measured L / C1", yscale="log",
+           title="Normalised latency: every configuration on one curve")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
+
+
+def plot_synchronous_optimum(posterior: Posterior, points: pd.DataFrame, path: Path) -> bool:
+    """The draft length with the lowest synchronous latency (one request at a time) against
+    acceptance: measured, and the posterior's (median and 90% interval of each draw's
+    best k among the measured ones). False (and no file) without synchronous points at
+    two or more draft lengths of one acceptance rate."""
+    if "concurrency" not in points:
+        return False
+    sync = points[(points["concurrency"] == 1) & points.get("steady", True).astype(bool)]
+    sync = sync.groupby("acceptance").filter(lambda g: g["k"].nunique() >= 2)
+    if sync.empty:
+        return False
+    coef = posterior.coefficients(0)
+    rows = []
+    for acceptance, group in sync.groupby("acceptance"):
+        ks = np.sort(group["k"].unique()).astype(float)
+        measured = group.groupby("k")["e2e_mean_s"].mean()
+        latency = np.asarray(latency_fn(
+            Coefficients(*(np.asarray(f)[:, None] if np.ndim(f) else f for f in coef)),
+            k=ks[None, :],
+            alpha=acceptance, output_len=float(group["output_len"].median()),
+            concurrency=1.0, variant=posterior.variant))  # [D, K]
+        best = ks[np.argmin(latency, axis=1)]
+        rows.append((acceptance, float(measured.idxmin()), *np.quantile(best, [0.05, 0.5, 0.95])))
+    alpha, measured_k, lo, mid, hi = map(np.array, zip(*rows, strict=True))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.errorbar(alpha, mid, yerr=[mid - lo, hi - mid], fmt="s", capsize=3,
+                label=f"predicted (median, {_CI:.0%} interval)")
+    ax.plot(alpha, measured_k, "o", ms=11, mfc="none", mew=2, color="C3", label="measured")
+    ax.set(xlabel="acceptance rate alpha", ylabel="draft length k with the lowest latency",
+           title="Synchronous latency: best draft length against acceptance")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_speedup_vs_rate(posterior: Posterior, alpha: float, output_len: float,
@@ -175,12 +271,17 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
     plot_speedup_vs_rate(posterior, alpha, output_len, folder / "speedup_vs_rate.png")
     plot_k_schedule(posterior, output_len, folder / "k_schedule.png")
     plot_predictive_check(posterior, points, folder / "predictive_check.png")
+    evidence = []
+    if plot_collapse(posterior, points, folder / "collapse.png"):
+        evidence += ["## Normalised collapse", "", "![collapse](collapse.png)", ""]
+    if plot_synchronous_optimum(posterior, points, folder / "synchronous_optimum.png"):
+        evidence += ["## Best draft length alone", "",
+                     "![synchronous optimum](synchronous_optimum.png)", ""]
     variant = as_variant(posterior.variant)
     moe_section = []
     if variant.moe:
-        median = Coefficients(**{name: float(np.median(values)) for name, values
-                                 in posterior.coefficients(0)._asdict().items()})
-        plot_moe_vs_dense(median, variant, alpha, output_len, folder / "moe_vs_dense.png")
+        plot_moe_vs_dense(_median_coefficients(posterior), variant, alpha, output_len,
+                          folder / "moe_vs_dense.png")
         moe_section = ["## MoE against dense", "", "Posterior-median coefficients, and the "
                        "same without the expert terms.", "", "![moe vs dense](moe_vs_dense.png)",
                        ""]
@@ -199,13 +300,14 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         plt.close("all")
 
     summary = posterior.summary(ci=_CI)
-    table = ["| group | coefficient | mean [ms] | 90% interval [ms] | R-hat | bulk ESS |",
-             "|---|---|---|---|---|---|"]
+    table = ["| group | coefficient | mean | 90% interval | unit | R-hat | bulk ESS |",
+             "|---|---|---|---|---|---|---|"]
     for row in summary.itertuples():
         group = row.group.replace("|", "\\|")  # labels hold "|", a Markdown column bar
-        table.append(f"| {group} | {row.coefficient} | {1e3 * row.mean_s:.4g} | "
-                     f"{1e3 * row.lower_s:.4g} - {1e3 * row.upper_s:.4g} | {row.r_hat:.3f} | "
-                     f"{row.ess_bulk:.0f} |")
+        scale, unit = (1e3, "ms") if row.unit == "s" else (1.0, row.unit)
+        table.append(f"| {group} | {row.coefficient} | {scale * row.mean:.4g} | "
+                     f"{scale * row.lower:.4g} - {scale * row.upper:.4g} | {unit} | "
+                     f"{row.r_hat:.3f} | {row.ess_bulk:.0f} |")
     diagnostics = posterior.diagnostics
     verdict = ("no problems found" if diagnostics is None or diagnostics.trustworthy
                else "; ".join(diagnostics.problems))
@@ -215,6 +317,7 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         f"{len(points)} operating points. Diagnostics: {verdict}.", "",
         "## Cost coefficients", "", *table, "",
         "## Latency against load", "", "![latency vs rate](latency_vs_rate.png)", "",
+        *evidence,
         "## Speedup against load", "", "![speedup vs rate](speedup_vs_rate.png)", "",
         *moe_section,
         "## Tuned draft length", "", "![k schedule](k_schedule.png)", "",

@@ -12,10 +12,12 @@ tail latencies (DESIGN.md section 4). It reads the cost coefficients mechanistic
 - A decode step with ``n`` requests decoding lasts ``(c1v + k*c1d) + (n - 1)*(c2v + k*c2d)``
   plus, for an MoE verifier (``experts``, ``top_m``), ``phi * (c1e + (n - 1)*c2e)`` with
   ``phi`` the fraction of experts its ``n * (k + 1)`` tokens load
-  (:func:`sdbayes.model.expert_coverage`; full coverage without them), and each request in
-  it emits ``1 +`` (drafts accepted before
-  the first rejection, at most ``k``) tokens. A request leaves once it has emitted its
-  ``output_len`` tokens, as in the analytic model, where they take ``output_len / E`` steps.
+  (:func:`sdbayes.model.expert_coverage`; full coverage without them). With ``fill > 0``
+  the ``n - 1`` others count as :func:`sdbayes.model.batch_load` of them (the marginal cost
+  of a request grows as the batch fills the GPU). Each request in a step emits ``1 +``
+  (drafts accepted before the first rejection, at most ``k``) tokens. A request leaves once
+  it has emitted its ``output_len`` tokens, as in the analytic model, where they take
+  ``output_len / E`` steps.
 
 Acceptance does not depend on timing, so each request's number of decode steps is drawn up
 front, vectorised; the event loop then advances from event to event (arrival, prefill done,
@@ -33,7 +35,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from sdbayes.model import Coefficients, PositionRates, as_variant, expert_coverage
+from sdbayes.model import Coefficients, PositionRates, as_variant, batch_load, expert_coverage
 
 
 class Uniform(NamedTuple):
@@ -111,6 +113,8 @@ def simulate(
         value = float(getattr(coef, name))
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"coefficient {name} must be finite and >= 0, got {value}")
+    if coef.fill > 0 and not coef.fill_half > 0:
+        raise ValueError(f"fill_half must be > 0 when fill > 0, got {coef.fill_half}")
 
     rng = _generator(seed)
     prompts = _draw_lengths(rng, prompt_len, n, "prompt_len")
@@ -124,8 +128,11 @@ def simulate(
     phi = 1.0
     if as_variant("paper", experts, top_m).moe:
         phi = np.asarray(expert_coverage(batch * (k + 1), experts, top_m), float)
+    others = batch - 1
+    if c.fill > 0:
+        others = np.asarray(batch_load(np.maximum(others, 0), c.fill, c.fill_half), float)
     step_time = ((c.c1v + phi * c.c1e + k * c.c1d)
-                 + (batch - 1) * (c.c2v + phi * c.c2e + k * c.c2d))
+                 + others * (c.c2v + phi * c.c2e + k * c.c2d))
     in_flight = n if concurrency is None else min(int(concurrency), n)
     arrivals, admitted, ready, finished = _run(arrivals, in_flight, steps, step_time,
                                                c.c1p, c.c2p, max_batch)

@@ -28,7 +28,7 @@ def test_expert_coverage_counts_the_experts_a_pass_loads():
     assert np.all(np.asarray(expert_coverage(tokens[1:], 8, 8)) == 1.0)  # every expert
 
 
-@pytest.mark.parametrize("variant", sb.model.VARIANTS)
+@pytest.mark.parametrize("variant", ["paper", "stepped"])  # "filling" takes no MoE
 def test_without_expert_terms_the_fixed_point_is_the_closed_form(variant):
     dense = COEF._replace(c1e=0.0, c2e=0.0)
     for fn in (sb.latency, sb.ttft, sb.tpot):
