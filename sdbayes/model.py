@@ -162,7 +162,7 @@ class Coefficients(NamedTuple):
     c2d: ArrayLike  # drafting, per pass, per other request in flight [s]
     c1e: ArrayLike = 0.0  # MoE expert loading, per verifier pass at full coverage [s]
     c2e: ArrayLike = 0.0  # the same, per other request in flight [s]
-    fill: ArrayLike = 0.0  # "filling" form: rise of the marginal C2 from empty to full [1]
+    fill: ArrayLike = 0.0  # "filling" form: rise of the marginal D2, empty to full batch [1]
     fill_half: ArrayLike = 1.0  # "filling" form: others at half that rise [requests]
 
 

@@ -107,12 +107,13 @@ def test_report_writes_plots_and_a_summary(workdir):
     result = run("report", workdir / "post.nc", *sorted(workdir.glob("p[0-9]*.csv")), "--out", out)
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
-    for name in ("latency_vs_rate", "speedup_vs_rate", "k_schedule", "predictive_check",
-                 "pair", "trace"):
+    for name in ("latency_vs_rate", "collapse", "speedup_vs_rate", "k_schedule",
+                 "predictive_check", "pair", "trace"):
         assert (out / f"{name}.png").stat().st_size > 10_000 and f"({name}.png)" in text
-    # The header and one row per coefficient, each of 6 columns (group labels hold "|").
+    # The header and one row per coefficient, each of 7 columns (group labels hold "|").
     rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 7 and all(line.replace("\\|", "").count("|") == 7 for line in rows)
+    assert len(rows) == 7 and all(line.replace("\\|", "").count("|") == 8 for line in rows)
+    assert "| c1v | " in text and " | ms | " in text
 
 
 def test_demo_fits_plans_tunes_and_reports(tmp_path):

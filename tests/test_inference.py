@@ -48,7 +48,7 @@ def test_well_identified_coefficients_recovered(fitted):
     summary = fitted.summary(ci=0.9).set_index("coefficient")
     for name in ("c1v", "c1d", "c2v"):
         row = summary.loc[name]
-        assert row["lower_s"] <= getattr(TRUE, name) <= row["upper_s"], name
+        assert row["lower"] <= getattr(TRUE, name) <= row["upper"], name
 
 
 def test_predictive_intervals_cover_the_measurements(fitted):

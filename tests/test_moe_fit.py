@@ -51,7 +51,7 @@ def test_moe_truth_recovers_the_expert_terms_and_loo_prefers_moe(tmp_path):
     summary = fits["moe"].summary(ci=0.9).set_index("coefficient")
     for name in ("c1e", "c2e"):
         truth = getattr(MOE_TRUTH, name)
-        assert summary.loc[name, "lower_s"] <= truth <= summary.loc[name, "upper_s"], name
+        assert summary.loc[name, "lower"] <= truth <= summary.loc[name, "upper"], name
     table = sb.compare(fits)
     assert table.index[0] == "moe"
     # Measured: elpd difference 20 with standard error 4.8.

@@ -51,7 +51,7 @@ def test_true_coefficients_inside_90_percent_intervals_at_the_nominal_rate():
                                num_samples=500, num_chains=2, seed=seed, progress=False)
         summary = posterior.summary(ci=0.9)
         truth = np.array([getattr(TRUE, name) for name in summary["coefficient"]])
-        inside.extend((summary["lower_s"] <= truth) & (truth <= summary["upper_s"]))
+        inside.extend((summary["lower"] <= truth) & (truth <= summary["upper"]))
     n, hits = len(inside), int(np.sum(inside))
     # Central 98% binomial band of 90% coverage over n = 36 intervals: [28, 36].
     low, high = binom.ppf(0.01, n, 0.9), binom.ppf(0.99, n, 0.9)
@@ -76,9 +76,9 @@ def test_a_group_with_three_points_borrows_from_the_others():
     joint = joint[joint["group"].str.startswith("C ")].reset_index(drop=True)
     assert list(joint["coefficient"]) == list(alone["coefficient"])
     expected = np.array([getattr(truth["C"], name) for name in joint["coefficient"]])
-    log_width = lambda s: np.log(s["upper_s"] / s["lower_s"]).to_numpy()  # noqa: E731
+    log_width = lambda s: np.log(s["upper"] / s["lower"]).to_numpy()  # noqa: E731
     assert np.all(log_width(joint) < log_width(alone))
-    assert np.all((joint["lower_s"] <= expected) & (expected <= joint["upper_s"]))
+    assert np.all((joint["lower"] <= expected) & (expected <= joint["upper"]))
 
 
 @pytest.mark.slow
