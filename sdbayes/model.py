@@ -456,10 +456,11 @@ def _dependent_latency(coef, d: Demands, others, variant: Variant):
     """Latency [s] that ``others`` in flight add: ``B * C2``, or under ``"filling"``
     ``B * c2p + G(B) * D2`` (prefill stalls linear, decode cycles filling the GPU)."""
     dependent = d.dependent
+    others, total, prefill, cycles = jnp.broadcast_arrays(
+        others, dependent.total, dependent.prefill, dependent.drafting + dependent.verification)
     if variant.form != "filling":
-        return others * dependent.total
-    return (others * dependent.prefill
-            + _load(coef, others, variant) * (dependent.drafting + dependent.verification))
+        return others * total
+    return others * prefill + _load(coef, others, variant) * cycles
 
 
 def _full_batch_demand(coef, d: Demands, form: str):
