@@ -41,7 +41,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from sdbayes.model import Coefficients, Variant, as_variant, demands, metrics, tokens_per_step
+from sdbayes.model import Coefficients, Variant, as_variant, metrics, tokens_per_step
 from sdbayes.traces import Points
 
 COEFFICIENTS = ("c1p", "c1v", "c1d", "c2p", "c2v", "c2d")
@@ -89,13 +89,13 @@ class Prior(NamedTuple):
         ``c1e`` and ``c2e`` centred on ``c1v`` and ``c2v`` (loading all experts costs about
         what the rest of a pass does), as wide as those; ``fill`` and ``fill_half`` as
         :data:`FILL_COEFFICIENTS` says."""
-        names = coefficient_names(variant)
+        variant = as_variant(variant)
         if len(self.loc) != len(COEFFICIENTS):
             return self  # already the variant's (the model checks the count)
         loc, scale = list(np.asarray(self.loc, float)), list(np.asarray(self.scale, float))
-        if as_variant(variant).moe:
+        if variant.moe:
             loc, scale = loc + [loc[1], loc[4]], scale + [scale[1], scale[4]]
-        if "fill" in names:
+        if variant.form == "filling":
             loc += [m for m, _ in _FILL_PRIOR]
             scale += [s for _, s in _FILL_PRIOR]
         return Prior(np.array(loc), np.array(scale))
@@ -211,15 +211,10 @@ def predicted_means(coef, points: Points, variant):
     inflation = jnp.where(stable, total / m.alone - 1.0, 0.0)
     if as_variant(variant).form == "filling":
         # How much a relative error in C2 moves log L, d log L / d log C2: for the paper's
-        # open loop that is L / C1 - 1 (= x / (1 - x)); here the rising marginal cost G'
-        # of the decode cycles' D2 steepens it to (L - C1) / (L * (1 - rate * (c2p + G' D2))).
-        dependent = demands(coef, k=points.k, alpha=points.alpha,
-                            output_len=points.output_len, variant=variant).dependent
+        # open loop that is L / C1 - 1 (= x / (1 - x)); here the rising marginal cost
+        # steepens it to (L - C1) / (L * (1 - rate * marginal)), marginal = c2p + G' D2.
         rate = jnp.where(points.closed, 0.0, points.rate)
-        others = rate * total
-        slope = 1.0 + coef.fill * others / (others + coef.fill_half)
-        marginal = dependent.prefill + slope * (dependent.total - dependent.prefill)
-        room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
+        room = jnp.where(stable, 1.0 - rate * m.marginal, 1.0)
         inflation = jnp.where(stable, (total - m.alone) / (total * room), 0.0)
     return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}, inflation
 

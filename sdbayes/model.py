@@ -463,14 +463,30 @@ def _dependent_latency(coef, d: Demands, others, variant: Variant):
     return others * prefill + _load(coef, others, variant) * cycles
 
 
+def _marginal_demand(coef, d: Demands, others, variant: Variant):
+    """What one more request in flight adds at a load of ``others`` [s], the slope of
+    :func:`_dependent_latency`: ``C2``, or ``c2p + G'(B) * D2`` under ``"filling"`` with
+    ``G'(B) = 1 + fill * B / (B + fill_half)``."""
+    if variant.form != "filling":
+        return d.dependent.total
+    slope = 1.0 + coef.fill * others / (others + coef.fill_half)
+    return _with_cycle_slope(d, slope)
+
+
 def _full_batch_demand(coef, d: Demands, form: str):
     """The marginal load-dependent demand of one more request in a full batch [s]: ``C2``,
-    or ``c2p + (1 + fill) * D2`` under ``"filling"``; its inverse is the saturation rate."""
-    dependent = d.dependent
+    or ``c2p + (1 + fill) * D2`` under ``"filling"`` (``G'`` at its limit); its inverse
+    is the saturation rate."""
     if form != "filling":
-        return dependent.total
-    fill = jnp.asarray(coef.fill, dependent.total.dtype)
-    return dependent.total + fill * (dependent.drafting + dependent.verification)
+        return d.dependent.total
+    return _with_cycle_slope(d, 1.0 + jnp.asarray(coef.fill, d.dependent.total.dtype))
+
+
+def _with_cycle_slope(d: Demands, slope):
+    """``c2p + slope * D2`` [s]: the load-dependent demand with the decode cycles' part
+    weighted by the marginal batch load ``slope``."""
+    dependent = d.dependent
+    return dependent.prefill + slope * (dependent.drafting + dependent.verification)
 
 
 def _open_filling(coef, d: Demands, rate):
@@ -607,6 +623,7 @@ class Metrics(NamedTuple):
     tpot: Array
     alone: Array  # C1, the load-independent demand
     dependent: Array  # C2, the demand per other request in flight
+    marginal: Array  # what one more request in flight adds at this load: C2 but "filling"
 
 
 def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed=None, variant="paper",
@@ -617,11 +634,13 @@ def metrics(coef, *, k, alpha, output_len, rate, concurrency, closed=None, varia
     array ``closed`` picks per point (the probabilistic model's traces mix both kinds).
     Not jit-compiled itself: it runs inside its caller's trace.
     """
-    d, total, _, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency,
-                                       as_variant(variant, experts, top_m), closed)
+    variant = as_variant(variant, experts, top_m)
+    d, total, others, stable, wait = _solve(coef, k, alpha, output_len, rate, concurrency,
+                                            variant, closed)
     first = jnp.where(stable, d.independent.prefill + wait, jnp.inf)
     return Metrics(total, first, _per_token(total, first, stable, output_len),
-                   d.independent.total, d.dependent.total)
+                   d.independent.total, d.dependent.total,
+                   _marginal_demand(coef, d, others, variant))
 
 
 def _per_token(total, first, stable, output_len):

@@ -19,6 +19,19 @@ from sdbayes.tuning import tune_k
 _CI = 0.9
 
 
+def _save(fig, path: Path, dpi: int = 110) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def _steady(points: pd.DataFrame) -> pd.Series:
+    """Which points are steady state (all where the table has no ``steady`` column)."""
+    if "steady" not in points:
+        return pd.Series(True, index=points.index)
+    return points["steady"].astype(bool)
+
+
 def _length_bucket(output_len) -> np.ndarray:
     """Output lengths within about 10% share a bucket: importers record the measured mean
     (127.6 for a 128-token request), which differs a little from point to point."""
@@ -70,13 +83,13 @@ def plot_latency_vs_rate(posterior: Posterior, points: pd.DataFrame, path: Path)
             measured = points[(points["k"] == config.k)
                               & (points["acceptance"] == config.acceptance)
                               & (buckets == bucket) & points["request_rate"].notna()]
-            steady = measured.get("steady", pd.Series(True, measured.index)).astype(bool)
-            ax.errorbar(measured["request_rate"][steady], 1e3 * measured["e2e_mean_s"][steady],
-                        yerr=1e3 * 1.645 * measured.get("e2e_se_s", pd.Series(0.0,
-                                                                          measured.index))[steady],
-                        fmt="o", color=color, ms=3)
-            ax.plot(measured["request_rate"][~steady], 1e3 * measured["e2e_mean_s"][~steady],
-                    "x", color=color, ms=5)
+            is_steady = _steady(measured)
+            steady, saturated = measured[is_steady], measured[~is_steady]
+            ax.errorbar(steady["request_rate"], 1e3 * steady["e2e_mean_s"],
+                        yerr=1e3 * 1.645 * steady.get("e2e_se_s", 0), fmt="o", color=color,
+                        ms=3)
+            ax.plot(saturated["request_rate"], 1e3 * saturated["e2e_mean_s"], "x",
+                    color=color, ms=5)
         ax.set(xlabel="request rate [req/s]", ylabel="mean end-to-end latency [ms]",
                title=f"alpha = {acceptance:.2f}, {group['output_len'].median():.0f} "
                      "output tokens")
@@ -86,9 +99,7 @@ def plot_latency_vs_rate(posterior: Posterior, points: pd.DataFrame, path: Path)
         ax.set_visible(False)
     fig.suptitle(f"Latency against load: measured (dots; crosses: saturated, not fitted), "
                  f"predicted median and {_CI:.0%} predictive band ({posterior.variant} form)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path, dpi=90)
 
 
 def _median_coefficients(posterior: Posterior) -> Coefficients:
@@ -102,7 +113,7 @@ def plot_collapse(posterior: Posterior, points: pd.DataFrame, path: Path) -> boo
     coefficients. The paper's form puts every configuration on ``1 / (1 - x)``; points
     above the curve at high ``x`` are the load the form misses. False (and no file) when
     there are no open-loop points."""
-    open_loop = points[points["request_rate"].notna() & points.get("steady", True).astype(bool)]
+    open_loop = points[points["request_rate"].notna() & _steady(points)]
     if open_loop.empty:
         return False
     d = demands(_median_coefficients(posterior), k=open_loop["k"].to_numpy(float),
@@ -119,9 +130,7 @@ def plot_collapse(posterior: Posterior, points: pd.DataFrame, path: Path) -> boo
     ax.set(xlabel="x = rate * C2", ylabel="measured L / C1", yscale="log",
            title="Normalised latency: every configuration on one curve")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -132,7 +141,7 @@ def plot_synchronous_optimum(posterior: Posterior, points: pd.DataFrame, path: P
     two or more draft lengths of one acceptance rate."""
     if "concurrency" not in points:
         return False
-    sync = points[(points["concurrency"] == 1) & points.get("steady", True).astype(bool)]
+    sync = points[(points["concurrency"] == 1) & _steady(points)]
     sync = sync.groupby("acceptance").filter(lambda g: g["k"].nunique() >= 2)
     if sync.empty:
         return False
@@ -156,9 +165,7 @@ def plot_synchronous_optimum(posterior: Posterior, points: pd.DataFrame, path: P
     ax.set(xlabel="acceptance rate alpha", ylabel="draft length k with the lowest latency",
            title="Synchronous latency: best draft length against acceptance")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -176,9 +183,7 @@ def plot_speedup_vs_rate(posterior: Posterior, alpha: float, output_len: float,
            title=f"Speedup against load, alpha = {alpha:.2f} ({_CI:.0%} credible bands)")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_k_schedule(posterior: Posterior, output_len: float, path: Path) -> None:
@@ -195,9 +200,7 @@ def plot_k_schedule(posterior: Posterior, output_len: float, path: Path) -> None
     ax.set(xlabel="request rate [req/s]", ylabel="best draft length k*",
            title="Tuned draft length against load (posterior mean latency)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_moe_vs_dense(coef: Coefficients, variant: Variant, alpha: float, output_len: float,
@@ -223,14 +226,12 @@ def plot_moe_vs_dense(coef: Coefficients, variant: Variant, alpha: float, output
                  f"same c1v, c2v; alpha = {alpha:.2f}")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_predictive_check(posterior: Posterior, points: pd.DataFrame, path: Path) -> None:
     """Measured against predicted mean latency, with 90% predictive intervals."""
-    steady = points[points.get("steady", True).astype(bool)]
+    steady = points[_steady(points)]
     pred = posterior.predict(steady, ci=_CI)
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     x = 1e3 * pred["e2e_median_s"].to_numpy()
@@ -245,9 +246,7 @@ def plot_predictive_check(posterior: Posterior, points: pd.DataFrame, path: Path
            xlabel="predicted mean latency [ms]",
            ylabel="measured mean latency [ms]",
            title=f"Posterior predictive check: {inside.mean():.0%} inside {_CI:.0%} intervals")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path) -> Path:
