@@ -113,10 +113,9 @@ def fit(
         # them would cost O(d^2) a step.
         coefficient_sites = ("log_c",) if len(groups) == 1 else ("mu", "tau")
         # Warm-up starts from a unit mass matrix, where the coefficients' posterior sds
-        # (often 1e-3 in log space) against the error scales' (about 1) make every
-        # trajectory run to the full depth of 1023 steps. Capping its trees at depth 5 lets
-        # the mass matrix adapt at a small fraction of the cost; the draws then get the
-        # full depth.
+        # (often 1e-3 in log space) against the error scales' (about 1) make its early
+        # trajectories run to the full 1023 steps. Trees of at most 63 steps let the mass
+        # matrix adapt at a small fraction of that cost; the draws then get the full depth.
         kernel = NUTS(calibrate.model, init_strategy=init_to_median, target_accept_prob=0.9,
                       dense_mass=[coefficient_sites], max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
