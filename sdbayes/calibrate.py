@@ -208,7 +208,6 @@ def predicted_means(coef, points: Points, variant):
                 closed=points.closed, variant=variant)
     stable = jnp.isfinite(m.latency)  # past saturation the likelihood is zero anyway
     total = jnp.where(stable, m.latency, 1.0)
-    inflation = jnp.where(stable, total / m.alone - 1.0, 0.0)
     if as_variant(variant).form == "filling":
         # How much a relative error in C2 moves log L, d log L / d log C2: for the paper's
         # open loop that is L / C1 - 1 (= x / (1 - x)); here the rising marginal cost
@@ -216,6 +215,8 @@ def predicted_means(coef, points: Points, variant):
         rate = jnp.where(points.closed, 0.0, points.rate)
         room = jnp.where(stable, 1.0 - rate * m.marginal, 1.0)
         inflation = jnp.where(stable, (total - m.alone) / (total * room), 0.0)
+    else:
+        inflation = jnp.where(stable, total / m.alone - 1.0, 0.0)
     return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}, inflation
 
 

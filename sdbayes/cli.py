@@ -120,19 +120,15 @@ def _fit_and_show(traces, **settings):
     import warnings
 
     from sdbayes.inference import fit as run_fit
-    from sdbayes.posterior import FitWarning
+    from sdbayes.posterior import FitWarning, in_milliseconds
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FitWarning)
         posterior = run_fit(traces, progress=True, **settings)
-    summary = posterior.summary()
+    summary = in_milliseconds(posterior.summary())
     several = summary["group"].nunique() > 1
-    shown = summary[["group", "coefficient"] if several else ["coefficient"]].copy()
-    seconds = summary["unit"] == "s"
-    for column in ("mean", "lower", "upper"):
-        shown[column] = np.where(seconds, 1e3 * summary[column], summary[column])
-    shown["unit"] = np.where(seconds, "ms", summary["unit"])
-    shown[["r_hat", "ess_bulk"]] = summary[["r_hat", "ess_bulk"]]
+    shown = summary[(["group"] if several else [])
+                    + ["coefficient", "mean", "lower", "upper", "unit", "r_hat", "ess_bulk"]]
     console.print(_table("Posterior over the cost coefficients (90% intervals): "
                          + ", ".join(posterior.groups), shown))
     for warning in caught:

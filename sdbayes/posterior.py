@@ -25,6 +25,17 @@ _IDENTIFIED_SD_RATIO = 0.5  # posterior sd of log c over prior sd above this: no
 
 UNITS = {"fill": "1", "fill_half": "requests"}
 """Units of the fitted terms that are not seconds."""
+
+
+def in_milliseconds(summary: pd.DataFrame) -> pd.DataFrame:
+    """A :meth:`Posterior.summary` table for people: the rows in seconds shown in ms (their
+    ``mean, sd, lower, upper`` times 1000, ``unit`` ``"ms"``), the others as they are."""
+    shown = summary.copy()
+    seconds = shown["unit"] == "s"
+    for column in ("mean", "sd", "lower", "upper"):
+        shown[column] = np.where(seconds, 1e3 * shown[column], shown[column])
+    shown["unit"] = np.where(seconds, "ms", shown["unit"])
+    return shown
 _predicted_means = jax.jit(predicted_means, static_argnames="variant")
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from sdbayes.model import Coefficients, Variant, as_variant, demands, saturation_rate, speedup
 from sdbayes.model import latency as latency_fn
-from sdbayes.posterior import Posterior
+from sdbayes.posterior import Posterior, in_milliseconds
 from sdbayes.tuning import tune_k
 
 _CI = 0.9
@@ -298,14 +298,13 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         plt.gcf().savefig(folder / "trace.png", dpi=80)
         plt.close("all")
 
-    summary = posterior.summary(ci=_CI)
+    summary = in_milliseconds(posterior.summary(ci=_CI))
     table = ["| group | coefficient | mean | 90% interval | unit | R-hat | bulk ESS |",
              "|---|---|---|---|---|---|---|"]
     for row in summary.itertuples():
         group = row.group.replace("|", "\\|")  # labels hold "|", a Markdown column bar
-        scale, unit = (1e3, "ms") if row.unit == "s" else (1.0, row.unit)
-        table.append(f"| {group} | {row.coefficient} | {scale * row.mean:.4g} | "
-                     f"{scale * row.lower:.4g} - {scale * row.upper:.4g} | {unit} | "
+        table.append(f"| {group} | {row.coefficient} | {row.mean:.4g} | "
+                     f"{row.lower:.4g} - {row.upper:.4g} | {row.unit} | "
                      f"{row.r_hat:.3f} | {row.ess_bulk:.0f} |")
     diagnostics = posterior.diagnostics
     verdict = ("no problems found" if diagnostics is None or diagnostics.trustworthy
