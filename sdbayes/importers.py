@@ -8,9 +8,9 @@ GuideLLM (VLLM.md): a benchmark's ``metrics`` hold ``request_latency`` [s],
 ``time_to_first_token_ms``, ``inter_token_latency_ms`` (GuideLLM's ITL is vLLM's TPOT,
 ``(latency - TTFT) / (n - 1)``), ``requests_per_second``, ``prompt_token_count`` and
 ``output_token_count``, each split into ``successful / errored / incomplete / total`` with
-``mean, std_dev, count, percentiles``. Only successful requests are used; errored and
-incomplete ones are counted in the ``errored_requests`` and ``incomplete_requests`` columns,
-never dropped silently.
+``mean, std_dev, count, percentiles``. Latencies are those of successful requests; errored
+and incomplete ones are counted in the ``errored_requests`` and ``incomplete_requests``
+columns, never dropped silently, and count in the arrival rate.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ def read_guidellm(
     bare list of benchmark ``metrics`` objects, as in the source study's files. A sweep runs
     a synchronous benchmark first (one request at a time: a closed loop of concurrency 1),
     then a throughput benchmark (everything in flight: saturated, kept with
-    ``steady=False``), then constant-rate points (open loop at the achieved rate). Where a
+    ``steady=False``), then constant-rate points (open loop). Their ``request_rate`` is the
+    arrival rate, requests started per second whatever became of them; ``throughput_rps``
+    is GuideLLM's rate of successful ones (``requests_per_second.successful.mean``). Where a
     benchmark names its strategy (``args.strategy.type_`` in full reports) that name is used
     instead of the position.
 
@@ -162,6 +164,8 @@ def _point(metrics: dict, strategy: str) -> dict:
     if count < 1:
         raise _Missing("request_latency.successful.count (> 0)")
     rate = float(_get(metrics, "requests_per_second", "successful", "mean"))
+    errored = int(_get(metrics, "request_latency", "errored", "count"))
+    incomplete = int(_get(metrics, "request_latency", "incomplete", "count"))
     row = dict(
         e2e_mean_s=latency("mean"),
         e2e_se_s=latency("std_dev") / math.sqrt(count),
@@ -174,8 +178,8 @@ def _point(metrics: dict, strategy: str) -> dict:
         output_len=float(_get(metrics, "output_token_count", "successful", "mean")),
         n_requests=count,
         throughput_rps=rate,
-        errored_requests=int(_get(metrics, "request_latency", "errored", "count")),
-        incomplete_requests=int(_get(metrics, "request_latency", "incomplete", "count")),
+        errored_requests=errored,
+        incomplete_requests=incomplete,
         steady=strategy != "throughput",
     )
     for name in ("ttft", "tpot"):
@@ -185,7 +189,10 @@ def _point(metrics: dict, strategy: str) -> dict:
     if strategy == "synchronous":
         row["concurrency"] = 1
     else:
-        row["request_rate"] = rate
+        # The load is the arrival rate. The successful rate leaves out the requests still
+        # in flight when the run stops (about rate * latency of them), so it understates
+        # the load most where latency is long: 8% at the top of the study's sweeps.
+        row["request_rate"] = rate * (count + errored + incomplete) / count
     return row
 
 

@@ -44,6 +44,12 @@ def test_each_file_against_its_own_numbers(path):
             metrics["inter_token_latency_ms"]["successful"]["mean"] / 1e3)
         assert row.throughput_rps == metrics["requests_per_second"]["successful"]["mean"]
         assert row.incomplete_requests == metrics["request_latency"]["incomplete"]["count"]
+        if row.Index >= 2:
+            # Arrivals per second: GuideLLM's own rate of all requests, within its rounding
+            # of the window (measured: 1.2% at most).
+            assert row.request_rate == pytest.approx(
+                metrics["requests_per_second"]["total"]["mean"], rel=0.02)
+            assert row.request_rate >= row.throughput_rps
     assert points["request_rate"].iloc[2:].is_monotonic_increasing
 
 
