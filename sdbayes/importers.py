@@ -188,6 +188,8 @@ def _point(metrics: dict, strategy: str) -> dict:
             math.sqrt(count)
     if strategy == "synchronous":
         row["concurrency"] = 1
+    elif strategy == "throughput":  # a closed loop: what it holds is what it completes
+        row["request_rate"] = rate
     else:
         # The load is the arrival rate. The successful rate leaves out the requests still
         # in flight when the run stops (about rate * latency of them), so it understates

@@ -36,6 +36,8 @@ def in_milliseconds(summary: pd.DataFrame) -> pd.DataFrame:
         shown[column] = np.where(seconds, 1e3 * shown[column], shown[column])
     shown["unit"] = np.where(seconds, "ms", shown["unit"])
     return shown
+
+
 _predicted_means = jax.jit(predicted_means, static_argnames="variant")
 
 

@@ -50,6 +50,8 @@ def test_each_file_against_its_own_numbers(path):
             assert row.request_rate == pytest.approx(
                 metrics["requests_per_second"]["total"]["mean"], rel=0.02)
             assert row.request_rate >= row.throughput_rps
+    # The saturated closed loop is placed at the rate it completed.
+    assert points.loc[1, "request_rate"] == points.loc[1, "throughput_rps"]
     assert points["request_rate"].iloc[2:].is_monotonic_increasing
 
 
