@@ -6,13 +6,17 @@ Operating points come from the simulator with the example coefficients: n_points
 curves, one without SD and the others a random k in 1..8 and alpha in 0.5..0.95, at 10
 loads from 5% to 60% of saturation, 200 requests a point after 50 of warm-up.
 
-A first, short fit warms the process up and a second one measures what a fit costs besides
-sampling (each fit traces and compiles afresh). The timed fit then reports its wall time,
-the largest R-hat, the smallest bulk and tail ESS and ESS per second, and its ratio to a
-baseline fit whose warm-up trees may grow to full depth. The calibration issue's target is
-under 5 s on 2 CPU cores.
+The CPU is split into one JAX device per core (at least 4, see ``sb.use_cpu_cores``), as
+the ``sdbayes`` command does, so the 4 chains run in parallel. A first, short fit warms the
+process up and a second one measures what a fit costs besides sampling (each fit traces and
+compiles afresh). The timed fit then reports its wall time, the largest R-hat, the smallest
+bulk and tail ESS and ESS per second. The baseline is the same fit with its chains in
+lockstep on one device (``chain_method="vectorized"``, the default without
+``use_cpu_cores``). The calibration issue's target is under 5 s after compilation on 2 CPU
+cores.
 """
 
+import os
 import sys
 import time
 import warnings
@@ -21,7 +25,6 @@ import numpy as np
 import pandas as pd
 
 import sdbayes as sb
-from sdbayes import inference
 from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
 
 
@@ -42,37 +45,36 @@ def traces(n_points: int) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True)
 
 
-def timed_fit(points: pd.DataFrame, settings: dict) -> tuple[float, sb.Posterior]:
+def timed_fit(points: pd.DataFrame, draws: int, **settings) -> tuple[float, sb.Posterior]:
     start = time.perf_counter()
-    posterior = sb.fit(points, num_warmup=1000, num_samples=1000, seed=1, **settings)
+    posterior = sb.fit(points, num_warmup=draws, num_samples=draws, seed=1, num_chains=4,
+                       progress=False, **settings)
     return time.perf_counter() - start, posterior
 
 
 def main(n_points: int = 1000, variant: str = "stepped") -> None:
+    devices = sb.use_cpu_cores()
     points = traces(n_points)
-    settings = dict(variant=variant, num_chains=4, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sb.fit(points, num_warmup=10, num_samples=10, **settings)  # the process's first compiles
-        start = time.perf_counter()
-        sb.fit(points, num_warmup=10, num_samples=10, **settings)
-        short = time.perf_counter() - start  # mostly tracing, compilation and conversion
-        wall, posterior = timed_fit(points, settings)
-        # Baseline: warm-up trees as deep as the draws' (sdbayes before the depth cap).
-        capped, inference._WARMUP_TREE_DEPTH = inference._WARMUP_TREE_DEPTH, 10
-        baseline, _ = timed_fit(points, settings)
-        inference._WARMUP_TREE_DEPTH = capped
-    d = posterior.diagnostics
-    print(f"{n_points} operating points, variant {variant}, 4 chains x (1000 + 1000)")
-    print(f"wall {wall:.1f} s; a 10 + 10 fit of the same points takes {short:.1f} s (tracing, "
-          f"compilation, ArviZ conversion), so about {wall - short:.1f} s of it is sampling")
-    print(f"max R-hat {d.max_rhat:.3f}; min ESS bulk {d.min_ess_bulk:.0f}, "
-          f"tail {d.min_ess_tail:.0f}; {d.min_ess_bulk / wall:.1f} bulk ESS/s; "
-          f"{d.divergences} divergences")
-    for problem in d.problems:
-        print(f"  warning: {problem}")
-    print(f"baseline, warm-up trees up to depth 10: wall {baseline:.1f} s; "
-          f"ratio {baseline / wall:.2f}x")
+    print(f"{n_points} operating points, variant {variant}, 4 chains x (1000 + 1000), "
+          f"{os.cpu_count()} cores as {devices} JAX devices")
+    for chain_method in ("parallel", "vectorized"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            timed_fit(points, 10, variant=variant, chain_method=chain_method)  # first compiles
+            short, _ = timed_fit(points, 10, variant=variant, chain_method=chain_method)
+            wall, posterior = timed_fit(points, 1000, variant=variant, chain_method=chain_method)
+        sampling = wall - short  # a 10 + 10 fit is mostly tracing, compilation and conversion
+        d = posterior.diagnostics
+        print(f"{chain_method}: wall {wall:.1f} s, of which {short:.1f} s tracing, compilation "
+              f"and ArviZ conversion (a 10 + 10 fit) and about {sampling:.1f} s sampling")
+        print(f"  max R-hat {d.max_rhat:.3f}; min ESS bulk {d.min_ess_bulk:.0f}, tail "
+              f"{d.min_ess_tail:.0f}; {d.min_ess_bulk / sampling:.0f} bulk ESS per second of "
+              f"sampling; {d.divergences} divergences")
+        for problem in d.problems:
+            print(f"  warning: {problem}")
+        if chain_method == "parallel":
+            parallel = sampling
+    print(f"sampling, vectorized / parallel: {sampling / parallel:.2f}x")
 
 
 if __name__ == "__main__":

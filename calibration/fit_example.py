@@ -18,6 +18,7 @@ OUT = Path(__file__).resolve().parent / "example_posterior.nc"
 
 
 def main() -> None:
+    sb.use_cpu_cores()  # as the sdbayes command does: the chains run in parallel
     posterior = sb.fit(sb.read_traces(EXAMPLE_TRACES), progress=False, **SETTINGS)
     posterior.save(OUT)
     print(posterior.summary().to_string(index=False))

@@ -12,7 +12,7 @@ with warnings.catch_warnings():
     import arviz  # noqa: F401
 
 from sdbayes.importers import read_guidellm  # noqa: E402
-from sdbayes.inference import fit  # noqa: E402
+from sdbayes.inference import fit, use_cpu_cores  # noqa: E402
 from sdbayes.model import (
     Coefficients,
     Demands,
@@ -71,6 +71,7 @@ __all__ = [
     "tpot",
     "tune_k",
     "ttft",
+    "use_cpu_cores",
     "validate",
     "write_traces",
 ]

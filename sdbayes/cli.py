@@ -417,4 +417,7 @@ def demo(
 
 
 def main() -> None:
+    from sdbayes.inference import use_cpu_cores
+
+    use_cpu_cores()  # before any JAX work: chains then run in parallel on a CPU
     app()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from sdbayes.traces import (
 )
 
 METHODS = ("nuts", "svi")
+CHAIN_METHODS = ("parallel", "vectorized", "sequential")
 _WARMUP_TREE_DEPTH = 6
 
 
@@ -47,6 +49,7 @@ def fit(
     num_warmup: int = 1000,
     num_samples: int = 1000,
     num_chains: int = 4,
+    chain_method: str | None = None,
     svi_steps: int = 5000,
     seed: int | jax.Array = 0,
     progress: bool = True,
@@ -73,6 +76,10 @@ def fit(
       metrics: which of ``"e2e", "ttft", "tpot"`` to fit; by default those present.
       likelihood: ``"lognormal"`` or ``"student_t"`` (robust to outliers).
       num_warmup, num_samples, num_chains: NUTS settings (``num_samples`` draws from SVI).
+      chain_method: how NUTS runs its chains: ``"parallel"`` (one per JAX device; the
+        default where there are enough, see :func:`sdbayes.use_cpu_cores`),
+        ``"vectorized"`` (in lockstep on one device: the default otherwise, and the choice
+        for a GPU) or ``"sequential"``.
       svi_steps: optimisation steps for SVI.
       seed: an int or a JAX PRNG key.
       progress: show a progress bar.
@@ -91,6 +98,11 @@ def fit(
     variant = as_variant(variant, experts, top_m)
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if chain_method is None:
+        chain_method = ("sequential" if num_chains == 1 else
+                        "parallel" if jax.local_device_count() >= num_chains else "vectorized")
+    if chain_method not in CHAIN_METHODS:
+        raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
     points_df, provenance = _load(traces)
     steady = points_df[points_df["steady"]].reset_index(drop=True)
     if steady.empty:
@@ -119,8 +131,7 @@ def fit(
         kernel = NUTS(calibrate.model, init_strategy=init_to_median, target_accept_prob=0.9,
                       dense_mass=[coefficient_sites], max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
-                    num_chains=num_chains, progress_bar=progress,
-                    chain_method="vectorized" if num_chains > 1 else "sequential")
+                    num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
         mcmc.run(key, extra_fields=("diverging",), **args)
         idata = az.from_numpyro(mcmc, log_likelihood=True)
         extra = {}
@@ -133,6 +144,7 @@ def fit(
         **({"sdbayes_experts": variant.experts, "sdbayes_top_m": variant.top_m}
            if variant.moe else {}),
         sdbayes_method=method,
+        **({"sdbayes_chain_method": chain_method} if method == "nuts" else {}),
         sdbayes_likelihood=likelihood,
         sdbayes_metrics=json.dumps(list(metrics)),
         sdbayes_groups=json.dumps(groups),
@@ -149,6 +161,33 @@ def fit(
     for problem in posterior.diagnostics.problems:
         warnings.warn(problem, posterior.FitWarning, stacklevel=2)
     return posterior
+
+
+def use_cpu_cores(devices: int | None = None) -> int:
+    """Let NUTS run its chains in parallel on a CPU: split it into ``devices`` JAX devices.
+
+    JAX treats all of a CPU's cores as one device, where :func:`fit` can only run its
+    chains in lockstep (``"vectorized"``), which keeps one core busy and makes every
+    iteration wait for the longest trajectory of any chain. With at least as many devices
+    as chains, :func:`fit` runs one chain per device instead (on 2 cores, 4 chains sample
+    about 1.6x faster). Call it at the start of a program, before JAX computes anything;
+    the ``sdbayes`` command does. Devices beyond the cores are threads sharing them.
+
+    Args:
+      devices: how many CPU devices; by default the number of cores, at least 4 (the
+        default number of chains).
+
+    Returns:
+      The number of CPU devices JAX now has: fewer than asked when JAX had already
+      started, in which case a warning says so.
+    """
+    devices = devices or max(4, os.cpu_count() or 1)
+    numpyro.set_host_device_count(devices)
+    have = len(jax.devices("cpu"))
+    if have < devices:
+        warnings.warn(f"JAX had already started with {have} CPU device(s); call "
+                      "sdbayes.use_cpu_cores before any JAX computation", stacklevel=2)
+    return have
 
 
 def _load(traces) -> tuple[pd.DataFrame, str]:

@@ -4,6 +4,11 @@ These fits are small (2 chains of 300 draws) so the suite stays fast; coverage o
 seeds and recovery from simulator traces are the calibration issue's acceptance checks.
 """
 
+import io
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,10 +111,44 @@ def test_one_point_is_flagged_not_trusted():
 @pytest.mark.parametrize("argument, message", [
     (dict(method="mh"), "method must be"), (dict(variant="x"), "variant must be"),
     (dict(likelihood="cauchy"), "likelihood must be"), (dict(metrics=("ttft",)), "'e2e'"),
+    (dict(chain_method="threads"), "chain_method must be"),
 ])
 def test_bad_arguments(argument, message):
     with pytest.raises(ValueError, match=message):
         sb.fit(model_traces(), **SMALL, **argument)
+
+
+def test_parallel_chains_on_cpu_devices(tmp_path):
+    """use_cpu_cores splits the CPU into devices (only before JAX starts, hence a fresh
+    process) and fit then runs one chain per device, to the same coefficients."""
+    script = tmp_path / "parallel.py"
+    traces = tmp_path / "points.csv"
+    model_traces().to_csv(traces, index=False)
+    script.write_text(textwrap.dedent(f"""
+        import warnings
+        import sdbayes as sb
+        print("devices", sb.use_cpu_cores(3))
+        warnings.simplefilter("ignore")
+        posterior = sb.fit({str(traces)!r}, seed=1, num_warmup=300, num_samples=300,
+                           num_chains=3, progress=False)
+        print(posterior.idata.attrs["sdbayes_chain_method"],
+              posterior.idata.posterior.sizes["chain"])
+        print(posterior.summary(ci=0.9).to_json(orient="records"))
+    """))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True)
+    devices, chains, summary = run.stdout.splitlines()[-3:]
+    assert (devices, chains) == ("devices 3", "parallel 3")
+    summary = pd.read_json(io.StringIO(summary)).set_index("coefficient")
+    for name in ("c1v", "c1d", "c2v"):
+        assert summary.loc[name, "lower"] <= getattr(TRUE, name) <= summary.loc[name, "upper"]
+
+
+def test_use_cpu_cores_after_jax_started_says_so(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # restored afterwards, for subprocesses
+    sb.latency(TRUE, rate=1.0, k=2, alpha=0.7, output_len=128)  # JAX has started
+    with pytest.warns(UserWarning, match="already started"):
+        assert sb.use_cpu_cores(64) < 64
 
 
 def test_no_steady_points():
