@@ -57,24 +57,25 @@ def main(n_points: int = 1000, variant: str = "stepped") -> None:
     points = traces(n_points)
     print(f"{n_points} operating points, variant {variant}, 4 chains x (1000 + 1000), "
           f"{os.cpu_count()} cores as {devices} JAX devices")
+    sampling = {}
     for chain_method in ("parallel", "vectorized"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             timed_fit(points, 10, variant=variant, chain_method=chain_method)  # first compiles
             short, _ = timed_fit(points, 10, variant=variant, chain_method=chain_method)
             wall, posterior = timed_fit(points, 1000, variant=variant, chain_method=chain_method)
-        sampling = wall - short  # a 10 + 10 fit is mostly tracing, compilation and conversion
+        # a 10 + 10 fit is mostly tracing, compilation and conversion
+        sampling[chain_method] = wall - short
         d = posterior.diagnostics
         print(f"{chain_method}: wall {wall:.1f} s, of which {short:.1f} s tracing, compilation "
-              f"and ArviZ conversion (a 10 + 10 fit) and about {sampling:.1f} s sampling")
+              f"and ArviZ conversion (a 10 + 10 fit) and about {wall - short:.1f} s sampling")
         print(f"  max R-hat {d.max_rhat:.3f}; min ESS bulk {d.min_ess_bulk:.0f}, tail "
-              f"{d.min_ess_tail:.0f}; {d.min_ess_bulk / sampling:.0f} bulk ESS per second of "
-              f"sampling; {d.divergences} divergences")
+              f"{d.min_ess_tail:.0f}; {d.min_ess_bulk / (wall - short):.0f} bulk ESS per "
+              f"second of sampling; {d.divergences} divergences")
         for problem in d.problems:
             print(f"  warning: {problem}")
-        if chain_method == "parallel":
-            parallel = sampling
-    print(f"sampling, vectorized / parallel: {sampling / parallel:.2f}x")
+    print(f"sampling, vectorized / parallel: "
+          f"{sampling['vectorized'] / sampling['parallel']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ very functions of :mod:`sdbayes.model`), with a relative error of standard devia
 - ``sigma``: the relative measurement and model error common to all points of a metric,
   log-normal a priori around 2% (90% between 0.17% and 24%; fits of the source study's real
   vLLM sweeps find 0.5% to 4%). No model reproduces a measured mean exactly, nor does a
-  rerun, so the prior keeps ``sigma`` off zero. A half-normal's
-  mode at zero gives ``log sigma`` an exponential left tail wherever the points' own
-  standard errors dominate, and NUTS then needs twice the steps per draw;
+  rerun, so the prior keeps ``sigma`` off zero. A half-normal's mode at zero gives
+  ``log sigma`` an exponential left tail wherever the points' own standard errors
+  dominate, and NUTS then needs twice the steps per draw;
 - ``tau_q``: model error that grows with queueing, ``L / C1 - 1`` being how much load has
   inflated the latency (0 alone, ``x / (1 - x)`` at ``x = rate * C2`` of saturation): the
   mean-value form under-predicts at high load (DESIGN.md section 1), and this term lets the
