@@ -280,7 +280,10 @@ def model(
     for i, name in enumerate(names):
         numpyro.deterministic(name, c[:, i])
 
-    coef = Coefficients(**{name: c[points.group, i] for i, name in enumerate(names)})
+    # One gather for all coefficients, none with one group: a gather's gradient is a
+    # scatter-add, which costs a CPU more than the whole latency model.
+    per_point = c[0] if n_groups == 1 else c[points.group]  # [n_coefficients] or [n, ...]
+    coef = Coefficients(**{name: per_point[..., i] for i, name in enumerate(names)})
     if discrepancy_scale > 0:
         spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
         with numpyro.plate("config", int(points.config.max()) + 1):

@@ -132,7 +132,7 @@ def fit(
                       dense_mass=[coefficient_sites], max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
-        mcmc.run(key, extra_fields=("diverging",), **args)
+        mcmc.run(key, extra_fields=("diverging", "num_steps"), **args)
         idata = az.from_numpyro(mcmc, log_likelihood=True)
         extra = {}
     else:
@@ -170,8 +170,9 @@ def use_cpu_cores(devices: int | None = None) -> int:
     chains in lockstep (``"vectorized"``), which keeps one core busy and makes every
     iteration wait for the longest trajectory of any chain. With at least as many devices
     as chains, :func:`fit` runs one chain per device instead (on 2 cores, 4 chains sample
-    about 1.6x faster). Call it at the start of a program, before JAX computes anything;
-    the ``sdbayes`` command does. Devices beyond the cores are threads sharing them.
+    2-3x faster: ``bench/fit.py``). Call it at the start of a program, before JAX computes
+    anything; the ``sdbayes`` command does. Devices beyond the cores are threads sharing
+    them.
 
     Args:
       devices: how many CPU devices; by default the number of cores, at least 4 (the
