@@ -2,10 +2,11 @@
 
 DESIGN.md section 3. The six coefficients of each group (hardware x model pair; eight with
 an MoE verifier's expert terms ``c1e, c2e``) are sampled in log space. With one group
-their prior is a log-normal per coefficient; with several, the groups' log coefficients
-are partially pooled: ``log c[g] = mu + tau * z[g]``, ``z ~ Normal(0, 1)`` (non-centred),
-with ``mu`` under that log-normal prior and ``tau ~ HalfNormal(pool_scale)`` per
-coefficient.
+their prior is a log-normal per coefficient (sampled in coordinates shaped like the
+posterior, :func:`least_squares_frame`: that changes the sampler's work, not the model);
+with several, the groups' log coefficients are partially pooled: ``log c[g] = mu + tau *
+z[g]``, ``z ~ Normal(0, 1)`` (non-centred), with ``mu`` under that log-normal prior and
+``tau ~ HalfNormal(pool_scale)`` per coefficient.
 
 Each observed mean is compared on the log scale with the latency model's prediction (the
 very functions of :mod:`sdbayes.model`), with a relative error of standard deviation
@@ -41,10 +42,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from scipy.optimize import least_squares
 
 from sdbayes.model import Coefficients, Variant, as_variant, metrics, tokens_per_step
 from sdbayes.traces import Points
@@ -237,6 +240,7 @@ def model(
     queue_error_scale: float = 0.05,
     discrepancy_scale: float = 0.05,
     variant: str = "paper",
+    frame: Prior | None = None,
 ):
     """The NumPyro model of the operating points' observed means.
 
@@ -254,10 +258,15 @@ def model(
         the discrepancy out.
       variant: the latency model's variant, a name in :data:`sdbayes.model.VARIANTS` or a
         :class:`~sdbayes.model.Variant` (with MoE settings, ``c1e, c2e`` are fitted too).
+      frame: the coordinates in which the log coefficients are sampled (one group only),
+        ``log_c = frame.loc + frame.scale * log_c_std``; by default the prior's. Any frame
+        gives the same model; see :func:`sdbayes.inference.laplace_frame` for why NUTS
+        wants one shaped like the posterior.
 
     Sample sites: ``c1p .. c2d`` (and ``c1e, c2e`` for MoE) of shape [n_groups] (seconds),
-    ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta`` [n_configs, 2]; with
-    several groups also ``mu`` and ``tau`` of shape [n_coefficients]; observed
+    ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta`` [n_configs, 2]; with one
+    group ``log_c`` and its frame coordinates ``log_c_std`` [n_coefficients], with several
+    ``mu``, ``tau`` [n_coefficients] and ``z`` [n_groups, n_coefficients]; observed
     ``obs_<metric>`` of shape [n].
     """
     names = coefficient_names(variant)
@@ -266,8 +275,11 @@ def model(
                          f"fits {len(names)} ({', '.join(names)})")
     loc, scale = jnp.asarray(prior.loc), jnp.asarray(prior.scale)
     if n_groups == 1:
+        centre, width = (loc, scale) if frame is None else map(jnp.asarray, frame)
         with numpyro.plate("coefficient", len(names)):
-            log_c = numpyro.sample("log_c", dist.Normal(loc, scale))[None, :]
+            std = numpyro.sample("log_c_std", dist.Normal((loc - centre) / width,
+                                                          scale / width))
+        log_c = numpyro.deterministic("log_c", centre + width * std)[None, :]
     else:
         with numpyro.plate("coefficient", len(names)):
             mu = numpyro.sample("mu", dist.Normal(loc, scale))
@@ -295,21 +307,80 @@ def model(
     predicted, inflation = predicted_means(coef, points, variant)
     tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))
     for metric in metrics:
-        observed = np.asarray(getattr(points, metric), float)
-        present = np.isfinite(observed) & (observed > 0)
+        present, log_observed, relative_se = _observed(points, metric)
         if not present.any():
             continue
         sigma = numpyro.sample(f"sigma_{metric}",
                                dist.LogNormal(math.log(error_median), _ERROR_LOG_SD))
-        se = np.nan_to_num(np.asarray(getattr(points, f"{metric}_se"), float))
-        relative_se = np.where(present, se / np.where(present, observed, 1.0), 0.0)
         spread = jnp.sqrt(sigma**2 + (tau_q * inflation) ** 2 + jnp.asarray(relative_se) ** 2)
-        # A draw that puts a measured steady point past saturation has zero likelihood; a
-        # huge finite stand-in says so without an infinite location.
-        value = predicted[metric]
-        mean = jnp.log(jnp.where(present & jnp.isfinite(value), value, _SATURATED))
+        mean = _log_predicted(predicted[metric], present)
         noise = (dist.StudentT(_STUDENT_DF, mean, spread) if likelihood == "student_t"
                  else dist.Normal(mean, spread))
-        with numpyro.plate(f"points_{metric}", observed.size):
-            numpyro.sample(f"obs_{metric}", noise.mask(jnp.asarray(present)),
-                           obs=jnp.log(np.where(present, observed, 1.0)))
+        with numpyro.plate(f"points_{metric}", present.size):
+            numpyro.sample(f"obs_{metric}", noise.mask(jnp.asarray(present)), obs=log_observed)
+
+
+def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
+                        variant: str | Variant = "paper", error: float = 0.02) -> Prior:
+    """Coordinates for one group's log coefficients shaped like their posterior (the
+    model's ``frame``): centred on a least-squares fit, as wide as its standard errors.
+
+    Why: with many points the coefficients' posterior sds are often 1e-3 in log space.
+    NumPyro, like Stan, regularises the mass matrix it adapts in warm-up by adding about
+    1e-5 to each variance, which swamps theirs: NUTS then takes steps to suit the
+    regularisation and needs twice the leapfrog steps a draw (four times in the prior's
+    coordinates). In coordinates of posterior sd near 1 the addition is negligible, and
+    warm-up starts where the posterior is. Only the centre must be good: a width ten
+    times too narrow still leaves sds of 10, which the mass matrix adapts to.
+
+    The fit is the model's likelihood without its discrepancy and queueing error (relative
+    error ``error`` and each point's own standard error), plus the prior, solved in
+    float64 by a trust-region least-squares method; the widths are ``sqrt(diag((J^T
+    J)^-1))`` of its weighted Jacobian, which the prior's rows keep finite.
+
+    Args:
+      points: the operating points, of one group.
+      prior: the coefficients' log-normal prior.
+      metrics: the metrics fitted.
+      variant: the latency model's variant.
+      error: the relative error weighting each observation.
+
+    Returns:
+      The frame: centres and widths of the log coefficients (a :class:`Prior`); the prior
+      itself if the fit fails.
+    """
+    names = coefficient_names(variant)
+    observed = [_observed(points, m) for m in metrics]
+    weights = [1.0 / np.sqrt(error**2 + se**2) for _, _, se in observed]
+
+    def residuals(log_c):  # [n_observations + n_coefficients]
+        coef = Coefficients(**dict(zip(names, jnp.exp(log_c), strict=True)))
+        predicted, _ = predicted_means(coef, points, variant)
+        rows = [((_log_predicted(predicted[m], present) - log_y) * w)[present]
+                for m, (present, log_y, _), w in zip(metrics, observed, weights, strict=True)]
+        return jnp.concatenate(rows + [(log_c - prior.loc) / prior.scale])
+
+    with jax.enable_x64(True):
+        fit = least_squares(jax.jit(residuals), np.asarray(prior.loc, float),
+                            jac=jax.jit(jax.jacfwd(residuals)), method="trf")
+        width = np.sqrt(np.diag(np.linalg.pinv(fit.jac.T @ fit.jac)))
+    if not (np.isfinite(fit.x).all() and np.isfinite(width).all() and (width > 0).all()):
+        return prior
+    return Prior(loc=fit.x, scale=np.minimum(width, prior.scale))
+
+
+def _observed(points: Points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where a metric was measured, the log of its measured means (0 elsewhere) and their
+    relative standard errors (0 where unknown), each of shape [n]."""
+    observed = np.asarray(getattr(points, metric), float)
+    present = np.isfinite(observed) & (observed > 0)
+    se = np.nan_to_num(np.asarray(getattr(points, f"{metric}_se"), float))
+    relative_se = np.where(present, se / np.where(present, observed, 1.0), 0.0)
+    return present, np.log(np.where(present, observed, 1.0)), relative_se
+
+
+def _log_predicted(value, present):
+    """The log of predicted means, shape [n]. A coefficient set that puts a measured steady
+    point past saturation has zero likelihood; a huge finite stand-in says so without an
+    infinite location."""
+    return jnp.log(jnp.where(present & jnp.isfinite(value), value, _SATURATED))

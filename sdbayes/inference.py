@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 import arviz as az
@@ -118,17 +119,21 @@ def fit(
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     args = dict(points=points, prior=prior, n_groups=len(groups), metrics=tuple(metrics),
                 likelihood=likelihood, pool_scale=pool_scale, variant=variant)
+    init = init_to_median
+    if len(groups) == 1:  # coordinates shaped like the posterior: see least_squares_frame
+        args["frame"] = calibrate.least_squares_frame(points, prior, metrics, variant)
+        init = partial(_start_at_frame)  # NumPyro takes init strategies as partials
 
     if method == "nuts":
         # Coefficients are strongly correlated (C1 and C2 are sums of them): a dense mass
         # block for them; the many per-configuration sites stay diagonal, as dense over
         # them would cost O(d^2) a step.
-        coefficient_sites = ("log_c",) if len(groups) == 1 else ("mu", "tau")
+        coefficient_sites = ("log_c_std",) if len(groups) == 1 else ("mu", "tau")
         # Warm-up starts from a unit mass matrix, where the coefficients' posterior sds
         # (often 1e-3 in log space) against the error scales' (about 1) make its early
         # trajectories run to the full 1023 steps. Trees of at most 63 steps let the mass
         # matrix adapt at a small fraction of that cost; the draws then get the full depth.
-        kernel = NUTS(calibrate.model, init_strategy=init_to_median, target_accept_prob=0.9,
+        kernel = NUTS(calibrate.model, init_strategy=init, target_accept_prob=0.9,
                       dense_mass=[coefficient_sites], max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
@@ -136,7 +141,7 @@ def fit(
         idata = az.from_numpyro(mcmc, log_likelihood=True)
         extra = {}
     else:
-        idata, extra = _svi(key, args, svi_steps, num_samples, progress)
+        idata, extra = _svi(key, args, init, svi_steps, num_samples, progress)
 
     idata.attrs.update(
         sdbayes_schema_version=SCHEMA_VERSION,
@@ -161,6 +166,15 @@ def fit(
     for problem in posterior.diagnostics.problems:
         warnings.warn(problem, posterior.FitWarning, stacklevel=2)
     return posterior
+
+
+def _start_at_frame(site=None):
+    """NUTS's start: the coefficients at their frame's centre, the rest at prior medians."""
+    if site is None:
+        return partial(_start_at_frame)
+    if site["name"] == "log_c_std":
+        return jnp.zeros(site["fn"].shape())
+    return init_to_median(site)
 
 
 def use_cpu_cores(devices: int | None = None) -> int:
@@ -216,8 +230,8 @@ def _group_columns(points: pd.DataFrame, groups: list[str]) -> list[dict[str, st
     return columns
 
 
-def _svi(key, args, steps, num_samples, progress):
-    guide = AutoMultivariateNormal(calibrate.model, init_loc_fn=init_to_median)
+def _svi(key, args, init, steps, num_samples, progress):
+    guide = AutoMultivariateNormal(calibrate.model, init_loc_fn=init)
     svi = SVI(calibrate.model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
     fit_key, draw_key = jax.random.split(key)
     result = svi.run(fit_key, steps, progress_bar=progress, **args)
