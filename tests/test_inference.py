@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import sdbayes as sb
+from sdbayes import calibrate
 from sdbayes.posterior import FitWarning
 
 USES_NUMPYRO = True  # conftest: NumPyro needs implicit rank promotion
@@ -206,3 +207,46 @@ def test_student_t_likelihood_tolerates_an_outlier():
     # measured here: robust mean 0.0140 (truth 0.014), log-normal mean 0.0187
     assert abs(c1v["robust"]["mean"] / TRUE.c1v - 1) < 0.05
     assert abs(c1v["plain"]["mean"] / TRUE.c1v - 1) > 0.15
+
+
+LOG_TRUE = np.log([getattr(TRUE, name) for name in calibrate.COEFFICIENTS])
+
+
+def _points_and_prior(traces):
+    points, _ = sb.traces.to_points(sb.traces.validate(traces))
+    return points, calibrate.data_prior(points)
+
+
+def test_least_squares_frame_centres_on_the_truth():
+    points, prior = _points_and_prior(model_traces())
+    frame = calibrate.least_squares_frame(points, prior, ("e2e",))
+    # A least-squares estimate from 24 points of 2% noise, weighted as if 2.8%: each true
+    # log coefficient lies within 3 of its standard errors (0.3% misses for a normal one).
+    assert np.all(np.abs(frame.loc - LOG_TRUE) <= 3 * frame.scale)
+    assert np.all(frame.scale < 0.5 * prior.scale)
+    # One point identifies little: the prior's rows keep the widths finite, at most its own.
+    one, one_prior = _points_and_prior(model_traces().iloc[[5]])
+    alone = calibrate.least_squares_frame(one, one_prior, ("e2e",))
+    assert np.all(np.isfinite(alone.loc)) and np.all(alone.scale <= one_prior.scale)
+    assert np.any(alone.scale > 0.5 * one_prior.scale)
+
+
+def test_frame_changes_coordinates_not_the_model():
+    from numpyro.infer.util import log_density
+
+    points, prior = _points_and_prior(model_traces())
+    args = dict(points=points, prior=prior, n_groups=1, metrics=("e2e",))
+    frames = (prior, calibrate.least_squares_frame(points, prior, ("e2e",)))
+    others = dict(sigma_e2e=0.02, tau_q=0.01, discrepancy=np.array([0.02, 0.03]),
+                  delta=np.zeros((int(points.config.max()) + 1, 2)))
+    log_c = [LOG_TRUE, LOG_TRUE + np.array([0.01, -0.002, 0.003, 0.02, -0.01, 0.0])]
+
+    def joint(frame, x):
+        values = dict(others, log_c_std=(x - frame.loc) / frame.scale)
+        density, trace = log_density(calibrate.model, (), dict(args, frame=frame), values)
+        assert np.allclose(trace["log_c"]["value"], x, rtol=1e-6)
+        return float(density)
+
+    # The same joint density up to a frame's constant Jacobian: equal differences.
+    first, second = ([joint(f, x) for x in log_c] for f in frames)
+    assert first[0] - first[1] == pytest.approx(second[0] - second[1], rel=1e-4, abs=1e-3)
