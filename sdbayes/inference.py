@@ -129,10 +129,11 @@ def fit(
         # block for them; the many per-configuration sites stay diagonal, as dense over
         # them would cost O(d^2) a step.
         coefficient_sites = ("log_c_std",) if len(groups) == 1 else ("mu", "tau")
-        # Warm-up starts from a unit mass matrix, where the coefficients' posterior sds
-        # (often 1e-3 in log space) against the error scales' (about 1) make its early
-        # trajectories run to the full 1023 steps. Trees of at most 63 steps let the mass
-        # matrix adapt at a small fraction of that cost; the draws then get the full depth.
+        # Warm-up starts from a unit mass matrix. Without a frame (several groups), the
+        # coefficients' posterior sds (often 1e-3 in log space) against the error scales'
+        # (about 1) make its early trajectories run to the full 1023 steps. Trees of at
+        # most 63 steps let the mass matrix adapt at a small fraction of that cost; the
+        # draws then get the full depth.
         kernel = NUTS(calibrate.model, init_strategy=init, target_accept_prob=0.9,
                       dense_mass=[coefficient_sites], max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
@@ -184,7 +185,7 @@ def use_cpu_cores(devices: int | None = None) -> int:
     chains in lockstep (``"vectorized"``), which keeps one core busy and makes every
     iteration wait for the longest trajectory of any chain. With at least as many devices
     as chains, :func:`fit` runs one chain per device instead (on 2 cores, 4 chains sample
-    2-3x faster: ``bench/fit.py``). Call it at the start of a program, before JAX computes
+    about 3x faster: ``bench/fit.py``). Call it at the start of a program, before JAX computes
     anything; the ``sdbayes`` command does. Devices beyond the cores are threads sharing
     them.
 
