@@ -15,7 +15,7 @@ Methods: sdbayes with each model variant ("paper", "stepped", "filling"; NUTS, o
 coefficient set pooled over alpha and k, as in the paper), and a plain least-squares fit
 of the paper's six-coefficient form to log latency (the paper's method; its 90% interval
 is the fit's residual spread, +-1.645 sd in log space). sdbayes's point prediction is the
-posterior median of the mean. Needs scipy (the ``test`` extra). ``--quick`` uses fewer draws.
+posterior median of the mean. ``--quick`` uses fewer draws.
 """
 
 import sys

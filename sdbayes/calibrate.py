@@ -260,7 +260,7 @@ def model(
         :class:`~sdbayes.model.Variant` (with MoE settings, ``c1e, c2e`` are fitted too).
       frame: the coordinates in which the log coefficients are sampled (one group only),
         ``log_c = frame.loc + frame.scale * log_c_std``; by default the prior's. Any frame
-        gives the same model; see :func:`sdbayes.inference.laplace_frame` for why NUTS
+        gives the same model; see :func:`least_squares_frame` for why NUTS
         wants one shaped like the posterior.
 
     Sample sites: ``c1p .. c2d`` (and ``c1e, c2e`` for MoE) of shape [n_groups] (seconds),
