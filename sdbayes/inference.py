@@ -169,10 +169,8 @@ def fit(
     return posterior
 
 
-def _start_at_frame(site=None):
+def _start_at_frame(site):
     """NUTS's start: the coefficients at their frame's centre, the rest at prior medians."""
-    if site is None:
-        return partial(_start_at_frame)
     if site["name"] == "log_c_std":
         return jnp.zeros(site["fn"].shape())
     return init_to_median(site)
