@@ -1,15 +1,22 @@
 """Accuracy on the source study's real vLLM sweeps (Qwen3-8B, EAGLE drafter, 48 curves).
 
-    python bench/real_data.py [--quick]
+    python bench/real_data.py [--quick] [--without-throughput] [--variant=filling ...]
 
 Reads ../shared/data/speculators-qwen3-8b in place and prints one table: mean absolute
 percentage error (MAPE) of the predicted mean end-to-end latency and the coverage of the
 90% predictive intervals, two ways:
 
-(a) extrapolation in load: fit on the synchronous point and the lower 60% (by count) of
-    each (alpha, k) curve's constant-rate points, predict the rest;
+(a) extrapolation in load: fit on the closed loops (the synchronous point and the
+    throughput run, 128 in flight) and the lower 60% (by count) of each (alpha, k) curve's
+    constant-rate points, predict the rest;
 (b) unseen configurations: 4 folds of whole (alpha, k) curves; fit on three, predict the
-    fourth.
+    constant-rate and synchronous points of the fourth.
+
+The throughput run is fitted as the closed loop it is (GuideLLM's importer keeps it with
+``steady=False``): it pins each curve's capacity, and every GuideLLM sweep has one.
+``--without-throughput`` leaves it out, for comparison. The test points carry their run's
+length, so sdbayes predicts what a 90 s run reports (``sdbayes.finite_run``): the top
+constant-rate point of each sweep is offered at the throughput run's rate, at capacity.
 
 Methods: sdbayes with each model variant ("paper", "stepped", "filling"; NUTS, one
 coefficient set pooled over alpha and k, as in the paper), and a plain least-squares fit
@@ -36,24 +43,28 @@ CONFIG = dict(hardware="GPU-80GB", verifier="Qwen3-8B", drafter="eagle3-qwen3-8b
 Z90 = 1.645
 
 
-def load_study() -> pd.DataFrame:
-    """Steady operating points of all 48 sweeps, with a curve id and rank in load."""
+def load_study(throughput: bool = True) -> pd.DataFrame:
+    """Operating points of all 48 sweeps, with a curve id and rank in load; the throughput
+    runs fitted as closed loops, or dropped."""
     frames = [sb.read_guidellm(path, **CONFIG) for path in sorted(STUDY.glob("*.json"))]
     points = pd.concat(frames, ignore_index=True)
-    points = points[points["steady"]].reset_index(drop=True)
+    points["capacity_run"] = ~points["steady"]
+    points = points[points["steady"] | throughput].assign(steady=True).reset_index(drop=True)
     points["curve"] = points.groupby(["acceptance", "k"]).ngroup()
     rate_rank = points.groupby("curve")["request_rate"].rank(method="first")
     rates = points.groupby("curve")["request_rate"].transform("count")
     points["low_load"] = points["concurrency"].notna() | (rate_rank <= np.ceil(0.6 * rates))
+    points["rate_rank"] = rate_rank
     return points
 
 
 def splits(points: pd.DataFrame):
-    """(name, train mask, test mask) pairs."""
-    yield "(a) load", points["low_load"], ~points["low_load"]
+    """(name, train mask, test mask) pairs; throughput runs are never test points."""
+    testable = ~points["capacity_run"]
+    yield "(a) load", points["low_load"], ~points["low_load"] & testable
     fold = points["curve"] % 4
     for f in range(4):
-        yield "(b) curves", fold != f, fold == f
+        yield "(b) curves", fold != f, (fold == f) & testable
 
 
 def point_fit(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
@@ -99,13 +110,14 @@ def bayes_fit(train, test, variant, quick):
                          "upper": out["e2e_pi_upper_s"].to_numpy()}, index=test.index)
 
 
-def main(quick: bool = False) -> None:
-    points = load_study()
-    print(f"{len(points)} steady operating points, {points['curve'].nunique()} curves "
-          f"from {STUDY}")
+def main(quick: bool = False, throughput: bool = True) -> None:
+    points = load_study(throughput)
+    print(f"{len(points)} operating points ({points['capacity_run'].sum()} throughput runs as "
+          f"closed loops), {points['curve'].nunique()} curves from {STUDY}")
+    variants = [a.split("=")[1] for a in sys.argv if a.startswith("--variant=")]
     methods = {"point fit (paper form)": point_fit,
                **{f"sdbayes {v}": (lambda tr, te, v=v: bayes_fit(tr, te, v, quick))
-                  for v in sb.model.VARIANTS}}
+                  for v in (variants or sb.model.VARIANTS)}}
     rows = []
     for method, run in methods.items():
         predictions = {}
@@ -115,18 +127,24 @@ def main(quick: bool = False) -> None:
             predictions.setdefault(name, []).append(predicted)
         for name, parts in predictions.items():
             got = pd.concat(parts)
-            measured = points.loc[got.index, "e2e_mean_s"]
-            rows.append({
-                "split": name, "method": method,
-                "MAPE": np.mean(np.abs(got["pred"] / measured - 1)),
-                "90% PI coverage": np.mean((got["lower"] <= measured)
-                                           & (measured <= got["upper"])),
-                "points": len(got),
-            })
+            groups = [(name, got)]
+            if name.startswith("(a)"):  # by rank in load: the top one is at capacity
+                groups += [(f"    rank {r:.0f} of 8", part)
+                           for r, part in got.groupby(points.loc[got.index, "rate_rank"])]
+            for label, part in groups:
+                measured = points.loc[part.index, "e2e_mean_s"]
+                rows.append({
+                    "split": label, "method": method,
+                    "MAPE": np.mean(np.abs(part["pred"] / measured - 1)),
+                    "90% PI coverage": np.mean((part["lower"] <= measured)
+                                               & (measured <= part["upper"])),
+                    "points": len(part),
+                })
         print(f"  {method}: {time.perf_counter() - start:.0f} s")
-    table = pd.DataFrame(rows).sort_values(["split", "method"])
+    table = pd.DataFrame(rows)
+    table = table.iloc[np.lexsort((table["method"], table["split"].str.strip()))]
     print(table.to_string(index=False, float_format=lambda x: f"{x:.1%}"))
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    main(quick="--quick" in sys.argv, throughput="--without-throughput" not in sys.argv)

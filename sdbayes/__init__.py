@@ -11,6 +11,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
     import arviz  # noqa: F401
 
+from sdbayes.finite_run import FiniteRun, finite_run  # noqa: E402
 from sdbayes.importers import read_guidellm  # noqa: E402
 from sdbayes.inference import fit, use_cpu_cores  # noqa: E402
 from sdbayes.model import (
@@ -41,6 +42,7 @@ __all__ = [
     "Coefficients",
     "Demands",
     "Empirical",
+    "FiniteRun",
     "InfeasibleSLO",
     "KChoice",
     "PhaseDemands",
@@ -55,6 +57,7 @@ __all__ = [
     "compare",
     "demands",
     "expert_coverage",
+    "finite_run",
     "fit",
     "goodput",
     "latency",

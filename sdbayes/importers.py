@@ -46,12 +46,19 @@ def read_guidellm(
     The file is a full GuideLLM report (``{"benchmarks": [{"metrics": ...}, ...]}``) or a
     bare list of benchmark ``metrics`` objects, as in the source study's files. A sweep runs
     a synchronous benchmark first (one request at a time: a closed loop of concurrency 1),
-    then a throughput benchmark (everything in flight: saturated, kept with
-    ``steady=False``), then constant-rate points (open loop). Their ``request_rate`` is the
-    arrival rate, requests started per second whatever became of them; ``throughput_rps``
-    is GuideLLM's rate of successful ones (``requests_per_second.successful.mean``). Where a
-    benchmark names its strategy (``args.strategy.type_`` in full reports) that name is used
-    instead of the position.
+    then a throughput benchmark, then constant-rate points (open loop). Their
+    ``request_rate`` is the arrival rate, requests started per second whatever became of
+    them; ``throughput_rps`` is GuideLLM's rate of successful ones
+    (``requests_per_second.successful.mean``). Where a benchmark names its strategy
+    (``args.strategy.type_`` in full reports) that name is used instead of the position.
+
+    The throughput benchmark keeps as many requests in flight as GuideLLM allows: it is
+    saturated, outside the open loop's stable region, and kept with ``steady=False``, so
+    fits leave it out. It is also a closed loop, recorded at the ``concurrency`` it held
+    (``request_concurrency.total.mean``, rounded), and a closed loop has a steady state at
+    any concurrency: ``points.assign(steady=True)`` fits it as one, which pins the
+    server's capacity (``bench/real_data.py`` does). ``duration_s`` is each benchmark's
+    window, the successful count over their rate.
 
     Args:
       path: the JSON file.
@@ -181,6 +188,8 @@ def _point(metrics: dict, strategy: str) -> dict:
         errored_requests=errored,
         incomplete_requests=incomplete,
         steady=strategy != "throughput",
+        # GuideLLM's rate is the successful count over the benchmark's window.
+        duration_s=count / rate if rate > 0 else math.nan,
     )
     for name in ("ttft", "tpot"):
         source = "time_to_first_token_ms" if name == "ttft" else "inter_token_latency_ms"
@@ -188,8 +197,10 @@ def _point(metrics: dict, strategy: str) -> dict:
             math.sqrt(count)
     if strategy == "synchronous":
         row["concurrency"] = 1
-    elif strategy == "throughput":  # a closed loop: what it holds is what it completes
-        row["request_rate"] = rate
+    elif strategy == "throughput":
+        # A closed loop at GuideLLM's cap: the concurrency it held, all requests counted.
+        held = float(_get(metrics, "request_concurrency", "total", "mean"))
+        row["concurrency"] = max(1, round(held))
     else:
         # The load is the arrival rate. The successful rate leaves out the requests still
         # in flight when the run stops (about rate * latency of them), so it understates
@@ -337,6 +348,8 @@ def _vllm_point(path: Path, data, *, hardware, verifier, drafter, method, k, acc
     for name, key in (("ttft", "ttft"), ("tpot", "tpot")):
         if f"mean_{key}_ms" in data:
             row[f"{name}_mean_s"] = float(data[f"mean_{key}_ms"]) / 1e3
+    if float(data.get("duration") or 0) > 0:
+        row["duration_s"] = float(data["duration"])
     for q in ("50", "90", "99"):
         if f"p{q}_e2el_ms" in data:
             row[f"e2e_p{q}_s"] = float(data[f"p{q}_e2el_ms"]) / 1e3

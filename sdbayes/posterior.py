@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from sdbayes.calibrate import coefficient_names, predicted_means, scale_demands
+from sdbayes.finite_run import finite_run
 from sdbayes.model import Coefficients, Variant, saturation_rate, speedup
 from sdbayes.traces import TraceError, group_labels, to_points
 
@@ -148,6 +149,10 @@ class Posterior:
         ``concurrency``; ``hardware, verifier, drafter, method`` pick its group (they may
         be left out when the posterior has one group). A group the fit has not seen gets
         coefficients drawn from the pooled population when the fit had several groups.
+        An open-loop row with ``duration_s`` is a benchmark run of that length, started
+        empty: its means are those of the requests it completes
+        (:func:`sdbayes.finite_run.finite_run`), finite even past saturation, and lower
+        than the steady ones near it. Without ``duration_s`` the means are steady.
 
         Args:
           points: the operating points, a table of shape [n rows].
@@ -184,6 +189,10 @@ class Posterior:
         shifted = scale_demands(coef, c1_scale, c2_scale)
         values, _ = _predicted_means(coef, arrays, self.variant)
         shifted_values, inflation = _predicted_means(shifted, arrays, self.variant)
+        runs = np.flatnonzero(~arrays.closed & np.isfinite(arrays.duration))
+        if runs.size:
+            values, shifted_values, inflation = _finite_runs(
+                coef, shifted, arrays, runs, self.variant, values, shifted_values, inflation)
         # Intervals are per metric, so one standard normal per draw and row serves them all.
         noise = delta[1, :, 0]  # [D, R]
         tau_q = self._draws("tau_q")[:, None]
@@ -268,6 +277,39 @@ class Posterior:
             fitted = np.where((resolved < 0)[None, :, None], population, fitted)
         return Coefficients(**{name: jnp.asarray(fitted[..., j])
                                for j, name in enumerate(names)})
+
+
+def _finite_runs(coef, shifted, arrays, rows, variant, values, shifted_values, inflation):
+    """The predicted means and their sensitivity to C2 with the steady means of ``rows``
+    (open-loop points of a given run length) replaced by those of a finite run
+    (:func:`sdbayes.finite_run.finite_run`). Coefficient fields [D, R]; returns the three
+    arguments updated, arrays [D, R]."""
+    def pick(c):
+        return Coefficients(*(f if jnp.ndim(f) == 0 else jnp.asarray(f)[..., rows] for f in c))
+
+    point = dict(k=arrays.k[rows], alpha=arrays.alpha[rows],
+                 output_len=arrays.output_len[rows], rate=arrays.rate[rows],
+                 duration=arrays.duration[rows], variant=variant)
+    plain = finite_run(pick(coef), **point)
+
+    def log_latency(log_c2):  # d log L / d log C2: what the queueing error tau_q scales
+        run = finite_run(scale_demands(pick(shifted), 1.0, jnp.exp(log_c2)), **point)
+        return jnp.log(run.latency), run
+
+    zero = jnp.zeros(np.shape(plain.latency), plain.latency.dtype)
+    _, slope, run = jax.jvp(log_latency, (zero,), (jnp.ones_like(zero),), has_aux=True)
+    sensitivity = np.asarray(inflation, float).copy()
+    sensitivity[..., rows] = np.where(np.isfinite(slope), slope, 0.0)
+
+    def replace(means, run):
+        out = {}
+        for metric, x in means.items():
+            x = np.array(np.broadcast_to(x, sensitivity.shape), float)
+            x[..., rows] = getattr(run, "latency" if metric == "e2e" else metric)
+            out[metric] = x
+        return out
+
+    return replace(values, plain), replace(shifted_values, run), sensitivity
 
 
 def _quantiles(x: np.ndarray, lo: float, hi: float):

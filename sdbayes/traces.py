@@ -67,6 +67,8 @@ OPERATING_POINT_COLUMNS: tuple[Column, ...] = _CONFIG + (
     _nonnegative("throughput_rps", doc="completed requests per second"),
     Column("n_requests", "int", low=1, doc="requests behind the means"),
     Column("steady", "bool", doc="false for saturated points, kept but not fitted"),
+    _positive("duration_s", doc="length of the run [s]: its means are over the requests "
+              "it completed (predictions of open-loop points follow, sdbayes.finite_run)"),
 )
 
 PER_REQUEST_COLUMNS: tuple[Column, ...] = _CONFIG + (
@@ -109,6 +111,7 @@ class Points(NamedTuple):
     ttft_se: np.ndarray
     tpot: np.ndarray  # mean time per output token [s]
     tpot_se: np.ndarray
+    duration: np.ndarray  # length of the run [s], +inf where not given
 
 
 class TraceError(ValueError):
@@ -516,5 +519,6 @@ def to_points(points: pd.DataFrame, groups: list[str] | None = None):
         ttft_se=column("ttft_se_s", 0.0),
         tpot=column("tpot_mean_s"),
         tpot_se=column("tpot_se_s", 0.0),
+        duration=column("duration_s", np.inf),
     )
     return arrays, groups
