@@ -17,9 +17,9 @@ Requests therefore finish in the order they came. With the progress ``V(t) = int
 L(N(t))``, the request arriving at ``a`` finishes when ``V = V(a) + 1``, and ``N(t) = rate *
 (t - a*(t))`` with ``V(a*(t)) = V(t) - 1``: those in flight are those that came after the one
 finishing now. Its equilibrium is the steady open-loop model (``N = rate * L``, ``L =
-L(N)``), which a run reaches when it is long against the relaxation time. (Under the
-``"stepped"`` form the fluid counts requests waiting for a step boundary as in flight, which
-the steady form does not: up to 2% more at 90% of capacity.) The fluid model leaves out the
+L(N)``), which a run reaches when it is long against the relaxation time. (The
+``"stepped"`` form does not count requests waiting for a step boundary, ``2 W`` of each
+one's latency, as load on the others; nor does its fluid.) The fluid model leaves out the
 queue's random fluctuations, which the steady mean-value model also averages over, and any
 cap on the requests in flight.
 """
@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from sdbayes.model import Coefficients, PositionRates, Variant, as_variant, at_load
+from sdbayes.model import Coefficients, PositionRates, Variant, _demands, as_variant, at_load
 
+_ADVANCES = 3
 STEPS = 128
 """Time steps of a run: the means are within 0.3% of their limit (0.1% at 256 steps)."""
 
@@ -79,8 +80,10 @@ def finite_run(
     """
     variant = as_variant(variant)
 
+    full = _demands(coef, k, alpha, output_len, 1.0, variant.form)  # hoisted out of the scan
+
     def law(others):  # latency and TTFT with `others` in flight, admitting `rate` a second
-        return at_load(coef, k, alpha, output_len, others, rate, variant)
+        return at_load(coef, k, alpha, output_len, others, rate, variant, full)
 
     zero_load, _ = at_load(coef, k, alpha, output_len, jnp.zeros(()), 0.0, variant)
     rate, duration, output_len, _ = jnp.broadcast_arrays(
@@ -90,19 +93,33 @@ def finite_run(
     flat_dt = dt.reshape(-1)
 
     def step(carry, j):
-        progress, before = carry  # V at t_0 .. t_j, +inf beyond: [steps + 1, *shape]
+        # progress: V at t_0 .. t_j, +inf beyond, [steps + 1, *shape]; oldest: the last
+        # cohort with V <= V(t_j) - 1, the one finishing now, [*shape]
+        progress, oldest, before, share = carry
         now = progress[j]
-        done_at = _time_at(progress.reshape(steps + 1, -1), (now - 1.0).reshape(-1),
-                           flat_dt).reshape(shape)
+        target = now - 1.0
+        # It moves on by about L(then) / L(now) cohorts a step, at most one while the
+        # backlog builds up: a few checks instead of a search.
+        for _ in range(_ADVANCES):
+            following = jnp.take_along_axis(progress, (oldest + 1)[None], axis=0)[0]
+            oldest = jnp.where(following <= target, oldest + 1, oldest)
+        low = jnp.take_along_axis(progress, oldest[None], axis=0)[0]
+        high = jnp.take_along_axis(progress, (oldest + 1)[None], axis=0)[0]
+        fraction = jnp.clip((target - low) / jnp.where(high > low, high - low, 1.0), 0.0, 1.0)
+        done_at = jnp.where(target > 0, (oldest + fraction) * dt, 0.0)
         in_flight = rate * (j * dt - done_at)
         # The latency at mid-step, N extrapolated: second order in dt, where the left end
         # would be first (its error is ten times larger at 256 steps).
-        latency, first = law(jnp.maximum(1.5 * in_flight - 0.5 * before, 0.0))
-        return (progress.at[j + 1].set(now + dt / latency), in_flight), (first, in_flight)
+        latency, first = law(share * jnp.maximum(1.5 * in_flight - 0.5 * before, 0.0))
+        if variant.form == "stepped":  # as its steady form: others = rate * (L - 2 W)
+            share = 1.0 - 2.0 * (first - full.independent.prefill) / latency
+        return ((progress.at[j + 1].set(now + dt / latency), oldest, in_flight, share),
+                (first, in_flight))
 
     start = jnp.full((steps + 1,) + shape, jnp.inf, rate.dtype).at[0].set(0.0)
-    (progress, _), (first, in_flight) = jax.lax.scan(step, (start, jnp.zeros(shape, rate.dtype)),
-                                                     jnp.arange(steps))
+    carry = (start, jnp.zeros(shape, jnp.int32), jnp.zeros(shape, rate.dtype),
+             jnp.ones(shape, rate.dtype))
+    (progress, *_), (first, in_flight) = jax.lax.scan(step, carry, jnp.arange(steps))
     progress, first = progress.reshape(steps + 1, -1), first.reshape(steps, -1)
     arrivals = jnp.arange(steps)[:, None] * flat_dt[None, :]  # [steps, P]: cohort i arrives at t_i
     finished = progress[:-1] + 1.0 <= progress[-1:]

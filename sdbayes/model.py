@@ -444,15 +444,18 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
     return d, jnp.where(stable, total, jnp.inf), others, stable, wait
 
 
-def at_load(coef, k, alpha, output_len, others, admissions, variant: Variant):
+def at_load(coef, k, alpha, output_len, others, admissions, variant: Variant, demands=None):
     """Latency and TTFT [s] of a request with ``others`` in flight throughout, while the
     server admits ``admissions`` requests a second: the relation both loops solve at their
     fixed points (``others = rate * L`` open, ``N - 1`` closed), and what the fluid model of
-    :mod:`sdbayes.finite_run` follows as its load changes. Not jit-compiled itself."""
+    :mod:`sdbayes.finite_run` follows as its load changes. ``demands``: the point's
+    :class:`Demands` at full coverage, for a dense verifier evaluated at many loads (they do
+    not depend on the load). Not jit-compiled itself."""
     dtype = _float_dtype(others, output_len, *coef)
     others = jnp.asarray(others, dtype)
     coverage = _step_coverage(variant, k, others, dtype)
-    d = _demands(coef, k, alpha, output_len, coverage, variant.form)
+    d = (demands if demands is not None and not variant.moe
+         else _demands(coef, k, alpha, output_len, coverage, variant.form))
     total = d.independent.total + _dependent_latency(coef, d, others, variant)
     wait = _boundary_wait(coef, k, others, _load(coef, others, variant), admissions, coverage)
     if variant.form == "stepped":
