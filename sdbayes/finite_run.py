@@ -1,13 +1,14 @@
 """What a benchmark of finite length reports: the fluid model of an open-loop run.
 
-DESIGN.md section 1, "Finite runs". A benchmark (GuideLLM's constant-rate points, ``vllm
-bench serve``) offers ``rate`` requests a second to an empty server for ``duration``
-seconds and reports the mean over the requests that completed. Well below saturation that
-is the steady mean of :func:`sdbayes.model.latency`. Near saturation it is not: the backlog
-takes a time ``1 / X'(N)`` to build up (``X(N) = N / L(N)`` the throughput with ``N`` in
-flight), which grows without bound at capacity; past it the backlog grows for the whole
-run, and the requests still in flight at the end, the slowest, are not counted. So the
-reported mean is finite where the steady one is ``+inf``, and lower near capacity.
+The finite-run counterpart of DESIGN.md section 1's steady model. A benchmark (GuideLLM's
+constant-rate points, ``vllm bench serve``) offers ``rate`` requests a second to an empty
+server for ``duration`` seconds and reports the mean over the requests that completed.
+Well below saturation that is the steady mean of :func:`sdbayes.model.latency`. Near
+saturation it is not: the backlog takes a time ``1 / X'(N)`` to build up (``X(N) = N /
+L(N)`` the throughput with ``N`` in flight), which grows without bound at capacity; past it
+the backlog grows for the whole run, and the requests still in flight at the end, the
+slowest, are not counted. So the reported mean is finite where the steady one is ``+inf``,
+and lower near capacity.
 
 The fluid model: requests arrive evenly at ``rate`` from ``t = 0``; every request in flight
 progresses at the same speed, ``1 / L(N(t))`` of its work a second, where ``N(t)`` is the
@@ -79,7 +80,6 @@ def finite_run(
       request completes within ``duration`` the means are ``+inf``.
     """
     variant = as_variant(variant)
-
     full = _demands(coef, k, alpha, output_len, 1.0, variant.form)  # hoisted out of the scan
 
     def law(others):  # latency and TTFT with `others` in flight, admitting `rate` a second

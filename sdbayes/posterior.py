@@ -152,8 +152,8 @@ class Posterior:
         An open-loop row with ``duration_s`` is a benchmark run of that length, started
         empty: its means are those of the requests it completes
         (:func:`sdbayes.finite_run.finite_run`), finite even past saturation, and lower
-        than the steady ones near it (below half the saturation rate, where they differ by
-        under 1%, the steady means stand). Without ``duration_s`` the means are steady.
+        than the steady ones near it (below half the saturation rate, where a 90 s run's
+        differ by under 1%, the steady means stand). Without ``duration_s`` the means are steady.
 
         Args:
           points: the operating points, a table of shape [n rows].
@@ -191,8 +191,9 @@ class Posterior:
         values, _ = _predicted_means(coef, arrays, self.variant)
         shifted_values, inflation = _predicted_means(shifted, arrays, self.variant)
         sat = np.asarray(saturation_rate(coef, **point))  # [D, R]
-        # Below half the saturation rate a run of even 30 s reports the steady mean within
-        # 1% (its ramp from empty is short and light), and the fluid model costs a scan.
+        # Below half the saturation rate a 90 s run reports the steady mean within 1% (its
+        # ramp from empty is short and light; a 30 s run within 2.5%), and the fluid model
+        # costs a scan.
         runs = np.flatnonzero(~arrays.closed & np.isfinite(arrays.duration)
                               & (arrays.rate >= 0.5 * np.median(sat, axis=0)))
         if runs.size:
