@@ -85,9 +85,9 @@ def finite_run(
     def law(others):  # latency and TTFT with `others` in flight, admitting `rate` a second
         return at_load(coef, k, alpha, output_len, others, rate, variant, full)
 
-    zero_load, _ = at_load(coef, k, alpha, output_len, jnp.zeros(()), 0.0, variant)
+    alone = full.independent.total  # of the point's and the coefficients' shape
     rate, duration, output_len, _ = jnp.broadcast_arrays(
-        *(jnp.asarray(x, zero_load.dtype) for x in (rate, duration, output_len, zero_load)))
+        *(jnp.asarray(x, alone.dtype) for x in (rate, duration, output_len, alone)))
     shape = rate.shape
     dt = duration / steps
     flat_dt = dt.reshape(-1)

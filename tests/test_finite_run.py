@@ -1,6 +1,8 @@
 """The fluid model of a finite open-loop run (sdbayes.finite_run) against exact results and
 the steady model it must approach."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pandas as pd
@@ -70,8 +72,7 @@ def test_broadcasts_and_says_when_nothing_completes():
 
 def test_predict_follows_the_run_length():
     posterior = sb.load_posterior(
-        pytest.importorskip("pathlib").Path(__file__).resolve().parents[1]
-        / "calibration" / "example_posterior.nc")
+        Path(__file__).resolve().parents[1] / "calibration" / "example_posterior.nc")
     capacity = float(np.median(posterior.predict(pd.DataFrame(
         dict(k=[3], acceptance=[0.7], output_len=[128.0], request_rate=[1.0])))
         ["saturation_rate_pred"]))
