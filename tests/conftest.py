@@ -1,9 +1,15 @@
-"""Test-wide JAX settings: float64 for gradient checks, and loud broadcasting bugs."""
+"""Test-wide JAX settings: float64 for gradient checks, loud broadcasting bugs, and one CPU
+device per chain."""
 
 import jax
 import pytest
 
+import sdbayes as sb
+
 jax.config.update("jax_enable_x64", True)
+# pytest is one process: without devices, fits run their chains in lockstep on one core and
+# leave the other idle. Kernels the notebook tests start inherit the setting (XLA_FLAGS).
+sb.use_cpu_cores()
 
 
 @pytest.fixture(autouse=True)

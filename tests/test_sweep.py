@@ -126,10 +126,11 @@ def test_latency_measured_is_the_servers(tmp_path):
         alpha = ALPHA if point["k"] > 0 else 0.0
         alone = float(sb.latency(sb.Coefficients(**COSTS), rate=0.0, k=point["k"],
                                  alpha=alpha, prompt_len=32, output_len=24))
-        # Measured 1.03-1.22x on an idle machine: real-time sleeps overshoot, whole decode
-        # steps round up, and rate 5 adds ~5% of queueing. The check is for units and gross
-        # timing errors, with room for a busy CI machine.
-        assert 0.85 * alone < point["e2e_mean_s"] < 1.5 * alone, point["point"]
+        # Measured 1.03-1.22x alone, up to 1.57x at k=3 inside the whole suite on 2 cores:
+        # real-time sleeps overshoot, whole decode steps round up, rate 5 adds ~5% of
+        # queueing. The check is for units (1000x) and gross timing errors (from the run's
+        # start instead of each arrival: over 10x here), with room for a busy machine.
+        assert 0.85 * alone < point["e2e_mean_s"] < 2.5 * alone, point["point"]
     closed = report.points[report.points["concurrency"].notna()]
     assert sorted(closed["k"]) == [0, 3] and (closed["concurrency"] == 1).all()
 
