@@ -436,9 +436,7 @@ def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):
         others = jnp.where(closed, closed_others, open_others)
         throughput = jnp.where(closed, closed_throughput, rate)
         stable = closed | open_stable
-    coverage = _step_coverage(variant, k, others, dtype)
-    wait = jnp.where(stable, _boundary_wait(coef, k, others, _load(coef, others, variant),
-                                            throughput, coverage), 0.0)
+    wait = jnp.where(stable, _boundary_wait(coef, k, others, throughput, variant), 0.0)
     if variant.form == "stepped":
         total = total + 2.0 * wait
     return d, jnp.where(stable, total, jnp.inf), others, stable, wait
@@ -453,11 +451,11 @@ def at_load(coef, k, alpha, output_len, others, admissions, variant: Variant, de
     not depend on the load). Not jit-compiled itself."""
     dtype = _float_dtype(others, output_len, *coef)
     others = jnp.asarray(others, dtype)
-    coverage = _step_coverage(variant, k, others, dtype)
     d = (demands if demands is not None and not variant.moe
-         else _demands(coef, k, alpha, output_len, coverage, variant.form))
+         else _demands(coef, k, alpha, output_len, _step_coverage(variant, k, others, dtype),
+                       variant.form))
     total = d.independent.total + _dependent_latency(coef, d, others, variant)
-    wait = _boundary_wait(coef, k, others, _load(coef, others, variant), admissions, coverage)
+    wait = _boundary_wait(coef, k, others, admissions, variant)
     if variant.form == "stepped":
         total = total + 2.0 * wait
     return total, d.independent.prefill + wait
@@ -671,9 +669,12 @@ def _per_token(total, first, stable, output_len):
     return jnp.where(stable, per_token, jnp.inf)
 
 
-def _boundary_wait(coef, k, others, loaded, throughput, coverage=1.0):
-    """Mean wait of an arrival for the step in progress to end [s] (see :func:`ttft`);
-    ``loaded`` is ``others`` as the load-dependent costs count them (:func:`_load`)."""
+def _boundary_wait(coef, k, others, throughput, variant: Variant):
+    """Mean wait of an arrival for the step in progress to end [s] (see :func:`ttft`), with
+    ``others`` in flight counted as the variant's load-dependent costs count them
+    (:func:`_load`) and the step's expert coverage (:func:`_step_coverage`)."""
+    loaded = _load(coef, others, variant)
+    coverage = _step_coverage(variant, k, others, others.dtype)
     k, others, loaded, throughput, phi, *fields = jnp.broadcast_arrays(
         *(jnp.asarray(x, others.dtype)
           for x in (k, others, loaded, throughput, coverage, *coef))
