@@ -19,10 +19,11 @@ very functions of :mod:`sdbayes.model`), with a relative error of standard devia
   rerun, so the prior keeps ``sigma`` off zero. A half-normal's mode at zero gives
   ``log sigma`` an exponential left tail wherever the points' own standard errors
   dominate, and NUTS then needs twice the steps per draw;
-- ``tau_q``: model error that grows with queueing, ``L / C1 - 1`` being how much load has
-  inflated the latency (0 alone, ``x / (1 - x)`` at ``x = rate * C2`` of saturation): the
-  mean-value form under-predicts at high load (DESIGN.md section 1), and this term lets the
-  intervals widen where it does;
+- ``tau_q``: model error that grows with queueing, scaled by the point's sensitivity to load
+  ``d log L / d log C2`` (0 alone; ``x / (1 - x)`` at ``x = rate * C2`` of saturation for
+  an open loop; under 1 for a closed one, :func:`predicted_means`): the mean-value form
+  under-predicts at high load (DESIGN.md section 1), and this term lets the intervals
+  widen where it does;
 - ``se_i``: the point's own standard error, so points measured from few requests count less.
 
 Model discrepancy by configuration: the six-coefficient form is an approximation, and its
@@ -205,11 +206,11 @@ def scale_demands(coef: Coefficients, c1_scale, c2_scale) -> Coefficients:
 
 
 def predicted_means(coef, points: Points, variant):
-    """Predicted means of each metric, and the queueing inflation L / C1 - 1, shape [n]
-    (under the ``"filling"`` form, the sensitivity of log L to a relative error of C2).
+    """Predicted means of each metric, and their sensitivity to load, shape [n]: how much a
+    relative error in ``C2`` moves log L, ``d log L / d log C2``.
 
     The model's likelihood and :meth:`sdbayes.Posterior.predict` both use this. Past
-    saturation the means are +inf and the inflation 0.
+    saturation the means are +inf and the sensitivity 0.
     """
     m = metrics(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
                 rate=jnp.where(points.closed, 0.0, points.rate),
@@ -217,15 +218,15 @@ def predicted_means(coef, points: Points, variant):
                 closed=points.closed, variant=variant)
     stable = jnp.isfinite(m.latency)  # past saturation the likelihood is zero anyway
     total = jnp.where(stable, m.latency, 1.0)
-    if as_variant(variant).form == "filling":
-        # How much a relative error in C2 moves log L, d log L / d log C2: for the paper's
-        # open loop that is L / C1 - 1 (= x / (1 - x)); here the rising marginal cost
-        # steepens it to (L - C1) / (L * (1 - rate * marginal)), marginal = c2p + G' D2.
-        rate = jnp.where(points.closed, 0.0, points.rate)
-        room = jnp.where(stable, 1.0 - rate * m.marginal, 1.0)
-        inflation = jnp.where(stable, (total - m.alone) / (total * room), 0.0)
-    else:
-        inflation = jnp.where(stable, total / m.alone - 1.0, 0.0)
+    # d log L / d log C2 = (L - C1) / (L * (1 - rate * marginal)), marginal what one more
+    # request in flight adds: for the paper's open loop that is L / C1 - 1 = x / (1 - x),
+    # growing without bound towards saturation. A closed loop has no rate feeding back
+    # (L = C1 + (N - 1) * C2), so its sensitivity is (L - C1) / L < 1: a throughput run is
+    # as informative about C2 as a light point, however long its latency.
+    rate, marginal, alone, total = jnp.broadcast_arrays(
+        jnp.where(points.closed, 0.0, points.rate), m.marginal, m.alone, total)
+    room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
+    inflation = jnp.where(stable, (total - alone) / (total * room), 0.0)
     return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}, inflation
 
 

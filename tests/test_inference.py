@@ -250,3 +250,28 @@ def test_frame_changes_coordinates_not_the_model():
     # The same joint density up to a frame's constant Jacobian: equal differences.
     first, second = ([joint(f, x) for x in log_c] for f in frames)
     assert first[0] - first[1] == pytest.approx(second[0] - second[1], rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize("variant, coef", [("paper", TRUE),
+                                           ("filling", TRUE._replace(fill=1.5, fill_half=4.0))])
+def test_queueing_error_scales_with_the_sensitivity_to_load(variant, coef):
+    import jax
+    import jax.numpy as jnp
+
+    traces = model_traces()
+    closed = traces.iloc[:6].assign(request_rate=np.nan, concurrency=[1, 4, 16, 64, 128, 2])
+    points, _ = sb.traces.to_points(sb.traces.validate(pd.concat([traces, closed])))
+    _, sensitivity = calibrate.predicted_means(coef, points, variant)
+
+    def log_latency(log_scale):  # every load-dependent coefficient scaled by exp(log_scale)
+        scaled = calibrate.scale_demands(coef, 1.0, jnp.exp(log_scale))
+        return jnp.log(calibrate.predicted_means(scaled, points, variant)[0]["e2e"])
+
+    _, slope = jax.jvp(log_latency, (jnp.zeros(()),), (jnp.ones(()),))
+    # The tau_q term is scaled by d log L / d log C2, however the load enters.
+    assert np.allclose(sensitivity, slope, rtol=1e-4, atol=1e-6)
+    is_closed = np.asarray(points.closed)
+    # A closed loop has no arrival rate feeding back: its sensitivity stays under 1 even
+    # with 128 in flight, where L / C1 - 1 would call it many times that.
+    assert np.all(np.asarray(sensitivity)[is_closed] < 1.0)
+    assert np.max(np.asarray(sensitivity)[~is_closed]) > 1.5  # load 0.7: about 0.7 / 0.3
