@@ -222,7 +222,8 @@ def predicted_means(coef, points: Points, variant):
     # request in flight adds: for the paper's open loop that is L / C1 - 1 = x / (1 - x),
     # growing without bound towards saturation. A closed loop has no rate feeding back
     # (L = C1 + (N - 1) * C2), so its sensitivity is (L - C1) / L < 1: a throughput run is
-    # as informative about C2 as a light point, however long its latency.
+    # as informative about C2 as a light point, however long its latency. (The stepped
+    # form's boundary waits, a few percent of L, are left out of the derivative.)
     rate, marginal, alone, total = jnp.broadcast_arrays(
         jnp.where(points.closed, 0.0, points.rate), m.marginal, m.alone, total)
     room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
