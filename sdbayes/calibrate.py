@@ -212,9 +212,9 @@ def predicted_means(coef, points: Points, variant):
     The model's likelihood and :meth:`sdbayes.Posterior.predict` both use this. Past
     saturation the means are +inf and the sensitivity 0.
     """
+    open_rate = jnp.where(points.closed, 0.0, points.rate)  # a closed loop has none feeding back
     m = metrics(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
-                rate=jnp.where(points.closed, 0.0, points.rate),
-                concurrency=jnp.where(points.closed, points.concurrency, 1.0),
+                rate=open_rate, concurrency=jnp.where(points.closed, points.concurrency, 1.0),
                 closed=points.closed, variant=variant)
     stable = jnp.isfinite(m.latency)  # past saturation the likelihood is zero anyway
     total = jnp.where(stable, m.latency, 1.0)
@@ -224,8 +224,7 @@ def predicted_means(coef, points: Points, variant):
     # (L = C1 + (N - 1) * C2), so its sensitivity is (L - C1) / L < 1: a throughput run is
     # as informative about C2 as a light point, however long its latency. (The stepped
     # form's boundary waits, a few percent of L, are left out of the derivative.)
-    rate, marginal, alone, total = jnp.broadcast_arrays(
-        jnp.where(points.closed, 0.0, points.rate), m.marginal, m.alone, total)
+    rate, marginal, alone, total = jnp.broadcast_arrays(open_rate, m.marginal, m.alone, total)
     room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
     inflation = jnp.where(stable, (total - alone) / (total * room), 0.0)
     return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}, inflation
