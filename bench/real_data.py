@@ -1,10 +1,13 @@
-"""Accuracy on the source study's real vLLM sweeps (Qwen3-8B, EAGLE drafter, 48 curves).
+"""Accuracy on the source study's real vLLM sweeps (Qwen3 0.6B, 1.7B, 8B; EAGLE drafters;
+48 (alpha, k) curves each).
 
-    python bench/real_data.py [--quick] [--without-throughput] [--variant=filling ...]
+    python bench/real_data.py [--quick] [--size=0.6b ...] [--variant=filling ...]
+                              [--without-throughput]
 
-Reads ../shared/data/speculators-qwen3-8b in place and prints one table: mean absolute
-percentage error (MAPE) of the predicted mean end-to-end latency and the coverage of the
-90% predictive intervals, two ways:
+Reads every ../shared/data/speculators-qwen3-* folder in place (``--size`` picks some) and
+prints, per size, one table: mean absolute percentage error (MAPE) of the predicted mean
+end-to-end latency, the coverage of the 90% predictive intervals and the number of
+predictions that are not finite, two ways:
 
 (a) extrapolation in load: fit on the closed loops (the synchronous point and the
     throughput run, 128 in flight) and the lower 60% (by count) of each (alpha, k) curve's
@@ -14,21 +17,25 @@ percentage error (MAPE) of the predicted mean end-to-end latency and the coverag
 
 The throughput run is fitted as the closed loop it is (GuideLLM's importer keeps it with
 ``steady=False``): it pins each curve's capacity, and every GuideLLM sweep has one.
-``--without-throughput`` leaves it out, for comparison. The test points carry their run's
-length, so sdbayes predicts what a 90 s run reports (``sdbayes.finite_run``): the top
-constant-rate point of each sweep is offered at the throughput run's rate, at capacity.
+``--without-throughput`` leaves it out, for comparison. Every constant-rate point carries
+its run's length, so sdbayes fits and predicts what a 90 s run reports (the observation
+model of ``sdbayes.observation``): the top constant-rate point of each sweep is offered at
+the throughput run's rate, at capacity.
 
 Methods: sdbayes with each model variant ("paper", "stepped", "filling"; NUTS, one
-coefficient set pooled over alpha and k, as in the paper), and a plain least-squares fit
-of the paper's six-coefficient form to log latency (the paper's method; its 90% interval
-is the fit's residual spread, +-1.645 sd in log space). sdbayes's point prediction is the
-posterior median of the mean. ``--quick`` uses fewer draws.
+coefficient set pooled over alpha and k, as in the paper, and a discrepancy per curve),
+"auto" (of those fits, the one ``sb.choose_variant`` keeps by PSIS-LOO, as
+``sb.fit(..., variant="auto")`` does), and a plain least-squares fit of the paper's
+six-coefficient form to log latency (the paper's method; its 90% interval is the fit's
+residual spread, +-1.645 sd in log space; steady means, +inf past saturation). sdbayes's
+point prediction is the posterior median of the mean. ``--quick`` uses fewer draws. No
+method here predicts percentiles yet, so there is no p99 column.
 
 A reference row, "floor", is no method: for each load rank (the synchronous points, then
 each rank of the constant-rate points) a cubic surface in (alpha, log k), 10 coefficients,
 is fitted by least squares to that rank's own 48 measured means and scored on them. At
 light load it fits to about 1.5%, the spread of reruns; near capacity it cannot do better
-than 4-5%: neighbouring k and alpha differ there by more than any smooth surface follows,
+than 2-5%: neighbouring k and alpha differ there by more than any smooth surface follows,
 so no model smooth in alpha and k can predict these points much closer than the floor.
 """
 
@@ -44,16 +51,24 @@ from scipy.optimize import least_squares
 
 import sdbayes as sb
 
-STUDY = Path(__file__).resolve().parents[2] / "shared" / "data" / "speculators-qwen3-8b"
-CONFIG = dict(hardware="GPU-80GB", verifier="Qwen3-8B", drafter="eagle3-qwen3-8b",
-              method="eagle3")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 Z90 = 1.645
 
 
-def load_study(throughput: bool = True) -> pd.DataFrame:
-    """Operating points of all 48 sweeps, with a curve id and rank in load; the throughput
-    runs fitted as closed loops, or dropped."""
-    frames = [sb.read_guidellm(path, **CONFIG) for path in sorted(STUDY.glob("*.json"))]
+def studies() -> dict[str, Path]:
+    """Size -> folder of every study in ../shared/data, smallest model first."""
+    folders = sorted(DATA.glob("speculators-qwen3-*"),
+                     key=lambda f: float(f.name.rsplit("-", 1)[1].rstrip("b")))
+    return {f.name.rsplit("-", 1)[1]: f for f in folders}
+
+
+def load_study(folder: Path, throughput: bool = True) -> pd.DataFrame:
+    """Operating points of all sweeps of one study, with a curve id and rank in load; the
+    throughput runs fitted as closed loops, or dropped."""
+    size = folder.name.rsplit("-", 1)[1].upper()
+    config = dict(hardware="GPU-80GB", verifier=f"Qwen3-{size}",
+                  drafter=f"eagle3-qwen3-{size.lower()}", method="eagle3")
+    frames = [sb.read_guidellm(path, **config) for path in sorted(folder.glob("*.json"))]
     points = pd.concat(frames, ignore_index=True)
     points["capacity_run"] = ~points["steady"]
     points = points[points["steady"] | throughput].assign(steady=True).reset_index(drop=True)
@@ -119,59 +134,88 @@ def point_fit(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
                          "upper": pred * np.exp(Z90 * spread)}, index=test.index)
 
 
-def bayes_fit(train, test, variant, quick):
+def bayes_fits(train, test, variants, quick):
+    """sdbayes's predictions of the test points by each variant and by "auto", and the
+    variant "auto" kept."""
     draws = 300 if quick else 1000
+    fits = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sb.Posterior.FitWarning)
-        posterior = sb.fit(train, variant=variant, metrics=("e2e",), num_warmup=draws,
-                           num_samples=draws, num_chains=2, seed=0, progress=False)
-    out = posterior.predict(test)
-    return pd.DataFrame({"pred": out["e2e_median_s"].to_numpy(),
-                         "lower": out["e2e_pi_lower_s"].to_numpy(),
-                         "upper": out["e2e_pi_upper_s"].to_numpy()}, index=test.index)
+        for variant in variants:
+            fits[variant] = sb.fit(train, variant=variant, metrics=("e2e",), num_warmup=draws,
+                                   num_samples=draws, num_chains=2, seed=0, progress=False)
+    chosen = sb.choose_variant(dict(fits)).variant if len(fits) > 1 else variants[0]
+    predictions = {}
+    for variant, posterior in fits.items():
+        out = posterior.predict(test)
+        predictions[variant] = pd.DataFrame({"pred": out["e2e_median_s"].to_numpy(),
+                                             "lower": out["e2e_pi_lower_s"].to_numpy(),
+                                             "upper": out["e2e_pi_upper_s"].to_numpy()},
+                                            index=test.index)
+    predictions["auto"] = predictions[chosen]
+    return predictions, chosen
 
 
-def main(quick: bool = False, throughput: bool = True) -> None:
-    points = load_study(throughput)
-    print(f"{len(points)} operating points ({points['capacity_run'].sum()} throughput runs as "
-          f"closed loops), {points['curve'].nunique()} curves from {STUDY}")
+def score(points: pd.DataFrame, name: str, label: str, method: str, part: pd.DataFrame):
+    measured = points.loc[part.index, "e2e_mean_s"]
+    finite = np.isfinite(part["pred"])
+    return {
+        "split": label, "method": method,
+        "MAPE": np.mean(np.abs(part["pred"][finite] / measured[finite] - 1)),
+        "90% PI coverage": (np.mean((part["lower"] <= measured) & (measured <= part["upper"]))
+                            if part["lower"].notna().all() else np.nan),
+        "not finite": int((~finite).sum()),
+        "points": len(part), "block": name,
+    }
+
+
+def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool) -> None:
+    points = load_study(folder, throughput)
+    print(f"\n== Qwen3-{size.upper()}: {len(points)} operating points "
+          f"({points['capacity_run'].sum()} throughput runs as closed loops), "
+          f"{points['curve'].nunique()} curves from {folder}")
     reference = floor(points)
-    variants = [a.split("=")[1] for a in sys.argv if a.startswith("--variant=")]
-    methods = {"point fit (paper form)": point_fit,
-               **{f"sdbayes {v}": (lambda tr, te, v=v: bayes_fit(tr, te, v, quick))
-                  for v in (variants or sb.model.VARIANTS)},
-               "floor": lambda tr, te: pd.DataFrame({"pred": reference[te.index],
-                                                     "lower": np.nan, "upper": np.nan})}
+    predictions: dict[str, dict[str, list]] = {}
+    chosen: dict[str, list[str]] = {}
+    start = time.perf_counter()
+    for name, train, test in splits(points):
+        runs = {"point fit (paper form)": point_fit(points[train], points[test]),
+                "floor": pd.DataFrame({"pred": reference[points.index[test]], "lower": np.nan,
+                                       "upper": np.nan})}
+        bayes, kept = bayes_fits(points[train], points[test], variants, quick)
+        chosen.setdefault(name, []).append(kept)
+        runs.update({f"sdbayes {v}": p for v, p in bayes.items()})
+        for method, predicted in runs.items():
+            predictions.setdefault(method, {}).setdefault(name, []).append(predicted)
+    print(f"  {time.perf_counter() - start:.0f} s; auto kept: "
+          + "; ".join(f"{n} {', '.join(v)}" for n, v in chosen.items()))
     rows = []
-    for method, run in methods.items():
-        predictions = {}
-        start = time.perf_counter()
-        for name, train, test in splits(points):
-            predicted = run(points[train], points[test])
-            predictions.setdefault(name, []).append(predicted)
-        for name, parts in predictions.items():
+    for method, by_split in predictions.items():
+        for name, parts in by_split.items():
             got = pd.concat(parts)
-            groups = [(name, got)]
+            rows.append(score(points, name, name, method, got))
             if name.startswith("(a)"):  # by rank in load: the top one is at capacity
-                groups += [(f"    rank {r:.0f} of 8", part)
-                           for r, part in got.groupby(points.loc[got.index, "rate_rank"])]
-            for label, part in groups:
-                measured = points.loc[part.index, "e2e_mean_s"]
-                rows.append({
-                    "block": name, "split": label, "method": method,
-                    "MAPE": np.mean(np.abs(part["pred"] / measured - 1)),
-                    "90% PI coverage": (np.mean((part["lower"] <= measured)
-                                                & (measured <= part["upper"]))
-                                        if part["lower"].notna().all() else np.nan),
-                    "points": len(part),
-                })
-        print(f"  {method}: {time.perf_counter() - start:.0f} s")
+                for r, part in got.groupby(points.loc[got.index, "rate_rank"]):
+                    rows.append(score(points, name, f"    rank {r:.0f} of 8", method, part))
     table = pd.DataFrame(rows)  # each split's rows, then its rows by rank, each by method
     table = table.assign(sub=table["split"] != table["block"]).sort_values(
         ["block", "sub", "split", "method"]).drop(columns=["block", "sub"])
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.1%}",
-                         na_rep="-"))
+    print(table.to_string(index=False, float_format=lambda x: f"{x:.1%}", na_rep="-"))
+
+
+def main() -> None:
+    quick = "--quick" in sys.argv
+    throughput = "--without-throughput" not in sys.argv
+    variants = [a.split("=")[1] for a in sys.argv if a.startswith("--variant=")]
+    sizes = [a.split("=")[1] for a in sys.argv if a.startswith("--size=")]
+    found = studies()
+    if not found:
+        sys.exit(f"no studies in {DATA}")
+    for size, folder in found.items():
+        if not sizes or size in sizes:
+            run_size(size, folder, variants or list(sb.model.VARIANTS), quick, throughput)
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv, throughput="--without-throughput" not in sys.argv)
+    sb.use_cpu_cores()
+    main()

@@ -13,7 +13,7 @@ with warnings.catch_warnings():
 
 from sdbayes.finite_run import FiniteRun, finite_run  # noqa: E402
 from sdbayes.importers import read_guidellm  # noqa: E402
-from sdbayes.inference import fit, use_cpu_cores  # noqa: E402
+from sdbayes.inference import AUTO, choose_variant, fit, use_cpu_cores  # noqa: E402
 from sdbayes.model import (
     Coefficients,
     Demands,
@@ -38,6 +38,7 @@ from sdbayes.traces import TraceError, aggregate, read_traces, validate, write_t
 from sdbayes.tuning import KChoice, tune_k  # noqa: E402
 
 __all__ = [
+    "AUTO",
     "Capacity",
     "Coefficients",
     "Demands",
@@ -54,6 +55,7 @@ __all__ = [
     "Uniform",
     "Variant",
     "aggregate",
+    "choose_variant",
     "compare",
     "demands",
     "expert_coverage",

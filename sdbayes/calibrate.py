@@ -8,10 +8,11 @@ with several, the groups' log coefficients are partially pooled: ``log c[g] = mu
 z[g]``, ``z ~ Normal(0, 1)`` (non-centred), with ``mu`` under that log-normal prior and
 ``tau ~ HalfNormal(pool_scale)`` per coefficient.
 
-Each observed mean is compared on the log scale with the latency model's prediction (the
-very functions of :mod:`sdbayes.model`), with a relative error of standard deviation
+Each observed mean is compared on the log scale with what the observation model
+(:mod:`sdbayes.observation`) predicts the row reports, the steady mean or, for a run of
+given length, that run's mean, with a relative error of standard deviation
 
-    s_i = sqrt(sigma**2 + (tau_q * (L_i / C1_i - 1))**2 + (se_i / y_i)**2)
+    s_i = sqrt(sigma**2 + (tau_q * S_i)**2 + (se_i / y_i)**2)
 
 - ``sigma``: the relative measurement and model error common to all points of a metric,
   log-normal a priori around 2% (90% between 0.17% and 24%; fits of the source study's real
@@ -19,11 +20,10 @@ very functions of :mod:`sdbayes.model`), with a relative error of standard devia
   rerun, so the prior keeps ``sigma`` off zero. A half-normal's mode at zero gives
   ``log sigma`` an exponential left tail wherever the points' own standard errors
   dominate, and NUTS then needs twice the steps per draw;
-- ``tau_q``: model error that grows with queueing, scaled by the point's sensitivity to load
-  ``d log L / d log C2`` (0 alone; ``x / (1 - x)`` at ``x = rate * C2`` of saturation for
-  an open loop; under 1 for a closed one, :func:`predicted_means`): the mean-value form
-  under-predicts at high load (DESIGN.md section 1), and this term lets the intervals
-  widen where it does;
+- ``tau_q``: each run's own relative error in its load-dependent demand, scaled by the
+  row's sensitivity to it ``S_i = d log L / d log C2`` (0 alone; ``x / (1 - x)`` at ``x``
+  of saturation for a steady open loop; under 1 for a closed one): near saturation the
+  queue amplifies a small error in capacity, and the intervals widen as it does;
 - ``se_i``: the point's own standard error, so points measured from few requests count less.
 
 Model discrepancy by configuration: the six-coefficient form is an approximation, and its
@@ -50,7 +50,9 @@ import numpyro
 import numpyro.distributions as dist
 from scipy.optimize import least_squares
 
-from sdbayes.model import Coefficients, Variant, as_variant, metrics, tokens_per_step
+from sdbayes import observation
+from sdbayes.model import Coefficients, Variant, as_variant, tokens_per_step
+from sdbayes.observation import EffectiveLoads
 from sdbayes.traces import Points
 
 COEFFICIENTS = ("c1p", "c1v", "c1d", "c2p", "c2v", "c2d")
@@ -65,10 +67,7 @@ the ``"filling"`` form (:func:`sdbayes.model.batch_load`)."""
 # requests before its kernels stop being latency-bound; wide enough for the data to decide.
 _FILL_PRIOR = ((math.log(0.5), 1.0), (math.log(8.0), 1.0))
 METRICS = ("e2e", "ttft", "tpot")
-LIKELIHOODS = ("lognormal", "student_t")
-_STUDENT_DF = 4.0
 _ERROR_LOG_SD = 1.5
-_SATURATED = 1e30  # [s]
 
 
 def coefficient_names(variant: str | Variant = "paper") -> tuple[str, ...]:
@@ -197,39 +196,6 @@ def roofline_prior(
     return Prior(loc=np.log(medians), scale=np.full(6, float(scale)))
 
 
-def scale_demands(coef: Coefficients, c1_scale, c2_scale) -> Coefficients:
-    """Coefficients with every load-independent term (``c1*``) times ``c1_scale`` and every
-    load-dependent one (``c2*``) times ``c2_scale``: ``C1`` and ``C2`` scaled."""
-    return coef._replace(**{name: getattr(coef, name) * (c1_scale if name.startswith("c1")
-                                                         else c2_scale)
-                            for name in Coefficients._fields if name[:2] in ("c1", "c2")})
-
-
-def predicted_means(coef, points: Points, variant):
-    """Predicted means of each metric, and their sensitivity to load, shape [n]: how much a
-    relative error in ``C2`` moves log L, ``d log L / d log C2``.
-
-    The model's likelihood and :meth:`sdbayes.Posterior.predict` both use this. Past
-    saturation the means are +inf and the sensitivity 0.
-    """
-    open_rate = jnp.where(points.closed, 0.0, points.rate)  # a closed loop has none feeding back
-    m = metrics(coef, k=points.k, alpha=points.alpha, output_len=points.output_len,
-                rate=open_rate, concurrency=jnp.where(points.closed, points.concurrency, 1.0),
-                closed=points.closed, variant=variant)
-    stable = jnp.isfinite(m.latency)  # past saturation the likelihood is zero anyway
-    total = jnp.where(stable, m.latency, 1.0)
-    # d log L / d log C2 = (L - C1) / (L * (1 - rate * marginal)), marginal what one more
-    # request in flight adds: for the paper's open loop that is L / C1 - 1 = x / (1 - x),
-    # growing without bound towards saturation. A closed loop has no rate feeding back
-    # (L = C1 + (N - 1) * C2), so its sensitivity is (L - C1) / L < 1: a throughput run is
-    # as informative about C2 as a light point, however long its latency. (The stepped
-    # form's boundary waits, a few percent of L, are left out of the derivative.)
-    rate, marginal, alone, total = jnp.broadcast_arrays(open_rate, m.marginal, m.alone, total)
-    room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
-    inflation = jnp.where(stable, (total - alone) / (total * room), 0.0)
-    return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}, inflation
-
-
 def model(
     points: Points,
     prior: Prior,
@@ -240,8 +206,10 @@ def model(
     error_median: float = 0.02,
     queue_error_scale: float = 0.05,
     discrepancy_scale: float = 0.05,
+    load_error_scale: float = 0.05,
     variant: str = "paper",
     frame: Prior | None = None,
+    loads: EffectiveLoads | None = None,
 ):
     """The NumPyro model of the operating points' observed means.
 
@@ -257,12 +225,16 @@ def model(
       queue_error_scale: half-normal scale of ``tau_q``.
       discrepancy_scale: half-normal scale of the configuration discrepancy sds; 0 leaves
         the discrepancy out.
+      load_error_scale: half-normal scale of the sd of the open loops' discrepancy in
+        load (:class:`sdbayes.observation.LoadError`); 0 leaves it out.
       variant: the latency model's variant, a name in :data:`sdbayes.model.VARIANTS` or a
         :class:`~sdbayes.model.Variant` (with MoE settings, ``c1e, c2e`` are fitted too).
       frame: the coordinates in which the log coefficients are sampled (one group only),
         ``log_c = frame.loc + frame.scale * log_c_std``; by default the prior's. Any frame
         gives the same model; see :func:`least_squares_frame` for why NUTS
         wants one shaped like the posterior.
+      loads: the effective-load tables of the rows that are finite runs
+        (:func:`sdbayes.observation.effective_loads`); without them every row is steady.
 
     Sample sites: ``c1p .. c2d`` (and ``c1e, c2e`` for MoE) of shape [n_groups] (seconds),
     ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta`` [n_configs, 2]; with one
@@ -302,27 +274,36 @@ def model(
         with numpyro.plate("config", int(points.config.max()) + 1):
             # Non-centred: the spreads are often tiny, where a centred delta is a funnel.
             delta = numpyro.sample("delta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
-        scale_c = jnp.exp(delta[points.config] * spread_c)  # [n, 2]: C1 and C2 multipliers
-        coef = scale_demands(coef, scale_c[:, 0], scale_c[:, 1])
+        coef = observation.configured(coef, delta[points.config], spread_c)
 
-    predicted, inflation = predicted_means(coef, points, variant)
+    load_error = None
+    if load_error_scale > 0:
+        scale = numpyro.sample("load_scale", dist.HalfNormal(load_error_scale))
+        with numpyro.plate("group_load", n_groups):
+            weights = numpyro.sample("load_weights", dist.Normal(0.0, 1.0).expand(
+                [observation.LOAD_BASIS]).to_event(1))  # [n_groups, LOAD_BASIS]
+        load_error = observation.LoadError(weights[0] if n_groups == 1
+                                           else weights[points.group], scale)
+
+    predicted = observation.forward(coef, points, variant, loads, load_error)
     tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))
     for metric in metrics:
-        present, log_observed, relative_se = _observed(points, metric)
+        present, log_observed, relative_se = observation.observed(points, metric)
         if not present.any():
             continue
         sigma = numpyro.sample(f"sigma_{metric}",
                                dist.LogNormal(math.log(error_median), _ERROR_LOG_SD))
-        spread = jnp.sqrt(sigma**2 + (tau_q * inflation) ** 2 + jnp.asarray(relative_se) ** 2)
-        mean = _log_predicted(predicted[metric], present)
-        noise = (dist.StudentT(_STUDENT_DF, mean, spread) if likelihood == "student_t"
-                 else dist.Normal(mean, spread))
+        spread = observation.spread(sigma, tau_q, predicted.sensitivity, relative_se)
+        noise = observation.noise(likelihood, observation.log_mean(predicted.mean(metric),
+                                                                   present), spread)
         with numpyro.plate(f"points_{metric}", present.size):
             numpyro.sample(f"obs_{metric}", noise.mask(jnp.asarray(present)), obs=log_observed)
 
 
 def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
-                        variant: str | Variant = "paper", error: float = 0.02) -> Prior:
+                        variant: str | Variant = "paper", error: float = 0.02,
+                        loads: EffectiveLoads | None = None,
+                        start: np.ndarray | None = None) -> Prior:
     """Coordinates for one group's log coefficients shaped like their posterior (the
     model's ``frame``): centred on a least-squares fit, as wide as its standard errors.
 
@@ -345,24 +326,27 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
       metrics: the metrics fitted.
       variant: the latency model's variant.
       error: the relative error weighting each observation.
+      loads: the finite runs' effective-load tables, as the model takes them.
+      start: where the solver starts, log coefficients; by default the prior's centre.
 
     Returns:
       The frame: centres and widths of the log coefficients (a :class:`Prior`); the prior
       itself if the fit fails.
     """
     names = coefficient_names(variant)
-    observed = [_observed(points, m) for m in metrics]
+    observed = [observation.observed(points, m) for m in metrics]
     weights = [1.0 / np.sqrt(error**2 + se**2) for _, _, se in observed]
 
     def residuals(log_c):  # [n_observations + n_coefficients]
         coef = Coefficients(**dict(zip(names, jnp.exp(log_c), strict=True)))
-        predicted, _ = predicted_means(coef, points, variant)
-        rows = [((_log_predicted(predicted[m], present) - log_y) * w)[present]
+        predicted = observation.forward(coef, points, variant, loads)
+        rows = [((observation.log_mean(predicted.mean(m), present) - log_y) * w)[present]
                 for m, (present, log_y, _), w in zip(metrics, observed, weights, strict=True)]
         return jnp.concatenate(rows + [(log_c - prior.loc) / prior.scale])
 
     with jax.enable_x64(True):
-        fit = least_squares(jax.jit(residuals), np.asarray(prior.loc, float),
+        fit = least_squares(jax.jit(residuals),
+                            np.asarray(prior.loc if start is None else start, float),
                             jac=jax.jit(jax.jacfwd(residuals)), method="trf")
         width = np.sqrt(np.diag(np.linalg.pinv(fit.jac.T @ fit.jac)))
     if not (np.isfinite(fit.x).all() and np.isfinite(width).all() and (width > 0).all()):
@@ -370,18 +354,68 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
     return Prior(loc=fit.x, scale=np.minimum(width, prior.scale))
 
 
-def _observed(points: Points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where a metric was measured, the log of its measured means (0 elsewhere) and their
-    relative standard errors (0 where unknown), each of shape [n]."""
-    observed = np.asarray(getattr(points, metric), float)
-    present = np.isfinite(observed) & (observed > 0)
-    se = np.nan_to_num(np.asarray(getattr(points, f"{metric}_se"), float))
-    relative_se = np.where(present, se / np.where(present, observed, 1.0), 0.0)
-    return present, np.log(np.where(present, observed, 1.0)), relative_se
+class Anchor(NamedTuple):
+    """Where a fit starts from: least-squares coefficients of each group, the sampler's
+    frame (one group only) and the finite runs' effective-load tables built about them."""
+
+    frames: list[Prior]  # one per group
+    loads: EffectiveLoads | None  # None when no row is a finite run
 
 
-def _log_predicted(value, present):
-    """The log of predicted means, shape [n]. A coefficient set that puts a measured steady
-    point past saturation has zero likelihood; a huge finite stand-in says so without an
-    infinite location."""
-    return jnp.log(jnp.where(present & jnp.isfinite(value), value, _SATURATED))
+def anchor(points: Points, prior: Prior, n_groups: int, metrics: tuple[str, ...],
+           variant: str | Variant = "paper") -> Anchor:
+    """Least-squares fits of each group, and the effective-load tables of the rows that are
+    finite runs (:mod:`sdbayes.observation`) about them.
+
+    The tables need coefficients and a good fit of finite runs needs the tables: a first
+    fit treats every row as steady (one past saturation counts for nothing), tables about
+    it let a second fit see the runs as they are, and the tables the model gets are built
+    about that one.
+    """
+    groups = [np.flatnonzero(points.group == g) for g in range(n_groups)]
+
+    def fit_groups(loads, frames=None):
+        return [least_squares_frame(_subset(points, rows), prior, metrics, variant,
+                                    loads=None if loads is None else _subset(loads, rows),
+                                    start=None if frames is None else frames[g].loc)
+                for g, rows in enumerate(groups)]
+
+    def tables(frames):
+        names = coefficient_names(variant)
+        per_row = np.stack([np.exp(frame.loc) for frame in frames])[points.group]  # [n, C]
+        coef = Coefficients(**{name: per_row[:, i] for i, name in enumerate(names)})
+        return observation.effective_loads(coef, points, variant)
+
+    frames = fit_groups(None)
+    if not (~points.closed & np.isfinite(points.duration)).any():
+        return Anchor(frames, None)
+    frames = fit_groups(tables(frames), frames)
+    return Anchor(frames, tables(frames))
+
+
+def _subset(rows_of: NamedTuple, rows: np.ndarray):
+    """The rows ``rows`` of a NamedTuple of per-row arrays (:class:`Points`,
+    :class:`~sdbayes.observation.EffectiveLoads`)."""
+    return type(rows_of)(*(np.asarray(field)[rows] for field in rows_of))
+
+
+def effective_loads_at(samples: dict, points: Points, variant: str | Variant
+                       ) -> EffectiveLoads:
+    """The finite runs' effective-load tables about the median of posterior draws: each
+    row's coefficients, its group's scaled by its configuration's discrepancy.
+
+    Args:
+      samples: NumPyro draws of the model's sites (``c1p`` .. of shape [S, n_groups],
+        ``delta`` [S, n_configs, 2], ``discrepancy`` [S, 2]).
+      points: the fitted rows.
+      variant: the latency model's variant.
+    """
+    names = coefficient_names(variant)
+    per_row = np.stack([np.asarray(samples[n]) for n in names], axis=-1)[:, points.group]
+    coef = Coefficients(**{name: per_row[..., i] for i, name in enumerate(names)})
+    if "delta" in samples:
+        coef = observation.configured(coef, np.asarray(samples["delta"])[:, points.config],
+                                      np.asarray(samples["discrepancy"])[:, None, :])
+    anchor = Coefficients(*(np.median(np.asarray(field), axis=0) if np.ndim(field) else field
+                            for field in coef))
+    return observation.effective_loads(anchor, points, variant)

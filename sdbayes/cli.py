@@ -87,7 +87,8 @@ def fit(
         "posterior.nc"),
     method: Annotated[str, typer.Option(help="nuts or svi.")] = "nuts",
     variant: Annotated[str, typer.Option(
-        help="Model variant: paper, stepped or filling.")] = "paper",
+        help="Model variant: paper, stepped, filling, or auto (fit each, keep the one "
+             "PSIS-LOO prefers; about three times as long).")] = "auto",
     experts: Annotated[int | None, typer.Option(
         help="MoE verifier: number of experts M (fits c1e, c2e too).")] = None,
     top_m: Annotated[int | None, typer.Option(
@@ -131,6 +132,11 @@ def _fit_and_show(traces, **settings):
                     + ["coefficient", "mean", "lower", "upper", "unit", "r_hat", "ess_bulk"]]
     console.print(_table("Posterior over the cost coefficients (90% intervals): "
                          + ", ".join(posterior.groups), shown))
+    if posterior.variant_choice is not None:
+        reason, loo = posterior.variant_choice
+        console.print(_table("Model variants by PSIS-LOO (higher elpd_loo is better)",
+                             loo.reset_index()))
+        console.print(f"Variant kept: {reason}")
     for warning in caught:
         if issubclass(warning.category, FitWarning):
             console.print(f"[bold red]warning[/]: {warning.message}")
@@ -160,7 +166,11 @@ def predict(
     shown = result[[c for c in names if c in result]].rename(columns=names)
     shown[[c for c in shown if c.endswith("_ms")]] *= 1e3
     shown["speedup"] = result["speedup_pred"]
+    shown["saturated"] = result["saturated"]
     console.print(_table(f"Predicted means ({ci:.0%} credible intervals)", shown))
+    if result["saturated"].any():
+        console.print(f"{int(result['saturated'].sum())} row(s) past saturation: no steady "
+                      "state, their means are +inf (give duration_s for a run's finite mean)")
     if out is not None:
         result.to_csv(out, index=False)
         console.print(f"Predictions written to {out}")

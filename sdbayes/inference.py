@@ -18,13 +18,15 @@ from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, init_to_media
 from numpyro.infer.autoguide import AutoMultivariateNormal
 
 from sdbayes import calibrate
-from sdbayes.calibrate import LIKELIHOODS, METRICS, Prior
-from sdbayes.model import Variant, as_variant
-from sdbayes.posterior import Posterior, diagnose
+from sdbayes.calibrate import METRICS, Prior
+from sdbayes.model import VARIANTS, Variant, as_variant
+from sdbayes.observation import LIKELIHOODS
+from sdbayes.posterior import Posterior, compare, diagnose
 from sdbayes.traces import (
     SCHEMA_VERSION,
     TraceError,
     aggregate,
+    config_keys,
     grain,
     group_labels,
     read_traces,
@@ -33,8 +35,16 @@ from sdbayes.traces import (
 )
 
 METHODS = ("nuts", "svi")
+AUTO = "auto"
+"""``fit(..., variant=AUTO)`` fits every form that applies and keeps the best (PSIS-LOO)."""
 CHAIN_METHODS = ("parallel", "vectorized", "sequential")
 _WARMUP_TREE_DEPTH = 6
+LOAD_ERROR_SCALE = 0.05
+"""Half-normal scale of the sd of the open loops' discrepancy in load: a relative error in
+``C2`` of a few percent, which the mean-value form makes near saturation against a
+simulator (DESIGN.md section 1: 8-16% in latency at 85% of saturation, where the
+sensitivity is about 5)."""
+_PILOT_DRAWS = 200  # warm-up and draws of the pilot run that places the finite-run tables
 
 
 def fit(
@@ -67,7 +77,10 @@ def fit(
       method: ``"nuts"`` (default) or ``"svi"`` (a multivariate-normal guide; for trace
         sets too large for NUTS, at the cost of approximate intervals).
       variant: the latency model's variant (:data:`sdbayes.model.VARIANTS`): ``"paper"``,
-        the reference, or ``"stepped"`` (whole steps and step-boundary waits).
+        the reference, ``"stepped"`` (whole steps and step-boundary waits) or
+        ``"filling"`` (a marginal cost rising as the batch fills the GPU); or ``"auto"``:
+        fit each form that applies and keep the one PSIS-LOO prefers
+        (:func:`choose_variant`, which records the choice and the LOO table).
       experts, top_m: for an MoE verifier, its number of experts M and routed experts per
         token m, from the model's config; the expert-loading terms ``c1e, c2e`` are then
         fitted too (compare with a dense fit by :func:`sdbayes.compare`).
@@ -96,7 +109,10 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    variant = as_variant(variant, experts, top_m)
+    auto = isinstance(variant, str) and variant == AUTO
+    forms = [f for f in VARIANTS if not (f == "filling" and experts is not None)]
+    variants = [as_variant(f if auto else variant, experts, top_m) for f in
+                (forms if auto else [variant])]
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
     if chain_method is None:
@@ -108,7 +124,23 @@ def fit(
     steady = points_df[points_df["steady"]].reset_index(drop=True)
     if steady.empty:
         raise TraceError([f"{provenance}: no steady operating points to fit"])
+    settings = dict(method=method, prior=prior, metrics=metrics, likelihood=likelihood,
+                    num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
+                    chain_method=chain_method, svi_steps=svi_steps, seed=seed,
+                    progress=progress, pool_scale=pool_scale)
+    fits = {v.form: _fit_variant(steady, provenance, v, **settings) for v in variants}
+    posterior = choose_variant(fits) if auto else fits[variants[0].form]
+    for problem in posterior.diagnostics.problems:
+        warnings.warn(problem, posterior.FitWarning, stacklevel=2)
+    return posterior
+
+
+def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, method, prior,
+                 metrics, likelihood, num_warmup, num_samples, num_chains, chain_method,
+                 svi_steps, seed, progress, pool_scale) -> Posterior:
+    """One variant's fit of validated steady operating points (:func:`fit`'s arguments)."""
     points, groups = to_points(steady)
+    configs = list(dict.fromkeys(config_keys(steady, points.group)))
     if metrics is None:
         metrics = tuple(m for m in METRICS if np.isfinite(getattr(points, m)).any())
     unknown = set(metrics) - set(METRICS)
@@ -118,10 +150,15 @@ def fit(
     prior = prior.for_variant(variant)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     args = dict(points=points, prior=prior, n_groups=len(groups), metrics=tuple(metrics),
-                likelihood=likelihood, pool_scale=pool_scale, variant=variant)
+                likelihood=likelihood, pool_scale=pool_scale, variant=variant,
+                # The filling form's two shape terms play the discrepancy in load's part:
+                # with both, neither is identified (fill, fill_half drift 5-fold).
+                load_error_scale=0.0 if variant.form == "filling" else LOAD_ERROR_SCALE)
+    start = calibrate.anchor(points, prior, len(groups), tuple(metrics), variant)
+    args["loads"] = start.loads
     init = init_to_median
     if len(groups) == 1:  # coordinates shaped like the posterior: see least_squares_frame
-        args["frame"] = calibrate.least_squares_frame(points, prior, metrics, variant)
+        args["frame"] = start.frames[0]
         init = partial(_start_at_frame)  # NumPyro takes init strategies as partials
 
     if method == "nuts":
@@ -136,6 +173,17 @@ def fit(
         # draws then get the full depth.
         kernel = NUTS(calibrate.model, init_strategy=init, target_accept_prob=0.9,
                       dense_mass=[coefficient_sites], max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
+        if start.loads is not None:
+            # The finite runs' tables are exact about their anchor, a least-squares fit
+            # without the discrepancies; the posterior can lie elsewhere (the filling
+            # form's shape terms move most). A short pilot run finds where, and the
+            # tables the draws use are built about its median.
+            pilot_key, key = jax.random.split(key)
+            pilot = MCMC(kernel, num_warmup=min(num_warmup, _PILOT_DRAWS),
+                         num_samples=min(num_samples, _PILOT_DRAWS), num_chains=num_chains,
+                         progress_bar=progress, chain_method=chain_method)
+            pilot.run(pilot_key, **args)
+            args["loads"] = calibrate.effective_loads_at(pilot.get_samples(), points, variant)
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
         mcmc.run(key, extra_fields=("diverging", "num_steps"), **args)
@@ -154,6 +202,7 @@ def fit(
         sdbayes_likelihood=likelihood,
         sdbayes_metrics=json.dumps(list(metrics)),
         sdbayes_groups=json.dumps(groups),
+        sdbayes_configs=json.dumps(configs),
         sdbayes_group_columns=json.dumps(_group_columns(steady, groups)),
         sdbayes_units="coefficients in seconds; rates in requests per second",
         sdbayes_provenance=provenance,
@@ -164,8 +213,45 @@ def fit(
     )
     posterior = Posterior(idata)
     posterior.diagnostics = diagnose(posterior, len(steady))
-    for problem in posterior.diagnostics.problems:
-        warnings.warn(problem, posterior.FitWarning, stacklevel=2)
+    return posterior
+
+
+def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior:
+    """The fit PSIS-LOO prefers among fits of the same traces by different forms, with the
+    choice and the LOO table recorded in it (``Posterior.variant_choice``).
+
+    The forms are nested in complexity (``"paper"``, then ``"stepped"``, which adds no
+    coefficient but models the engine's steps, then ``"filling"``, two coefficients more).
+    The simplest whose expected log predictive density is within ``margin`` standard
+    errors of the best's is kept: a difference smaller than that is noise in the
+    estimate, and a simpler form extrapolates no worse for it.
+
+    Args:
+      fits: form's name -> its fit, all of the same operating points (NUTS or SVI).
+      margin: how many standard errors of the difference count as a tie.
+
+    Returns:
+      The chosen :class:`Posterior`.
+    """
+    table = compare(fits)
+    best = table.index[0]
+    order = [f for f in VARIANTS if f in fits] + [f for f in fits if f not in VARIANTS]
+    tied = [f for f in order
+            if f == best or table.loc[f, "elpd_diff"] <= margin * table.loc[f, "dse"]]
+    chosen = tied[0]
+    if chosen == best:
+        reason = (f"{chosen}: the highest expected log predictive density (PSIS-LOO)"
+                  + (f", ahead of {table.index[1]} by {table['elpd_diff'].iloc[1]:.1f} "
+                     f"(standard error {table['dse'].iloc[1]:.1f})" if len(table) > 1 else ""))
+    else:
+        reason = (f"{chosen}: within {margin:g} standard errors of the best, {best} "
+                  f"(behind by {table.loc[chosen, 'elpd_diff']:.1f}, standard error "
+                  f"{table.loc[chosen, 'dse']:.1f}), and simpler")
+    posterior = fits[chosen]
+    columns = ["elpd_loo", "p_loo", "elpd_diff", "dse", "warning"]
+    posterior.idata.attrs["sdbayes_variant_choice"] = reason
+    posterior.idata.attrs["sdbayes_loo"] = table[columns].reset_index(names="variant").to_json(
+        orient="records")
     return posterior
 
 
@@ -242,7 +328,10 @@ def _svi(key, args, init, steps, num_samples, progress):
     draws = Predictive(calibrate.model, guide=guide, params=result.params,
                        num_samples=num_samples, return_sites=latent)(draw_key, **args)
     keep = {name: np.asarray(v)[None] for name, v in draws.items()}
-    idata = az.from_dict(posterior=keep)
+    # Pointwise log-likelihood of the draws, so that SVI fits compare by PSIS-LOO too.
+    pointwise = numpyro.infer.log_likelihood(calibrate.model, draws, **args)
+    idata = az.from_dict(posterior=keep,
+                         log_likelihood={k: np.asarray(v)[None] for k, v in pointwise.items()})
     tail = np.asarray(result.losses[-max(steps // 10, 1):])
     return idata, {"sdbayes_svi_final_loss": float(jnp.mean(tail))}
 

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from sdbayes.calibrate import coefficient_names, predicted_means, scale_demands
-from sdbayes.finite_run import finite_run
-from sdbayes.model import Coefficients, Variant, saturation_rate, speedup
+from sdbayes import observation
+from sdbayes.calibrate import coefficient_names
+from sdbayes.model import Coefficients, Variant, demands, saturation_rate, speedup
 from sdbayes.traces import TraceError, group_labels, to_points
 
 _RHAT_LIMIT = 1.01
@@ -37,9 +37,6 @@ def in_milliseconds(summary: pd.DataFrame) -> pd.DataFrame:
         shown[column] = np.where(seconds, 1e3 * shown[column], shown[column])
     shown["unit"] = np.where(seconds, "ms", shown["unit"])
     return shown
-
-
-_predicted_means = jax.jit(predicted_means, static_argnames="variant")
 
 
 class FitWarning(UserWarning):
@@ -143,81 +140,74 @@ class Posterior:
         self.idata.to_netcdf(str(path))
 
     def predict(self, points: pd.DataFrame, ci: float = 0.9, seed: int = 0) -> pd.DataFrame:
-        """Posterior prediction for a grid of operating points.
+        """Posterior prediction for a grid of operating points: the fitted observation
+        model (:mod:`sdbayes.observation`) run again on new rows.
 
         Each row needs ``k, acceptance, output_len`` and ``request_rate`` or
         ``concurrency``; ``hardware, verifier, drafter, method`` pick its group (they may
         be left out when the posterior has one group). A group the fit has not seen gets
-        coefficients drawn from the pooled population when the fit had several groups.
-        An open-loop row with ``duration_s`` is a benchmark run of that length, started
-        empty: its means are those of the requests it completes
-        (:func:`sdbayes.finite_run.finite_run`), finite even past saturation, and lower
-        than the steady ones near it (below half the saturation rate, where a 90 s run's
-        differ by under 1%, the steady means stand). Without ``duration_s`` the means are steady.
+        coefficients drawn from the pooled population when the fit had several groups. A
+        configuration (group, k, acceptance, lengths) the fit has seen keeps its fitted
+        discrepancy; a new one draws a fresh one. An open-loop row with ``duration_s`` is a
+        benchmark run of that length, started empty: its means are those of the requests
+        it completes (:mod:`sdbayes.finite_run`), finite even past saturation and lower
+        than the steady ones near it. Without ``duration_s`` the means are steady, +inf
+        past saturation.
 
         Args:
           points: the operating points, a table of shape [n rows].
           ci: mass of the central intervals.
-          seed: for the predictive noise and for new groups' draws.
+          seed: for the predictive noise, new configurations' and new groups' draws.
 
         Returns:
           The input columns plus, for metric m in e2e, ttft, tpot: ``m_pred_s`` (posterior
           mean of the mean), ``m_median_s`` (its posterior median: the better point
           prediction near saturation, where a few draws make the mean huge or infinite),
-          ``m_lower_s, m_upper_s`` (credible interval: coefficients only),
-          ``m_pi_lower_s, m_pi_upper_s`` (predictive interval of a measured mean: with a
-          fresh configuration discrepancy and the fitted relative error);
-          ``speedup_pred, speedup_lower, speedup_upper`` over k = 0 at the same load;
-          ``saturation_rate_pred, _lower, _upper`` [req/s];
-          ``p_saturated``, the posterior probability that the load is past saturation.
-          Means are +inf where some draws are saturated.
+          ``m_lower_s, m_upper_s`` (credible interval of the configuration's mean),
+          ``m_pi_lower_s, m_pi_upper_s`` (predictive interval of a measured mean, with the
+          fitted relative error, and the row's own standard error ``m_se_s`` where it
+          gives one, as the likelihood counts it); ``speedup_pred, speedup_lower,
+          speedup_upper`` over k = 0 at the same load; ``saturation_rate_pred, _lower,
+          _upper`` [req/s]; ``p_saturated``, the posterior probability that a steady load
+          is past saturation, and ``saturated``, true where it is more likely than not (the
+          median is then +inf; a mean is +inf where any draw is saturated).
         """
         if not 0 < ci < 1:
             raise ValueError(f"ci must lie in (0, 1), got {ci}")
         grid = self._grid(points)
-        arrays, _ = to_points(grid, self.groups)
-        key_new, key_noise = jax.random.split(jax.random.key(seed))
-        coef = self._coefficients_for(arrays.group, self._new_group_rows(grid, arrays),
-                                      key_new)
-        point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
-                     variant=self.variant)
-
-        # Predictive: a fresh configuration discrepancy on C1 and C2, then the relative error.
-        spread_c = self._draws("discrepancy")  # [D, 2]
-        delta = np.asarray(jax.random.normal(key_noise, (2,) + spread_c.shape + (len(grid),)))
-        c1_scale = np.exp(delta[0, :, 0] * spread_c[:, :1])  # [D, R]
-        c2_scale = np.exp(delta[0, :, 1] * spread_c[:, 1:])
-        shifted = scale_demands(coef, c1_scale, c2_scale)
-        values, _ = _predicted_means(coef, arrays, self.variant)
-        shifted_values, inflation = _predicted_means(shifted, arrays, self.variant)
-        sat = np.asarray(saturation_rate(coef, **point))  # [D, R]
-        # Below half the saturation rate a 90 s run reports the steady mean within 1% (its
-        # ramp from empty is short and light; a 30 s run within 2.5%), and the fluid model
-        # costs a scan.
-        runs = np.flatnonzero(~arrays.closed & np.isfinite(arrays.duration)
-                              & (arrays.rate >= 0.5 * np.median(sat, axis=0)))
-        if runs.size:
-            values, shifted_values, inflation = _finite_runs(
-                coef, shifted, arrays, runs, self.variant, values, shifted_values, inflation)
-        # Intervals are per metric, so one standard normal per draw and row serves them all.
-        noise = delta[1, :, 0]  # [D, R]
+        arrays, _ = to_points(grid, self.groups, self.configs)
+        key_group, key_config, key_load, key_noise = jax.random.split(jax.random.key(seed), 4)
+        resolved = self._new_group_rows(grid, arrays)
+        coef = self._coefficients_for(arrays.group, resolved, key_group)  # [D, R]
+        rows = self._configured(coef, arrays.config, key_config)
+        variant = self.variant
+        loads = _effective_loads(rows, arrays, variant)
+        predicted = _forward(rows, arrays, variant, loads,
+                             self._load_error(resolved, key_load))
+        likelihood = self.idata.attrs.get("sdbayes_likelihood", "lognormal")
+        # Intervals are per metric, so one standard draw per draw and row serves them all.
+        noise = np.asarray(observation.standard_noise(likelihood, key_noise,
+                                                      predicted.e2e.shape))  # [D, R]
         tau_q = self._draws("tau_q")[:, None]
         lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
         out = points.reset_index(drop=True).copy()
         for metric in ("e2e", "ttft", "tpot"):
-            x, x_shifted = np.asarray(values[metric]), np.asarray(shifted_values[metric])
+            x = np.asarray(predicted.mean(metric))
             name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
-            spread = np.sqrt(self._draws(name)[:, None] ** 2 + (tau_q * inflation) ** 2)
-            finite = np.isfinite(x_shifted)
+            _, _, relative_se = observation.observed(arrays, metric)  # 0 where not given
+            spread = np.asarray(observation.spread(self._draws(name)[:, None], tau_q,
+                                                   predicted.sensitivity, relative_se))
+            finite = np.isfinite(x)
             with np.errstate(over="ignore"):  # near saturation a draw's noise may reach +inf
-                noisy = (np.where(finite, x_shifted, 1.0)
-                         * np.exp(np.where(finite, spread, 0.0) * noise))
+                noisy = np.where(finite, x, 1.0) * np.exp(np.where(finite, spread, 0.0) * noise)
             measured = np.where(finite, noisy, np.inf)
             out[f"{metric}_pred_s"] = x.mean(axis=0)
             out[f"{metric}_median_s"] = _quantiles(x, 0.5, 0.5)[0]
             out[f"{metric}_lower_s"], out[f"{metric}_upper_s"] = _quantiles(x, lo, hi)
             out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)
         closed = arrays.closed
+        point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
+                     variant=variant)
         gain = np.where(
             closed,
             np.asarray(speedup(coef, concurrency=np.where(closed, arrays.concurrency, 1.0),
@@ -229,10 +219,53 @@ class Posterior:
         total = np.where(compared, gain, 0.0).sum(axis=0)
         out["speedup_pred"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
         out["speedup_lower"], out["speedup_upper"] = _quantiles(gain, lo, hi)
+        sat = np.asarray(saturation_rate(rows, **point))  # [D, R]
         out["saturation_rate_pred"] = sat.mean(axis=0)
         out["saturation_rate_lower"], out["saturation_rate_upper"] = _quantiles(sat, lo, hi)
-        out["p_saturated"] = (~np.isfinite(np.asarray(values["e2e"]))).mean(axis=0)
+        out["p_saturated"] = (~np.isfinite(np.asarray(predicted.e2e))).mean(axis=0)
+        out["saturated"] = out["p_saturated"] >= 0.5
         return out
+
+    @property
+    def variant_choice(self) -> tuple[str, pd.DataFrame] | None:
+        """Why ``fit(..., variant="auto")`` kept this form, and the PSIS-LOO table of the
+        forms it compared (:func:`sdbayes.inference.choose_variant`); None otherwise."""
+        if "sdbayes_variant_choice" not in self.idata.attrs:
+            return None
+        table = pd.DataFrame(json.loads(self.idata.attrs["sdbayes_loo"])).set_index("variant")
+        return self.idata.attrs["sdbayes_variant_choice"], table
+
+    @property
+    def configs(self) -> list[tuple] | None:
+        """The fitted configurations' keys (:func:`sdbayes.traces.config_keys`), in the
+        order of the ``delta`` draws; None for a posterior saved without them."""
+        stored = self.idata.attrs.get("sdbayes_configs")
+        return None if stored is None else [tuple(key) for key in json.loads(stored)]
+
+    def _load_error(self, group: np.ndarray, key) -> observation.LoadError | None:
+        """Each row's draws of its group's discrepancy in load, a fresh one for a group
+        the fit has not seen (weights [D, R, LOAD_BASIS])."""
+        if "load_weights" not in self.idata.posterior:
+            return None
+        fitted = self._draws("load_weights")  # [D, G, LOAD_BASIS]
+        weights = fitted[:, np.maximum(group, 0)]
+        if (group < 0).any():
+            fresh = np.asarray(jax.random.normal(key, weights.shape))
+            weights = np.where((group < 0)[None, :, None], fresh, weights)
+        return observation.LoadError(weights, self._draws("load_scale")[:, None])
+
+    def _configured(self, coef: Coefficients, config: np.ndarray, key) -> Coefficients:
+        """Each row's coefficient draws scaled by its configuration's discrepancy: the
+        fitted one for a configuration the fit saw, a fresh draw for another (fields [D, R])."""
+        if "discrepancy" not in self.idata.posterior:
+            return coef
+        spread = self._draws("discrepancy")  # [D, 2]
+        fresh = np.asarray(jax.random.normal(key, spread.shape[:1] + config.shape + (2,)))
+        seen = (config >= 0) if self.configs is not None else np.zeros(config.shape, bool)
+        if seen.any():
+            fitted = self._draws("delta")[:, np.maximum(config, 0)]  # [D, R, 2]
+            fresh = np.where(seen[None, :, None], fitted, fresh)
+        return observation.configured(coef, fresh, spread[:, None, :])
 
     def _grid(self, points: pd.DataFrame) -> pd.DataFrame:
         """The grid as a validatable operating-point table (placeholders where needed)."""
@@ -284,37 +317,30 @@ class Posterior:
                                for j, name in enumerate(names)})
 
 
-def _finite_runs(coef, shifted, arrays, rows, variant, values, shifted_values, inflation):
-    """The predicted means and their sensitivity to C2 with the steady means of ``rows``
-    (open-loop points of a given run length) replaced by those of a finite run
-    (:func:`sdbayes.finite_run.finite_run`). Coefficient fields [D, R]; returns the three
-    arguments updated, arrays [D, R]."""
-    def pick(c):
-        return Coefficients(*(f if jnp.ndim(f) == 0 else jnp.asarray(f)[..., rows] for f in c))
+def _forward(coef, points, variant, loads, load_error):
+    """:func:`sdbayes.observation.forward`, jit-compiled (looked up at each call, so that
+    what prediction runs is what the likelihood runs)."""
+    return jax.jit(observation.forward, static_argnums=2)(coef, points, variant, loads,
+                                                                   load_error)
 
-    point = dict(k=arrays.k[rows], alpha=arrays.alpha[rows],
-                 output_len=arrays.output_len[rows], rate=arrays.rate[rows],
-                 duration=arrays.duration[rows], variant=variant)
-    plain = finite_run(pick(coef), **point)
 
-    def log_latency(log_c2):  # d log L / d log C2: what the queueing error tau_q scales
-        run = finite_run(scale_demands(pick(shifted), 1.0, jnp.exp(log_c2)), **point)
-        return jnp.log(run.latency), run
+def _effective_loads(rows: Coefficients, arrays, variant) -> observation.EffectiveLoads | None:
+    """The finite runs' effective-load tables about the draws' median, wide enough for
+    every draw (rows' coefficient fields [D, R])."""
+    if not (~arrays.closed & np.isfinite(arrays.duration)).any():
+        return None
+    draws = Coefficients(*(np.broadcast_to(np.asarray(f), np.shape(rows.c1p)) for f in rows))
+    anchor = Coefficients(*(np.median(f, axis=0) for f in draws))
+    point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len, variant=variant)
+    capacity = np.log(np.asarray(saturation_rate(draws, **point)))  # [D, R]
+    span = np.abs(capacity - np.log(np.asarray(saturation_rate(anchor, **point)))).max(axis=0)
 
-    zero = jnp.zeros(np.shape(plain.latency), plain.latency.dtype)
-    _, slope, run = jax.jvp(log_latency, (zero,), (jnp.ones_like(zero),), has_aux=True)
-    sensitivity = np.asarray(inflation, float).copy()
-    sensitivity[..., rows] = np.where(np.isfinite(slope), slope, 0.0)
+    def log_alone(coef):  # log C1 at full expert coverage, as the tables take it
+        return np.log(np.asarray(demands(coef, **point, coverage=1.0).independent.total))
 
-    def replace(means, run):
-        out = {}
-        for metric, x in means.items():
-            x = np.array(np.broadcast_to(x, sensitivity.shape), float)
-            x[..., rows] = getattr(run, "latency" if metric == "e2e" else metric)
-            out[metric] = x
-        return out
-
-    return replace(values, plain), replace(shifted_values, run), sensitivity
+    c1_span = np.abs(log_alone(draws) - log_alone(anchor)).max(axis=0)
+    return observation.effective_loads(anchor, arrays, variant, span=np.clip(span, 0.05, 2.0),
+                                       c1_span=np.clip(c1_span, 0.02, 1.0))
 
 
 def _quantiles(x: np.ndarray, lo: float, hi: float):
@@ -364,12 +390,15 @@ def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
     return Diagnostics(max_rhat, min_bulk, min_tail, divergences, tuple(problems))
 
 
-def compare(posteriors: dict[str, Posterior], metric: str = "e2e") -> pd.DataFrame:
-    """Rank fits of the same traces (e.g. dense and MoE variants) by PSIS-LOO, via ArviZ.
+def compare(posteriors: dict[str, Posterior], metric: str | None = None) -> pd.DataFrame:
+    """Rank fits of the same traces (e.g. forms, or dense and MoE variants) by PSIS-LOO,
+    via ArviZ.
 
     Args:
-      posteriors: name -> a NUTS fit; all fitted to the same operating points.
-      metric: whose pointwise log-likelihood to compare (``"e2e"``, ``"ttft"``, ``"tpot"``).
+      posteriors: name -> a fit; all fitted to the same operating points and metrics.
+      metric: whose pointwise log-likelihood to compare (``"e2e"``, ``"ttft"``,
+        ``"tpot"``); by default all the fitted metrics together, one term per operating
+        point (leaving a point out leaves out all it measured).
 
     Returns:
       ``arviz.compare``'s table, best first: ``elpd_loo`` (higher is better), ``p_loo``,
@@ -377,26 +406,34 @@ def compare(posteriors: dict[str, Posterior], metric: str = "e2e") -> pd.DataFra
       ``warning`` (true where Pareto k is high and the estimate unreliable).
 
     Raises:
-      ValueError: fewer than two fits, one without pointwise log-likelihood (SVI), or
-        fits of different traces.
+      ValueError: fewer than two fits, one without pointwise log-likelihood, or fits of
+        different traces.
     """
     if len(posteriors) < 2:
         raise ValueError("compare needs at least two posteriors")
-    site = f"obs_{metric}"
-    for name, post in posteriors.items():
-        if "log_likelihood" not in post.idata or site not in post.idata.log_likelihood:
-            raise ValueError(f"posterior {name!r} has no pointwise log-likelihood of {metric} "
-                             "(fit it with method='nuts')")
     counts = {name: post.idata.attrs["sdbayes_n_points"] for name, post in posteriors.items()}
     if len(set(counts.values())) > 1:
         raise ValueError(f"the fits saw different traces ({counts} operating points)")
+    pointwise = {name: _pointwise(name, post, metric) for name, post in posteriors.items()}
     with warnings.catch_warnings():
         # A high Pareto k is reported in the table's `warning` column instead.
         warnings.filterwarnings("ignore", message=".*[Pp]areto", category=UserWarning)
         # ArviZ 0.2x sorts with pandas' `inplace=`, which pandas >= 3.1 deprecates.
         warnings.filterwarnings("ignore", message="The inplace keyword")
-        return az.compare({name: post.idata for name, post in posteriors.items()},
-                          ic="loo", var_name=site)
+        return az.compare(pointwise, ic="loo", var_name="obs")
+
+
+def _pointwise(name: str, posterior: Posterior, metric: str | None) -> az.InferenceData:
+    """A fit's pointwise log-likelihood of one metric or of all together, as ``obs``."""
+    fitted = posterior.metrics if metric is None else [metric]
+    have = posterior.idata.get("log_likelihood")
+    missing = [m for m in fitted if have is None or f"obs_{m}" not in have]
+    if missing:
+        raise ValueError(f"posterior {name!r} has no pointwise log-likelihood of "
+                         f"{', '.join(missing)}")
+    total = sum(have[f"obs_{m}"].values for m in fitted)  # [chain, draw, point]
+    return az.from_dict(posterior={"tau_q": posterior.idata.posterior["tau_q"].values},
+                        log_likelihood={"obs": total})
 
 
 def load_posterior(path: str | Path) -> Posterior:

@@ -306,6 +306,17 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         table.append(f"| {group} | {row.coefficient} | {row.mean:.4g} | "
                      f"{row.lower:.4g} - {row.upper:.4g} | {row.unit} | "
                      f"{row.r_hat:.3f} | {row.ess_bulk:.0f} |")
+    choice = []
+    if posterior.variant_choice is not None:
+        reason, loo = posterior.variant_choice
+        choice = ["## Choice of model variant", "",
+                  f"Fitted with `variant=\"auto\"`: each form fitted, the one PSIS-LOO prefers "
+                  f"kept. {reason[0].upper() + reason[1:]}.", "",
+                  "| variant | elpd_loo | p_loo | elpd_diff | standard error | Pareto-k warning |",
+                  "|---|---|---|---|---|---|",
+                  *(f"| {name} | {r.elpd_loo:.1f} | {r.p_loo:.1f} | {r.elpd_diff:.1f} | "
+                    f"{r.dse:.1f} | {'yes' if r.warning else 'no'} |"
+                    for name, r in loo.iterrows()), ""]
     diagnostics = posterior.diagnostics
     verdict = ("no problems found" if diagnostics is None or diagnostics.trustworthy
                else "; ".join(diagnostics.problems))
@@ -313,6 +324,7 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         "# sdbayes report", "",
         f"Model variant `{posterior.variant}`, groups: {', '.join(posterior.groups)}; "
         f"{len(points)} operating points. Diagnostics: {verdict}.", "",
+        *choice,
         "## Cost coefficients", "", *table, "",
         "## Latency against load", "", "![latency vs rate](latency_vs_rate.png)", "",
         *evidence,

@@ -81,8 +81,13 @@ def test_predict_follows_the_run_length():
     steady = posterior.predict(grid)
     run = posterior.predict(grid.assign(duration_s=90.0))
     assert np.isinf(steady["e2e_median_s"].iloc[-1])
-    assert np.isfinite(run[["e2e_median_s", "e2e_pi_lower_s", "e2e_pi_upper_s"]]).all().all()
-    assert (run["p_saturated"] == 0).all()
+    assert steady["saturated"].tolist() == [False, False, True]
+    # A run of finite length has a finite mean: never saturated, never +inf.
+    for metric in ("e2e", "ttft", "tpot"):
+        assert np.isfinite(run[[f"{metric}_{c}_s" for c in
+                                ("pred", "median", "lower", "upper", "pi_lower", "pi_upper")]]
+                           ).all().all()
+    assert (run["p_saturated"] == 0).all() and not run["saturated"].any()
     # Far below capacity a 90 s run reports the steady mean, within its ramp (2%).
     assert run["e2e_median_s"].iloc[0] == pytest.approx(steady["e2e_median_s"].iloc[0],
                                                         rel=0.02)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 import sdbayes as sb
-from sdbayes import calibrate
+from sdbayes import calibrate, observation
 from sdbayes.posterior import FitWarning
 
 USES_NUMPYRO = True  # conftest: NumPyro needs implicit rank promotion
@@ -261,11 +261,11 @@ def test_queueing_error_scales_with_the_sensitivity_to_load(variant, coef):
     traces = model_traces()
     closed = traces.iloc[:6].assign(request_rate=np.nan, concurrency=[1, 4, 16, 64, 128, 2])
     points, _ = sb.traces.to_points(sb.traces.validate(pd.concat([traces, closed])))
-    _, sensitivity = calibrate.predicted_means(coef, points, variant)
+    sensitivity = observation.forward(coef, points, variant).sensitivity
 
     def log_latency(log_scale):  # every load-dependent coefficient scaled by exp(log_scale)
-        scaled = calibrate.scale_demands(coef, 1.0, jnp.exp(log_scale))
-        return jnp.log(calibrate.predicted_means(scaled, points, variant)[0]["e2e"])
+        scaled = observation.scale_demands(coef, 1.0, jnp.exp(log_scale))
+        return jnp.log(observation.forward(scaled, points, variant).e2e)
 
     _, slope = jax.jvp(log_latency, (jnp.zeros(()),), (jnp.ones(()),))
     # The tau_q term is scaled by d log L / d log C2, however the load enters.
