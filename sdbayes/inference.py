@@ -40,10 +40,11 @@ AUTO = "auto"
 CHAIN_METHODS = ("parallel", "vectorized", "sequential")
 _WARMUP_TREE_DEPTH = 6
 LOAD_ERROR_SCALE = 0.05
-"""Half-normal scale of the sd of the open loops' discrepancy in load: a relative error in
-``C2`` of a few percent, which the mean-value form makes near saturation against a
-simulator (DESIGN.md section 1: 8-16% in latency at 85% of saturation, where the
-sensitivity is about 5)."""
+"""Half-normal scale of the sd of the open loops' discrepancy in load, a relative error in
+``C2`` (``S * eta(q)`` in log latency). Against a simulator the mean-value form errs by
+8-16% in latency at 85% of saturation (DESIGN.md section 1), where the sensitivity ``S`` is
+about 5.7: an ``eta`` of 1.4-2.8%, which this scale puts in the middle of its prior (90%
+below 8%), leaving room for a real server to need more."""
 _PILOT_DRAWS = 200  # warm-up and draws of the pilot run that places the finite-run tables
 
 

@@ -186,18 +186,24 @@ def forward(coef: Coefficients, points, variant: str | Variant,
     room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
     sensitivity = jnp.where(stable, (total - alone) / (total * room), 0.0)
     e2e, ttft, tpot = m.latency, m.ttft, m.tpot
+    batch = jnp.shape(e2e)  # coefficient draws [...] by rows [n]: broadcast explicitly
+
+    def wide(x):
+        return jnp.broadcast_to(jnp.asarray(x), batch)
+
+    open_rate, closed = wide(open_rate), wide(closed)
     if loads is not None:
-        run = loads.run
-        full = _demands(coef, points.k, points.alpha, points.output_len, 1.0, variant.form)
+        run = wide(loads.run)
+        k, alpha, output_len = wide(points.k), wide(points.alpha), wide(points.output_len)
+        full = _demands(coef, k, alpha, output_len, 1.0, variant.form)
         capacity = 1.0 / _full_batch_demand(coef, full, variant.form)
         offered = jnp.log(jnp.where(run, open_rate, 1.0) / capacity)
         log_c1 = jnp.log(full.independent.total)
         log_others, slope = _interpolate(loads, offered, log_c1, 0)
         others = jnp.exp(log_others)
         admissions = jnp.where(run, open_rate, 0.0)
-        latency = at_load(coef, points.k, points.alpha, points.output_len, others,
-                          admissions, variant, full)[0]
-        first = at_load(coef, points.k, points.alpha, points.output_len,
+        latency = at_load(coef, k, alpha, output_len, others, admissions, variant, full)[0]
+        first = at_load(coef, k, alpha, output_len,
                         jnp.exp(_interpolate(loads, offered, log_c1, 1)[0]), admissions,
                         variant, full)[1]
         marginal = _marginal_demand(coef, full, others, variant)
@@ -208,15 +214,19 @@ def forward(coef: Coefficients, points, variant: str | Variant,
                            + others * marginal / latency * slope)
         e2e = jnp.where(run, latency, e2e)
         ttft = jnp.where(run, first, ttft)
-        tpot = jnp.where(run, _per_token(latency, first, points.output_len), tpot)
+        tpot = jnp.where(run, _per_token(latency, first, output_len), tpot)
         sensitivity = jnp.where(run, run_sensitivity, sensitivity)
         alone = jnp.where(run, full.independent.total, alone)
     if load_error is not None:
         finite = jnp.isfinite(e2e)
         share = jnp.clip(1.0 - alone / jnp.where(finite, e2e, 1.0), 0.0, 1.0)
-        shift = jnp.where(closed, 0.0, sensitivity * discrepancy_in_load(load_error, share))
-        e2e = jnp.where(finite, e2e * jnp.exp(shift), e2e)
-        tpot = jnp.where(finite, _per_token(e2e, ttft, points.output_len), tpot)
+        # Held within a factor of e^3 either way: far from the data (a sampler's first
+        # steps, draws near saturation) a product of two large numbers would overflow.
+        shift = jnp.where(closed, 0.0, jnp.clip(
+            sensitivity * discrepancy_in_load(load_error, share), -3.0, 3.0))
+        # Double `where`: the product's untaken branch stays finite, its gradient 0.
+        e2e = jnp.where(finite, jnp.where(finite, e2e, 1.0) * jnp.exp(shift), e2e)
+        tpot = jnp.where(finite, _per_token(e2e, ttft, wide(points.output_len)), tpot)
     return Observation(e2e, ttft, tpot, sensitivity)
 
 
@@ -362,7 +372,7 @@ def _tabulate(anchor, c1_offsets, u_offsets, *, k, alpha, output_len, rate, dura
         return jnp.where(below, mid, low), jnp.where(below, high, mid)
 
     low = jnp.full(targets.shape, np.log(_FEWEST))
-    high = jnp.log(10.0 * rate * duration + 10.0) * jnp.ones(targets.shape)
+    high = jnp.broadcast_to(jnp.log(10.0 * rate * duration + 10.0), targets.shape)
     low, high = jax.lax.fori_loop(0, _BISECTIONS, halve, (low, high))
     return jnp.moveaxis(0.5 * (low + high), 0, 1)  # [m, 2, 3, NODES]
 
@@ -372,20 +382,23 @@ def _interpolate(loads: EffectiveLoads, offered, log_c1, metric: int):
     loads ``u`` and ``log C1`` [..., n]: in ``u`` a cubic Hermite spline through each
     slice's nodes, linear beyond them; across the three slices in ``log C1`` a quadratic,
     held within two slices' steps."""
-    start, step = jnp.asarray(loads.start), jnp.asarray(loads.step)
+    shape = jnp.shape(offered)
+    start, step, anchor_c1, c1_step = (jnp.broadcast_to(jnp.asarray(x), shape) for x in (
+        loads.start, loads.step, loads.log_c1, loads.c1_step))
     t = (offered - start) / step
     j = jnp.clip(jnp.floor(t), 0, NODES - 2).astype(jnp.int32)
     s = jnp.clip(t - j, 0.0, 1.0)
     s2, s3 = s * s, s * s * s
     beyond = (t < 0) | (t > NODES - 1)
     edge = jnp.where(t < 0, t, t - (NODES - 1)) * step  # how far beyond the nodes
-    z = jnp.clip((log_c1 - jnp.asarray(loads.log_c1)) / jnp.asarray(loads.c1_step), -2.0, 2.0)
+    z = jnp.clip((log_c1 - anchor_c1) / c1_step, -2.0, 2.0)
     weights = (0.5 * z * (z - 1.0), 1.0 - z * z, 0.5 * z * (z + 1.0))  # Lagrange, slices
     values = jnp.asarray(loads.log_others).reshape(-1)  # one gather a slice from flat tables
     slopes = jnp.asarray(loads.slope).reshape(-1)
     value = slope = 0.0
     for a, weight in enumerate(weights):
-        flat = ((np.arange(len(loads.run)) * 2 + metric) * 3 + a) * NODES
+        flat = jnp.broadcast_to(((np.arange(len(loads.run)) * 2 + metric) * 3 + a) * NODES,
+                                shape)
         y0, y1 = values[flat + j], values[flat + j + 1]
         m0, m1 = slopes[flat + j] * step, slopes[flat + j + 1] * step
         inside = ((2 * s3 - 3 * s2 + 1) * y0 + (s3 - 2 * s2 + s) * m0

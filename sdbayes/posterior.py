@@ -196,7 +196,7 @@ class Posterior:
             name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
             _, _, relative_se = observation.observed(arrays, metric)  # 0 where not given
             spread = np.asarray(observation.spread(self._draws(name)[:, None], tau_q,
-                                                   predicted.sensitivity, relative_se))
+                                                   predicted.sensitivity, relative_se[None, :]))
             finite = np.isfinite(x)
             with np.errstate(over="ignore"):  # near saturation a draw's noise may reach +inf
                 noisy = np.where(finite, x, 1.0) * np.exp(np.where(finite, spread, 0.0) * noise)

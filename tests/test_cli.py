@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import sdbayes as sb
 from sdbayes.cli import EXIT_BAD_INPUT, app
 
 USES_NUMPYRO = True  # conftest: the fit command runs NumPyro
@@ -110,9 +111,18 @@ def test_report_writes_plots_and_a_summary(workdir):
     for name in ("latency_vs_rate", "collapse", "speedup_vs_rate", "k_schedule",
                  "predictive_check", "pair", "trace"):
         assert (out / f"{name}.png").stat().st_size > 10_000 and f"({name}.png)" in text
+    # `fit` chose its variant (auto, the default): the report says which and why, with
+    # one row per form of the LOO table.
+    choice, coefficients = text.split("## Choice of model variant")[1].split(
+        "## Cost coefficients")
+    assert "PSIS-LOO" in choice
+    assert sum(line.startswith(f"| {v} |") for line in choice.splitlines()
+               for v in sb.model.VARIANTS) == 3
     # The header and one row per coefficient, each of 7 columns (group labels hold "|").
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 7 and all(line.replace("\\|", "").count("|") == 8 for line in rows)
+    names = sb.load_posterior(workdir / "post.nc").coefficient_names
+    rows = [line for line in coefficients.split("##")[0].splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(names)
+    assert all(line.replace("\\|", "").count("|") == 8 for line in rows)
     assert "| c1v | " in text and " | ms | " in text
 
 

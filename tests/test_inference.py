@@ -238,7 +238,8 @@ def test_frame_changes_coordinates_not_the_model():
     args = dict(points=points, prior=prior, n_groups=1, metrics=("e2e",))
     frames = (prior, calibrate.least_squares_frame(points, prior, ("e2e",)))
     others = dict(sigma_e2e=0.02, tau_q=0.01, discrepancy=np.array([0.02, 0.03]),
-                  delta=np.zeros((int(points.config.max()) + 1, 2)))
+                  delta=np.zeros((int(points.config.max()) + 1, 2)), load_scale=0.02,
+                  load_weights=np.full((1, observation.LOAD_BASIS), 0.3))
     log_c = [LOG_TRUE, LOG_TRUE + np.array([0.01, -0.002, 0.003, 0.02, -0.01, 0.0])]
 
     def joint(frame, x):

@@ -16,6 +16,7 @@ STUDY = Path(__file__).resolve().parents[2] / "shared" / "data" / "speculators-q
 FILES = sorted(STUDY.glob("*.json"))
 CONFIG = dict(hardware="GPU-80GB", verifier="Qwen3-8B", drafter="eagle3-qwen3-8b",
               method="eagle3")
+BIAS = 0.04
 pytestmark = pytest.mark.skipif(not FILES, reason=f"no study files in {STUDY}")
 
 
@@ -30,33 +31,32 @@ def fits():
                         for variant in ("paper", "filling")}
 
 
-def test_loo_prefers_the_filling_form(fits):
-    """Measured: elpd difference 245 (se 16) with 200 draws; 5 se is a wide margin."""
+def test_loo_does_not_prefer_the_paper_form(fits):
+    """The filling form's rising marginal cost is what these sweeps show (without a
+    discrepancy in load, an elpd difference of 245, se 16); with one, the paper's form
+    follows the bend too, and the two are closer. Measured: filling ahead by 9.4 (se 8.1)."""
     _, posteriors = fits
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # Pareto-k: see sb.compare
         ranking = sb.compare(posteriors)
-    assert ranking.index[0] == "filling"
-    assert ranking.loc["paper", "elpd_diff"] > 5 * ranking.loc["paper", "dse"]
+    assert set(ranking.index) == {"paper", "filling"}
+    if ranking.index[0] == "paper":
+        assert ranking.loc["filling", "elpd_diff"] < 2 * ranking.loc["filling", "dse"]
 
 
-def test_filling_fits_every_load_where_the_paper_form_bends_away(fits):
-    """In sample, by load rank within each curve, the paper's form is biased (measured: +4%
-    at the middle rates, -8% and -20% at the two highest); the filling form's bias stays
-    within 4% at every rank (measured: 3.5% at most) and its 90% predictive intervals cover
-    80-100% of the points (measured: 92%)."""
+def test_both_forms_fit_every_load_as_fitted(fits):
+    """In sample, by load rank within each curve, predicted as the points were fitted (a
+    90 s run each, the top one at capacity): the bias stays within BIAS at every rank for
+    both forms and the 90% predictive intervals cover 80-100% of the points. Measured: bias
+    0.5% at most for the paper's form (with its discrepancy in load), 3.5% for the filling
+    form (at the top rank, at capacity); coverage 93% for both."""
     points, posteriors = fits
     steady = points[points["steady"]].reset_index(drop=True)
     rank = steady.groupby(["acceptance", "k"])["request_rate"].rank(method="first").fillna(0)
-    bias = {}
     for variant, posterior in posteriors.items():
-        # Steady predictions, as fitted (a run's length would make them finite runs').
-        pred = posterior.predict(steady.drop(columns="duration_s"))
+        pred = posterior.predict(steady)
         error = pred["e2e_median_s"] / steady["e2e_mean_s"] - 1
-        bias[variant] = error.groupby(rank).mean()
-        if variant == "filling":
-            inside = ((pred["e2e_pi_lower_s"] <= steady["e2e_mean_s"])
-                      & (steady["e2e_mean_s"] <= pred["e2e_pi_upper_s"]))
-            assert 0.8 <= inside.mean() <= 1.0
-    assert np.abs(bias["filling"]).max() < 0.04
-    assert np.abs(bias["paper"]).max() > 0.06
+        inside = ((pred["e2e_pi_lower_s"] <= steady["e2e_mean_s"])
+                  & (steady["e2e_mean_s"] <= pred["e2e_pi_upper_s"]))
+        assert np.abs(error.groupby(rank).mean()).max() < BIAS, variant
+        assert 0.8 <= inside.mean() <= 1.0, variant

@@ -95,5 +95,9 @@ def test_extrapolation_in_load():
     predicted = posterior.predict(held_out, ci=0.9)
     measured = held_out["e2e_mean_s"]
     assert (predicted["e2e_median_s"] / measured - 1).abs().mean() <= 0.10
-    assert ((predicted["e2e_pi_lower_s"] <= measured)
-            & (measured <= predicted["e2e_pi_upper_s"])).all()
+    # 16 points at 90%: fewer than 12 inside has probability under 2% if calibrated
+    # (all 16 inside, 19%, is no requirement). Measured: 15; mean error 9.4%, all low, as
+    # the mean-value form is near saturation against the simulator.
+    inside = ((predicted["e2e_pi_lower_s"] <= measured)
+              & (measured <= predicted["e2e_pi_upper_s"]))
+    assert inside.sum() >= 12
