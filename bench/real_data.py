@@ -39,6 +39,7 @@ than 2-5%: neighbouring k and alpha differ there by more than any smooth surface
 so no model smooth in alpha and k can predict these points much closer than the floor.
 """
 
+import subprocess
 import sys
 import time
 import warnings
@@ -211,9 +212,17 @@ def main() -> None:
     found = studies()
     if not found:
         sys.exit(f"no studies in {DATA}")
-    for size, folder in found.items():
-        if not sizes or size in sizes:
-            run_size(size, folder, variants or list(sb.model.VARIANTS), quick, throughput)
+    chosen = [size for size in found if not sizes or size in sizes]
+    if len(chosen) > 1:
+        # One process per size: XLA keeps every compiled program mapped, and a size's 30
+        # fits come near Linux's 65,530 memory maps (vm.max_map_count); two sizes in one
+        # process end in "LLVM ERROR: Unable to allocate section memory".
+        others = [a for a in sys.argv[1:] if not a.startswith("--size=")]
+        for size in chosen:
+            subprocess.run([sys.executable, __file__, f"--size={size}", *others], check=True)
+        return
+    for size in chosen:
+        run_size(size, found[size], variants or list(sb.model.VARIANTS), quick, throughput)
 
 
 if __name__ == "__main__":

@@ -4,38 +4,47 @@
 section 6). Seconds and tokens throughout.
 """
 
+import importlib
+import importlib.util
 import warnings
 
-with warnings.catch_warnings():
-    # ArviZ 0.2x announces its 1.x refactor on import; DESIGN.md pins the 0.2x API.
-    warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
-    import arviz  # noqa: F401
+# ArviZ 0.2x announces its 1.x refactor on import; DESIGN.md pins the 0.2x API. Only that
+# message is silenced, wherever arviz is first imported from.
+warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
 
-from sdbayes.finite_run import FiniteRun, finite_run  # noqa: E402
-from sdbayes.importers import read_guidellm  # noqa: E402
-from sdbayes.inference import AUTO, choose_variant, fit, use_cpu_cores  # noqa: E402
-from sdbayes.model import (
-    Coefficients,
-    Demands,
-    PhaseDemands,
-    PositionRates,
-    Variant,
-    demands,
-    expert_coverage,
-    goodput,
-    latency,
-    saturation_rate,
-    speedup,
-    tokens_per_step,
-    tpot,
-    ttft,
-)
-from sdbayes.planning import Capacity, InfeasibleSLO, max_rate  # noqa: E402
-from sdbayes.posterior import Posterior, compare, load_posterior
-from sdbayes.simulate import Empirical, Uniform, simulate
-from sdbayes.sweep import SweepConfig, SweepError, read_sweep_config, run_sweep
-from sdbayes.traces import TraceError, aggregate, read_traces, validate, write_traces
-from sdbayes.tuning import KChoice, tune_k  # noqa: E402
+# Where each public name lives. Imported on first use (PEP 562), so that `import sdbayes`,
+# and with it the `sdbayes` command's --help, does not pay for JAX, NumPyro and ArviZ.
+_HOMES = {
+    "sdbayes.fluid": ("FiniteRun", "finite_run"),
+    "sdbayes.importers": ("read_guidellm",),
+    "sdbayes.inference": ("AUTO", "choose_variant", "fit", "use_cpu_cores"),
+    "sdbayes.model": ("Coefficients", "Demands", "PhaseDemands", "PositionRates", "Variant",
+                      "demands", "expert_coverage", "goodput", "latency", "saturation_rate",
+                      "speedup", "tokens_per_step", "tpot", "ttft"),
+    "sdbayes.planning": ("Capacity", "InfeasibleSLO", "max_rate"),
+    "sdbayes.posterior": ("Posterior", "compare", "load_posterior"),
+    "sdbayes.simulator": ("Empirical", "Uniform", "simulate"),
+    "sdbayes.sweep": ("SweepConfig", "SweepError", "read_sweep_config", "run_sweep"),
+    "sdbayes.traces": ("TraceError", "aggregate", "read_traces", "validate", "write_traces"),
+    "sdbayes.tuning": ("KChoice", "tune_k"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(_HOME[name]), name)
+    elif importlib.util.find_spec(f"sdbayes.{name}") is not None:  # sb.model, sb.importers
+        value = importlib.import_module(f"sdbayes.{name}")
+    else:
+        raise AttributeError(f"module 'sdbayes' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOME))
+
 
 __all__ = [
     "AUTO",

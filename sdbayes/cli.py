@@ -8,21 +8,54 @@ arguments and bad files end with one line on stderr naming the problem and exit 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import pandas as pd
 import typer
+import typer.core
 from rich.console import Console
 from rich.table import Table
 
+from sdbayes.files import check_folder, check_writable, replacing
+
 EXIT_BAD_INPUT = 2
 
-app = typer.Typer(help="Bayesian latency model of speculative decoding in LLM serving.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line, however long
+
+
+# click's UsageError: typer >= 0.20 vendors click, older typer re-exports it.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """A bad flag or option value ends, like bad input, with one line on stderr and exit
+    code 2, not click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERROR as error:
+            where = f"{error.ctx.command_path}: " if error.ctx is not None else ""
+            errors.print(f"error: {where}{error.format_message()} (see --help)", markup=False,
+                         highlight=False)
+            code = EXIT_BAD_INPUT
+        except typer.Abort:
+            errors.print("aborted", markup=False, highlight=False)
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code or 0)
+
+
+# Plain help text: rich markup would take "[ms]" and "[req/s]" for tags and drop them.
+app = typer.Typer(help="Bayesian latency model of speculative decoding in LLM serving.",
+                  cls=_OneLineErrors, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
 
 
 def _one_line(error: Exception) -> str:
@@ -63,11 +96,18 @@ def _load(path: Path):
         raise ValueError(f"{path}: not an sdbayes posterior file ({_one_line(error)})") from None
 
 
-def _floats(text: str, name: str) -> np.ndarray:
+def _floats(text: str, name: str, *, whole: bool = False, low: float = 0.0) -> np.ndarray:
+    """A flag's comma-separated numbers, at least one, finite, at least ``low``."""
+    kind = "whole numbers" if whole else "numbers"
     try:
-        return np.array([float(x) for x in text.split(",") if x.strip()])
+        values = np.array([float(x) for x in text.split(",") if x.strip()])
     except ValueError:
-        raise ValueError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"--{name}: expected comma-separated {kind}, got {text!r}") from None
+    if (not values.size or not np.isfinite(values).all() or (values < low).any()
+            or (whole and (values != np.round(values)).any())):
+        raise ValueError(f"--{name}: expected comma-separated {kind} of at least {low:g}, "
+                         f"got {text!r}")
+    return values
 
 
 def _table(title: str, frame: pd.DataFrame) -> Table:
@@ -96,9 +136,9 @@ def fit(
     metric: Annotated[list[str] | None, typer.Option(
         help="Metric to fit (e2e, ttft, tpot); repeat for several. Default: those present.")
     ] = None,
-    chains: int = 4,
-    warmup: int = 1000,
-    samples: int = 1000,
+    chains: Annotated[int, typer.Option(min=1)] = 4,
+    warmup: Annotated[int, typer.Option(min=0)] = 1000,
+    samples: Annotated[int, typer.Option(min=1)] = 1000,
     seed: int = 0,
 ) -> None:
     """Fit posteriors over the cost coefficients to traces; print them with diagnostics.
@@ -108,6 +148,7 @@ def fit(
     """
     for path in traces:
         _existing(path)
+    check_writable(out)  # before the fit, not after minutes of sampling
     posterior = _fit_and_show([str(p) for p in traces], method=method, variant=variant,
                               experts=experts, top_m=top_m,
                               metrics=tuple(metric) if metric else None, num_warmup=warmup,
@@ -157,6 +198,8 @@ def predict(
 
     Example: sdbayes predict posterior.nc grid.csv --out predictions.csv
     """
+    if out is not None:
+        check_writable(out)
     post = _load(posterior)
     points = pd.read_csv(_existing(grid))
     result = post.predict(points, ci=ci, seed=seed)
@@ -172,7 +215,8 @@ def predict(
         console.print(f"{int(result['saturated'].sum())} row(s) past saturation: no steady "
                       "state, their means are +inf (give duration_s for a run's finite mean)")
     if out is not None:
-        result.to_csv(out, index=False)
+        with replacing(out) as temporary:
+            result.to_csv(temporary, index=False)
         console.print(f"Predictions written to {out}")
 
 
@@ -194,8 +238,8 @@ def plan(
     Example: sdbayes plan posterior.nc --slo-ms 2000 --alpha 0.7 --output-len 128 --traffic 50
     """
     _show_plan(_load(posterior), slo_ms=slo_ms, alpha=alpha, output_len=output_len,
-               ks=_floats(k, "k"), metric=metric, confidence=confidence, traffic=traffic,
-               group=group)
+               ks=_floats(k, "k", whole=True), metric=metric, confidence=confidence,
+               traffic=traffic, group=group)
 
 
 def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
@@ -275,10 +319,11 @@ def simulate(
     """
     from sdbayes.__main__ import EXAMPLE_COEFFICIENTS
     from sdbayes.model import Coefficients
-    from sdbayes.simulate import simulate as run
+    from sdbayes.simulator import simulate as run
     from sdbayes.traces import aggregate as to_points
     from sdbayes.traces import write_traces
 
+    check_writable(out)
     coef = EXAMPLE_COEFFICIENTS
     if coefficients_ms is not None:
         values = _floats(coefficients_ms, "coefficients-ms")
@@ -317,11 +362,15 @@ def import_(
     from sdbayes.importers import read_benchmark
     from sdbayes.traces import write_traces
 
+    check_writable(out)
     frames = [read_benchmark(_existing(path), hardware=hardware, verifier=verifier,
                              drafter=drafter, method=method, k=k, acceptance=acceptance,
                              metrics_before=metrics_before, metrics_after=metrics_after)
               for path in files]
     points = pd.concat(frames, ignore_index=True)
+    if not method and (points["k"] > 0).any():
+        raise ValueError("--method: these runs use speculative decoding (k > 0) and the files "
+                         "do not name the method; give it, e.g. --method eagle3")
     write_traces(points, out)
     console.print(f"{len(points)} operating points from {len(files)} file(s) written to {out}")
 
@@ -383,6 +432,7 @@ def report(
     """
     from sdbayes.report import write_report
 
+    check_folder(out)
     post = _load(posterior)
     written = write_report(post, _read_points([_existing(p) for p in traces]), out)
     console.print(f"Report written to {written}")
@@ -406,13 +456,16 @@ def demo(
     draws: Annotated[int, typer.Option(help="Warm-up steps and draws per chain.")] = 500,
     seed: int = 0,
 ) -> None:
-    """Fit the bundled example traces, plan capacity, tune k and write a report.
+    """Fit the bundled example traces, plan capacity, tune k and write a report, with the
+    posterior (posterior.nc) and the points (points.csv) beside it.
 
     The example traces are simulated from coefficients close to a fit of real vLLM sweeps
     of Qwen3-8B with an EAGLE drafter (calibration/make_example.py). Example: sdbayes demo
     """
     from sdbayes.report import write_report
+    from sdbayes.traces import write_traces
 
+    check_folder(out)
     points = _read_points([EXAMPLE_TRACES])
     console.print(f"[bold]sdbayes demo[/]: {len(points)} operating points from "
                   f"{EXAMPLE_TRACES.name} (simulated; see calibration/make_example.py)")
@@ -423,11 +476,28 @@ def demo(
     _show_schedule(posterior, rates=np.array([1.0, 4, 8, 12]), alpha=0.8, output_len=128.0,
                    risk="quantile")
     written = write_report(posterior, points, out)
-    console.print(f"Report written to {written}")
+    posterior.save(out / "posterior.nc")
+    write_traces(points, out / "points.csv")
+    console.print(f"Report written to {written}; the posterior and its points to "
+                  f"{out / 'posterior.nc'} and {out / 'points.csv'}, for the next commands, "
+                  f"e.g. sdbayes predict {out / 'posterior.nc'} grid.csv")
 
 
 def main() -> None:
-    from sdbayes.inference import use_cpu_cores
-
-    use_cpu_cores()  # before any JAX work: chains then run in parallel on a CPU
+    _split_cpu()
     app()
+
+
+def _split_cpu() -> None:
+    """What :func:`sdbayes.use_cpu_cores` does, without importing JAX: every command, --help
+    included, would otherwise pay 2-4 s for it. XLA reads the flag when JAX starts."""
+    import os
+    import re
+
+    if "jax" in sys.modules:
+        return
+    devices = max(4, os.cpu_count() or 1)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                   os.environ.get("XLA_FLAGS", "")).split()
+    os.environ["XLA_FLAGS"] = " ".join(
+        [f"--xla_force_host_platform_device_count={devices}", *flags])

@@ -116,6 +116,10 @@ def fit(
                 (forms if auto else [variant])]
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    for name, value, least in (("num_warmup", num_warmup, 0), ("num_samples", num_samples, 1),
+                               ("num_chains", num_chains, 1), ("svi_steps", svi_steps, 1)):
+        if not isinstance(value, int | np.integer) or value < least:
+            raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
     if chain_method is None:
         chain_method = ("sequential" if num_chains == 1 else
                         "parallel" if jax.local_device_count() >= num_chains else "vectorized")

@@ -446,7 +446,7 @@ def at_load(coef, k, alpha, output_len, others, admissions, variant: Variant, de
     """Latency and TTFT [s] of a request with ``others`` in flight throughout, while the
     server admits ``admissions`` requests a second: the relation both loops solve at their
     fixed points (``others = rate * L`` open, ``N - 1`` closed), and what the fluid model of
-    :mod:`sdbayes.finite_run` follows as its load changes. ``demands``: the point's
+    :mod:`sdbayes.fluid` follows as its load changes. ``demands``: the point's
     :class:`Demands` at full coverage, for a dense verifier evaluated at many loads (they do
     not depend on the load). Not jit-compiled itself."""
     dtype = _float_dtype(others, output_len, *coef)

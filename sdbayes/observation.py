@@ -9,7 +9,7 @@ drift apart:
 - :func:`forward`: the mean each row reports, and its sensitivity to a small error in
   ``C2``. A closed loop (``concurrency``) and an open loop without a run length report the
   steady means of :mod:`sdbayes.model`. An open loop with a run length (``duration_s``)
-  reports what that run completes (:mod:`sdbayes.finite_run`): finite even past
+  reports what that run completes (:mod:`sdbayes.fluid`): finite even past
   saturation, and below the steady mean near it;
 - :func:`spread` and :func:`noise`: the relative error of a measured mean, on the log scale.
 
@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-from sdbayes.finite_run import finite_run
+from sdbayes.fluid import finite_run
 from sdbayes.model import (
     Coefficients,
     Variant,
@@ -308,7 +308,7 @@ def effective_loads(anchor: Coefficients, points, variant: str | Variant,
     scaled so that the offered load ``u = log(rate / saturation_rate)`` takes
     :data:`NODES` values within ``span`` of the anchor's, and its load-independent ones by
     ``exp(-c1_span), 1, exp(c1_span)``; at each node the fluid model
-    (:func:`sdbayes.finite_run.finite_run`) gives the run's mean latency, and a bisection
+    (:func:`sdbayes.fluid.finite_run`) gives the run's mean latency, and a bisection
     the others in flight at which the steady relation (:func:`sdbayes.model.at_load`)
     gives the same; another those at which it gives the run's mean TTFT.
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from sdbayes import observation
 from sdbayes.calibrate import coefficient_names
+from sdbayes.files import replacing
 from sdbayes.model import Coefficients, Variant, demands, saturation_rate, speedup
 from sdbayes.traces import TraceError, group_labels, to_points
 
@@ -103,8 +104,16 @@ class Posterior:
         return values.reshape((-1,) + values.shape[2:])
 
     def coefficients(self, group: str | int = 0) -> Coefficients:
-        """Coefficient draws of one group, each field of shape [n_draws] (seconds)."""
-        index = group if isinstance(group, int) else self.groups.index(group)
+        """Coefficient draws of one group (its index or label), each field of shape
+        [n_draws] (seconds); a ``ValueError`` names the groups there are if none matches."""
+        if isinstance(group, str) and group in self.groups:
+            index = self.groups.index(group)
+        elif isinstance(group, int | np.integer) and 0 <= group < len(self.groups):
+            index = int(group)
+        else:
+            listed = "; ".join(f"{i}: {label}" for i, label in enumerate(self.groups))
+            raise ValueError(f"group {group!r}: the posterior has {len(self.groups)} group(s) "
+                             f"({listed})")
         return Coefficients(**{name: self._draws(name)[:, index]
                                for name in self.coefficient_names})
 
@@ -133,11 +142,13 @@ class Posterior:
         return pd.DataFrame(rows)
 
     def save(self, path: str | Path) -> None:
-        """Write the posterior (with diagnostics and provenance) as netCDF."""
+        """Write the posterior (with diagnostics and provenance) as netCDF; an existing
+        file is replaced only once the new one is complete."""
         if self.diagnostics is not None:
             self.idata.attrs["sdbayes_diagnostics"] = json.dumps(
                 {**self.diagnostics._asdict(), "problems": list(self.diagnostics.problems)})
-        self.idata.to_netcdf(str(path))
+        with replacing(path) as temporary:
+            self.idata.to_netcdf(str(temporary))
 
     def predict(self, points: pd.DataFrame, ci: float = 0.9, seed: int = 0) -> pd.DataFrame:
         """Posterior prediction for a grid of operating points: the fitted observation
@@ -150,7 +161,7 @@ class Posterior:
         configuration (group, k, acceptance, lengths) the fit has seen keeps its fitted
         discrepancy; a new one draws a fresh one. An open-loop row with ``duration_s`` is a
         benchmark run of that length, started empty: its means are those of the requests
-        it completes (:mod:`sdbayes.finite_run`), finite even past saturation and lower
+        it completes (:mod:`sdbayes.fluid`), finite even past saturation and lower
         than the steady ones near it. Without ``duration_s`` the means are steady, +inf
         past saturation.
 

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from sdbayes.files import replacing
 from sdbayes.model import Coefficients, Variant, as_variant, demands, saturation_rate, speedup
 from sdbayes.model import latency as latency_fn
 from sdbayes.posterior import Posterior, in_milliseconds
@@ -21,7 +22,8 @@ _CI = 0.9
 
 def _save(fig, path: Path, dpi: int = 110) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    with replacing(path) as temporary:
+        fig.savefig(temporary, dpi=dpi)
     plt.close(fig)
 
 
@@ -290,12 +292,9 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
         az.plot_pair(posterior.idata, var_names=names, kind="kde",
                      marginals=True, figsize=(10, 10))
-        plt.gcf().tight_layout()
-        plt.gcf().savefig(folder / "pair.png", dpi=80)
-        plt.close("all")
+        _save(plt.gcf(), folder / "pair.png", dpi=80)
         az.plot_trace(posterior.idata, var_names=names, compact=True)
-        plt.gcf().tight_layout()
-        plt.gcf().savefig(folder / "trace.png", dpi=80)
+        _save(plt.gcf(), folder / "trace.png", dpi=80)
         plt.close("all")
 
     summary = in_milliseconds(posterior.summary(ci=_CI))
@@ -336,5 +335,6 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         "![trace plot](trace.png)", "",
     ])
     report = folder / "report.md"
-    report.write_text(text)
+    with replacing(report) as temporary:
+        temporary.write_text(text)
     return report

@@ -9,6 +9,7 @@ Every problem in a table is reported at once, each naming the file, row and colu
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+
+from sdbayes.files import replacing
 
 SCHEMA_VERSION = 1
 
@@ -68,7 +71,7 @@ OPERATING_POINT_COLUMNS: tuple[Column, ...] = _CONFIG + (
     Column("n_requests", "int", low=1, doc="requests behind the means"),
     Column("steady", "bool", doc="false for saturated points, kept but not fitted"),
     _positive("duration_s", doc="length of the run [s]: its means are over the requests "
-              "it completed (predictions of open-loop points follow, sdbayes.finite_run)"),
+              "it completed (predictions of open-loop points follow, sdbayes.fluid)"),
 )
 
 PER_REQUEST_COLUMNS: tuple[Column, ...] = _CONFIG + (
@@ -89,6 +92,7 @@ _NA_TEXT = {"nan", "na", "n/a", "null", "none", "<na>"}
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 _SHOWN_PROBLEMS = 20
+_SHOWN_VALUES = 3  # unreadable values quoted one by one, the rest by row
 
 
 class Points(NamedTuple):
@@ -158,8 +162,7 @@ def read_traces(path: str | Path) -> pd.DataFrame:
         raise TraceError([f"{path}: no such file"])
     try:
         if suffix == ".csv":
-            # Read text as text, so "007" or "1e3" in a name column stay as written.
-            df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+            df = _read_csv(path)
         elif suffix in (".parquet", ".pq"):
             df = pd.read_parquet(path)
         else:
@@ -174,17 +177,38 @@ def read_traces(path: str | Path) -> pd.DataFrame:
     return validate(df, source=str(path))
 
 
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV file as text, so that "007" or "1e3" in a name column stay as written; a
+    repeated header name or a last row cut short is a :class:`TraceError`."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    header = pd.read_csv(path, dtype=str, header=None, nrows=1, keep_default_na=False,
+                         skipinitialspace=True).iloc[0].str.strip()
+    repeated = header[header.duplicated()].unique().tolist()  # pandas renames them 'k.1'
+    if repeated:
+        raise TraceError([f"{path}: column '{c}' appears more than once" for c in repeated])
+    with open(path, "rb") as file:
+        file.seek(max(0, file.seek(0, 2) - 65536))
+        last_line = file.read().splitlines(keepends=True)[-1]
+    fields = next(csv.reader([last_line.decode("utf-8", "replace")]), [])
+    if len(df) and not last_line.endswith((b"\n", b"\r")) and len(fields) < len(header):
+        raise TraceError([f"{path}: {row_list([len(df) - 1])}: fewer fields than the header "
+                          "and no end of line: the file was cut short"])
+    return df
+
+
 def write_traces(df: pd.DataFrame, path: str | Path) -> None:
-    """Validate ``df`` and write it as CSV or Parquet (chosen by the file's suffix)."""
+    """Validate ``df`` and write it as CSV or Parquet (chosen by the file's suffix); an
+    existing file is replaced only once the new one is complete (:mod:`sdbayes.files`)."""
     path = Path(path)
     df = validate(df, source=str(path))
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        df.to_csv(path, index=False)
-    elif suffix in (".parquet", ".pq"):
-        df.to_parquet(path, index=False)
-    else:
+    if suffix not in (".csv", ".parquet", ".pq"):
         raise TraceError([f"{path}: unknown file type '{suffix}' (use .csv or .parquet)"])
+    with replacing(path) as temporary:
+        if suffix == ".csv":
+            df.to_csv(temporary, index=False)
+        else:
+            df.to_parquet(temporary, index=False)
 
 
 def validate(df: pd.DataFrame, source: str = "<table>") -> pd.DataFrame:
@@ -214,12 +238,9 @@ def validate(df: pd.DataFrame, source: str = "<table>") -> pd.DataFrame:
     df = df.reset_index(drop=True).copy()
     problems: list[str] = []
 
-    def report(rows, column, message):
-        for row in rows[:_SHOWN_PROBLEMS]:
-            problems.append(f"{source}: row {row + 1}, column '{column}': {message}")
-        if len(rows) > _SHOWN_PROBLEMS:
-            problems.append(f"{source}: column '{column}': {message} in "
-                            f"{len(rows) - _SHOWN_PROBLEMS} more rows")
+    def report(rows, column, message):  # one problem, however many rows share it
+        if rows:
+            problems.append(f"{source}: {row_list(rows)}, column '{column}': {message}")
 
     duplicated = df.columns[df.columns.duplicated()].unique().tolist()
     if duplicated:
@@ -240,6 +261,22 @@ def validate(df: pd.DataFrame, source: str = "<table>") -> pd.DataFrame:
     if problems:
         raise TraceError(problems)
     return df
+
+
+def row_list(rows: list[int], shown: int = 6) -> str:
+    """Rows by their 0-based index as a reader counts them (from 1, after the header),
+    consecutive ones as a range: ``"row 3"``, ``"rows 1-4, 9 and 12 more"``."""
+    numbers = sorted(int(r) + 1 for r in rows)
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:shown])
+    hidden = sum(b - a + 1 for a, b in runs[shown:])
+    more = f" and {hidden} more" if hidden else ""
+    return f"{'row' if len(numbers) == 1 else 'rows'} {text}{more}"
 
 
 def _is_missing(values: pd.Series) -> np.ndarray:
@@ -269,10 +306,10 @@ def _coerce(values: pd.Series, col: Column, report) -> pd.Series:
     else:
         numbers = pd.to_numeric(values.where(~missing), errors="coerce").astype("float64")
     unparsed = ~missing & numbers.isna().to_numpy(bool)
-    for row in rows(unparsed)[:_SHOWN_PROBLEMS]:
+    shown = rows(unparsed)[:_SHOWN_VALUES]
+    for row in shown:
         report([row], col.name, f"not a number: {values.iloc[row]!r}")
-    if unparsed.sum() > _SHOWN_PROBLEMS:
-        report(rows(unparsed)[_SHOWN_PROBLEMS:], col.name, "not a number")
+    report(rows(unparsed)[len(shown):], col.name, "not a number")
     num = numbers.to_numpy(float)
     ok = ~missing & ~unparsed
     report(rows(ok & np.isinf(num)), col.name, "infinite")
@@ -348,8 +385,7 @@ def _check_conflicts(df: pd.DataFrame, source: str, problems: list[str]) -> None
             continue
         values = df.loc[rows, measured].astype("string").fillna("<NA>")
         if len(values.drop_duplicates()) > 1:
-            listed = ", ".join(str(r + 1) for r in rows)
-            problems.append(f"{source}: rows {listed}: the same operating point with "
+            problems.append(f"{source}: {row_list(list(rows))}: the same operating point with "
                             "different measurements")
 
 

@@ -13,7 +13,7 @@ It serves ``GET /health``, ``GET /version``, ``GET /metrics`` (vLLM's spec-decod
 exposed with prometheus-client as vLLM does) and streaming ``POST /v1/completions`` (SSE
 chunks, a usage chunk when ``stream_options.include_usage``, then ``[DONE]``).
 
-Token timings follow the simulator's rules (:mod:`sdbayes.simulate`), played in real time
+Token timings follow the simulator's rules (:mod:`sdbayes.simulator`), played in real time
 by an asyncio engine loop: admitting requests stalls the engine ``c2p`` each; a request's
 first token comes ``c1p`` after its admission; a step with ``n`` requests decoding lasts
 ``(c1v + k*c1d) + (n - 1)*(c2v + k*c2d)`` and gives each ``1 + G`` tokens, ``G`` the drafts

@@ -77,6 +77,16 @@ def test_tune_prints_a_schedule(workdir):
      "risk must be one of"),
     (("import", "{dir}/p00.csv", "--out", "{dir}/x.csv", "--hardware", "A",
       "--verifier", "B"), "p00.csv"),
+    # Outputs are checked before the work: here, before any sampling.
+    (("fit", "{dir}/p00.csv", "--out", "{dir}/no-such-folder/p.nc"), "does not exist"),
+    (("fit", "{dir}/p00.csv", "--out", "{dir}"), "is a folder"),
+    (("fit", "{dir}/p00.csv", "--chains", 0), "'--chains'"),  # a usage error, one line too
+    (("fit", "{dir}/p00.csv", "--bogus"), "No such option"),
+    (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128, "--k", "2.5"),
+     "--k: expected comma-separated whole numbers"),
+    (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128, "--group", 3),
+     "group 3: the posterior has 1 group(s)"),
+    (("tune", "{post}", "--rates", "", "--alpha", 0.8, "--output-len", 128), "--rates"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
     bad = pd.read_csv(workdir / "p00.csv")
@@ -89,6 +99,22 @@ def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert "Traceback" not in result.output
+
+
+def test_a_failed_write_keeps_the_previous_output(workdir, monkeypatch):
+    out = workdir / "kept.csv"
+    out.write_text("previous predictions\n")
+    (workdir / "grid.csv").write_text("k,acceptance,output_len,request_rate\n4,0.7,128,3\n")
+
+    def disk_full(self, path, *args, **kwargs):
+        with open(path, "w") as cut_short:
+            cut_short.write("k,acc")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    result = run("predict", workdir / "post.nc", workdir / "grid.csv", "--out", out)
+    assert result.exit_code == EXIT_BAD_INPUT and "No space left" in result.stderr
+    assert out.read_text() == "previous predictions\n"
 
 
 def test_import_reads_a_real_guidellm_sweep(tmp_path):

@@ -1,4 +1,4 @@
-"""The fluid model of a finite open-loop run (sdbayes.finite_run) against exact results and
+"""The fluid model of a finite open-loop run (sdbayes.fluid) against exact results and
 the steady model it must approach."""
 
 from pathlib import Path
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import sdbayes as sb
-from sdbayes.finite_run import finite_run
+from sdbayes.fluid import finite_run
 
 jax.config.update("jax_enable_x64", True)
 

@@ -12,7 +12,7 @@ from numpyro.infer.util import log_density
 
 import sdbayes as sb
 from sdbayes import calibrate, observation
-from sdbayes.finite_run import finite_run
+from sdbayes.fluid import finite_run
 from sdbayes.traces import Points
 
 USES_NUMPYRO = True  # conftest: NumPyro needs implicit rank promotion

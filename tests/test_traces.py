@@ -133,7 +133,8 @@ class TestBadTables:
         df = points()
         df["concurrency"] = 4
         problems = problems_of(df)
-        assert len(problems) == 4 and "give request_rate or concurrency, not both" in problems[0]
+        assert problems == [
+            "t.csv: rows 1-4, column 'concurrency': give request_rate or concurrency, not both"]
 
     def test_conflicting_duplicates(self):
         df = points(3)
@@ -144,7 +145,7 @@ class TestBadTables:
 
     def test_percentiles_out_of_order(self):
         df = points().assign(e2e_p50_s=2.0, e2e_p90_s=3.0, e2e_p99_s=2.5)
-        assert "t.csv: row 1, column 'e2e_p99_s': smaller than e2e_p90_s" in problems_of(df)
+        assert problems_of(df) == ["t.csv: rows 1-4, column 'e2e_p99_s': smaller than e2e_p90_s"]
 
     def test_per_request_checks(self):
         df = requests()
@@ -160,8 +161,29 @@ class TestBadTables:
         df = points().astype({"k": object})
         df["k"] = "x"
         df["acceptance"] = 2.0
-        problems = problems_of(df)
-        assert len(problems) == 8
+        assert problems_of(df) == [  # one line per cause; unreadable values quoted up to 3
+            "t.csv: row 1, column 'k': not a number: 'x'",
+            "t.csv: row 2, column 'k': not a number: 'x'",
+            "t.csv: row 3, column 'k': not a number: 'x'",
+            "t.csv: row 4, column 'k': not a number",
+            "t.csv: rows 1-4, column 'acceptance': above 1",
+        ]
+
+    def test_a_csv_cut_short_or_with_a_repeated_column(self, tmp_path):
+        text = points().to_csv(index=False)
+        cut = tmp_path / "cut.csv"
+        cut.write_text(text[: text.rstrip().rfind(",")])  # inside the last row
+        with pytest.raises(sb.TraceError) as info:
+            sb.read_traces(cut)
+        assert info.value.problems == [
+            f"{cut}: row 4: fewer fields than the header and no end of line: the file was "
+            "cut short"]
+        repeated = tmp_path / "repeated.csv"
+        header, rest = text.split("\n", 1)
+        repeated.write_text(header + ",k\n" + "".join(f"{line},4\n" for line in
+                                                      rest.splitlines()))
+        with pytest.raises(sb.TraceError, match="column 'k' appears more than once"):
+            sb.read_traces(repeated)
 
     def test_not_a_trace_table(self):
         assert "not a trace table" in problems_of(pd.DataFrame({"a": [1]}))[0]
