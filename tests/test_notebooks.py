@@ -15,9 +15,13 @@ def test_there_are_four_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, tmp_path, monkeypatch):
+    from .test_importers import FILES, STUDY
+
+    book = nbformat.read(path, as_version=4)
+    if "speculators-qwen3" in str(book) and not FILES:
+        pytest.skip(f"no study files in {STUDY}")
     monkeypatch.setenv("SDBAYES_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    book = nbformat.read(path, as_version=4)
     # Raises CellExecutionError, with the failing cell and its traceback, on any error.
     NotebookClient(book, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
