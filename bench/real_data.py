@@ -135,9 +135,12 @@ def point_fit(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
                          "upper": pred * np.exp(Z90 * spread)}, index=test.index)
 
 
+CONVERGENCE: dict[str, list] = {}  # variant -> each fit's (R-hat, ESS, divergences, steps)
+
+
 def bayes_fits(train, test, variants, quick):
     """sdbayes's predictions of the test points by each variant and by "auto", and the
-    variant "auto" kept."""
+    variant "auto" kept; each fit's convergence is noted in CONVERGENCE."""
     draws = 300 if quick else 1000
     fits = {}
     with warnings.catch_warnings():
@@ -145,6 +148,11 @@ def bayes_fits(train, test, variants, quick):
         for variant in variants:
             fits[variant] = sb.fit(train, variant=variant, metrics=("e2e",), num_warmup=draws,
                                    num_samples=draws, num_chains=2, seed=0, progress=False)
+    for variant, posterior in fits.items():
+        d = posterior.diagnostics
+        steps = float(posterior.idata.sample_stats["n_steps"].mean())
+        CONVERGENCE.setdefault(variant, []).append(
+            (d.max_rhat, min(d.min_ess_bulk, d.min_ess_tail), d.divergences, steps))
     chosen = sb.choose_variant(dict(fits)).variant if len(fits) > 1 else variants[0]
     predictions = {}
     for variant, posterior in fits.items():
@@ -202,6 +210,13 @@ def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool) -
     table = table.assign(sub=table["split"] != table["block"]).sort_values(
         ["block", "sub", "split", "method"]).drop(columns=["block", "sub"])
     print(table.to_string(index=False, float_format=lambda x: f"{x:.1%}", na_rep="-"))
+    print("  convergence over the 5 fits of each variant (2 chains): worst R-hat, lowest "
+          "ESS, divergent transitions in all, mean leapfrog steps a draw")
+    for variant, fits in CONVERGENCE.items():
+        rhat, ess, divergences, steps = zip(*fits, strict=True)
+        print(f"    {variant:8s} R-hat {max(rhat):.3f}  ESS {min(ess):.0f}  "
+              f"divergences {sum(divergences)}  steps {np.mean(steps):.0f}")
+    CONVERGENCE.clear()
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +23,7 @@ from rich.table import Table
 from sdbayes.files import check_folder, check_writable, replacing
 
 EXIT_BAD_INPUT = 2
+EXIT_UNTRUSTED = 3  # --strict, and the posterior's diagnostics find problems
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line, however long
@@ -81,19 +83,58 @@ def _bad_input_exits_2(command):
 
 
 def _existing(path: Path) -> Path:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, give a file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     return path
 
 
-def _load(path: Path):
-    from sdbayes.posterior import load_posterior
+def _each_once(paths: list[Path]) -> list[Path]:
+    """Existing files, none given twice (its rows would count twice)."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        key = _existing(path).resolve()
+        if key in seen:
+            raise ValueError(f"{path}: given twice (as {seen[key]}); its rows would count twice")
+        seen[key] = path
+    return paths
+
+
+def _load(path: Path, strict: bool):
+    """The posterior in ``path``; under ``strict`` one that is not trustworthy ends the
+    command with its verdict and :data:`EXIT_UNTRUSTED`, before any work. Its verdict
+    is otherwise the command's last line (:func:`_verdict`)."""
+    from sdbayes.posterior import FitWarning, load_posterior
 
     _existing(path)
     try:
-        return load_posterior(path)
+        posterior = load_posterior(path)
     except (OSError, KeyError, ValueError) as error:
         raise ValueError(f"{path}: not an sdbayes posterior file ({_one_line(error)})") from None
+    warnings.simplefilter("ignore", FitWarning)  # the verdict says it, once
+    if strict and not _trusted(posterior):
+        _verdict(posterior, path)
+        raise typer.Exit(EXIT_UNTRUSTED)
+    return posterior
+
+
+Strict = Annotated[bool, typer.Option(
+    "--strict", help=f"Exit with code {EXIT_UNTRUSTED} if the fit is not trustworthy "
+                     "(divergences, R-hat, ESS; see the verdict on stderr).")]
+
+
+def _trusted(posterior) -> bool:
+    return posterior.diagnostics is not None and posterior.diagnostics.trustworthy
+
+
+def _verdict(posterior, source: Path | str) -> None:
+    """The fit's verdict (:attr:`sdbayes.posterior.Diagnostics.verdict`), one line on
+    stderr."""
+    diagnostics = posterior.diagnostics
+    verdict = diagnostics.verdict if diagnostics is not None else "without stored diagnostics"
+    errors.print(f"{'' if _trusted(posterior) else 'warning: '}{source}: fit {verdict}",
+                 markup=False, highlight=False)
 
 
 def _floats(text: str, name: str, *, whole: bool = False, low: float = 0.0) -> np.ndarray:
@@ -140,14 +181,17 @@ def fit(
     warmup: Annotated[int, typer.Option(min=0)] = 1000,
     samples: Annotated[int, typer.Option(min=1)] = 1000,
     seed: int = 0,
+    strict: Strict = False,
 ) -> None:
     """Fit posteriors over the cost coefficients to traces; print them with diagnostics.
+
+    The posterior is written even when the fit is not trustworthy (its diagnostics go
+    with it, and every command that reads it repeats the verdict).
 
     Example: sdbayes fit points.csv --out posterior.nc --variant stepped
     (an MoE verifier such as Qwen3-30B-A3B: --experts 128 --top-m 8)
     """
-    for path in traces:
-        _existing(path)
+    _each_once(traces)
     check_writable(out)  # before the fit, not after minutes of sampling
     posterior = _fit_and_show([str(p) for p in traces], method=method, variant=variant,
                               experts=experts, top_m=top_m,
@@ -155,22 +199,25 @@ def fit(
                               num_samples=samples, num_chains=chains, seed=seed)
     posterior.save(out)
     console.print(f"Posterior written to {out}")
+    _verdict(posterior, out)
+    if strict and not _trusted(posterior):
+        raise typer.Exit(EXIT_UNTRUSTED)
 
 
 def _fit_and_show(traces, **settings):
-    """Fit with a progress display, then print the coefficients and any FitWarning."""
-    import warnings
-
+    """Fit with a progress display (where stderr is a terminal), then print the
+    coefficients and the variant kept."""
     from sdbayes.inference import fit as run_fit
     from sdbayes.posterior import FitWarning, in_milliseconds
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FitWarning)
-        posterior = run_fit(traces, progress=True, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)  # the verdict says it all, in one line
+        posterior = run_fit(traces, progress=sys.stderr.isatty(), **settings)
     summary = in_milliseconds(posterior.summary())
     several = summary["group"].nunique() > 1
+    sampled = ["r_hat", "ess_bulk"] if posterior.diagnostics.method == "nuts" else []
     shown = summary[(["group"] if several else [])
-                    + ["coefficient", "mean", "lower", "upper", "unit", "r_hat", "ess_bulk"]]
+                    + ["coefficient", "mean", "lower", "upper", "unit", *sampled]]
     console.print(_table("Posterior over the cost coefficients (90% intervals): "
                          + ", ".join(posterior.groups), shown))
     if posterior.variant_choice is not None:
@@ -178,9 +225,6 @@ def _fit_and_show(traces, **settings):
         console.print(_table("Model variants by PSIS-LOO (higher elpd_loo is better)",
                              loo.reset_index()))
         console.print(f"Variant kept: {reason}")
-    for warning in caught:
-        if issubclass(warning.category, FitWarning):
-            console.print(f"[bold red]warning[/]: {warning.message}")
     return posterior
 
 
@@ -193,6 +237,7 @@ def predict(
     out: Annotated[Path | None, typer.Option(help="CSV to write all columns to.")] = None,
     ci: float = 0.9,
     seed: int = 0,
+    strict: Strict = False,
 ) -> None:
     """Predict latency, TTFT, TPOT and speedup with intervals for a grid of operating points.
 
@@ -200,7 +245,7 @@ def predict(
     """
     if out is not None:
         check_writable(out)
-    post = _load(posterior)
+    post = _load(posterior, strict)
     points = pd.read_csv(_existing(grid))
     result = post.predict(points, ci=ci, seed=seed)
     names = {"k": "k", "acceptance": "alpha", "request_rate": "rate_rps",
@@ -218,6 +263,7 @@ def predict(
         with replacing(out) as temporary:
             result.to_csv(temporary, index=False)
         console.print(f"Predictions written to {out}")
+    _verdict(post, posterior)
 
 
 @app.command()
@@ -232,14 +278,17 @@ def plan(
     confidence: float = 0.95,
     traffic: Annotated[float | None, typer.Option(help="Target traffic [req/s].")] = None,
     group: int = 0,
+    strict: Strict = False,
 ) -> None:
     """Highest request rate one replica holds with P(metric <= SLO) >= confidence.
 
     Example: sdbayes plan posterior.nc --slo-ms 2000 --alpha 0.7 --output-len 128 --traffic 50
     """
-    _show_plan(_load(posterior), slo_ms=slo_ms, alpha=alpha, output_len=output_len,
+    post = _load(posterior, strict)
+    _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len,
                ks=_floats(k, "k", whole=True), metric=metric, confidence=confidence,
                traffic=traffic, group=group)
+    _verdict(post, posterior)
 
 
 def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
@@ -275,14 +324,17 @@ def tune(
     metric: str = "e2e",
     k_max: int = 16,
     group: int = 0,
+    strict: Strict = False,
 ) -> None:
     """The best draft length for each request rate, under posterior risk.
 
     Example: sdbayes tune posterior.nc --rates 1,2,4,8 --alpha 0.7 --output-len 128 --risk cvar
     """
-    _show_schedule(_load(posterior), rates=_floats(rates, "rates"), alpha=alpha,
+    post = _load(posterior, strict)
+    _show_schedule(post, rates=_floats(rates, "rates"), alpha=alpha,
                    output_len=output_len, risk=risk, level=level, metric=metric, k_max=k_max,
                    group=group)
+    _verdict(post, posterior)
 
 
 def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.95,
@@ -363,10 +415,10 @@ def import_(
     from sdbayes.traces import write_traces
 
     check_writable(out)
-    frames = [read_benchmark(_existing(path), hardware=hardware, verifier=verifier,
+    frames = [read_benchmark(path, hardware=hardware, verifier=verifier,
                              drafter=drafter, method=method, k=k, acceptance=acceptance,
                              metrics_before=metrics_before, metrics_after=metrics_after)
-              for path in files]
+              for path in _each_once(files)]
     points = pd.concat(frames, ignore_index=True)
     if not method and (points["k"] > 0).any():
         raise ValueError("--method: these runs use speculative decoding (k > 0) and the files "
@@ -425,6 +477,7 @@ def report(
     traces: Annotated[list[Path], typer.Argument(help="The trace files it was fitted to.")],
     out: Annotated[Path, typer.Option(help="Folder for the plots and report.md.")] = Path(
         "sdbayes-report"),
+    strict: Strict = False,
 ) -> None:
     """Write a folder of plots and a Markdown summary for a posterior and its traces.
 
@@ -433,9 +486,10 @@ def report(
     from sdbayes.report import write_report
 
     check_folder(out)
-    post = _load(posterior)
-    written = write_report(post, _read_points([_existing(p) for p in traces]), out)
+    post = _load(posterior, strict)
+    written = write_report(post, _read_points(_each_once(traces)), out)
     console.print(f"Report written to {written}")
+    _verdict(post, posterior)
 
 
 def _read_points(paths) -> pd.DataFrame:
@@ -471,6 +525,7 @@ def demo(
                   f"{EXAMPLE_TRACES.name} (simulated; see calibration/make_example.py)")
     posterior = _fit_and_show(points, variant="stepped", metrics=("e2e",), num_warmup=draws,
                               num_samples=draws, num_chains=2, seed=seed)
+    warnings.simplefilter("ignore", type(posterior).FitWarning)  # the verdict says it
     _show_plan(posterior, slo_ms=1500.0, alpha=0.8, output_len=128.0,
                ks=np.array([0.0, 1, 2, 3, 4, 6, 8]), traffic=50.0)
     _show_schedule(posterior, rates=np.array([1.0, 4, 8, 12]), alpha=0.8, output_len=128.0,
@@ -481,6 +536,7 @@ def demo(
     console.print(f"Report written to {written}; the posterior and its points to "
                   f"{out / 'posterior.nc'} and {out / 'points.csv'}, for the next commands, "
                   f"e.g. sdbayes predict {out / 'posterior.nc'} grid.csv")
+    _verdict(posterior, out / "posterior.nc")
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ inside research code; :func:`max_rate` wraps them for a :class:`~sdbayes.Posteri
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 from typing import NamedTuple
 
@@ -194,6 +195,9 @@ def coefficient_draws(source, group: str | int = 0, variant: str | Variant | Non
         if variant is not None and variant != source.variant:
             raise ValueError(f"the posterior was fitted with variant {source.variant!r}, "
                              f"not {variant!r}")
+        if source.diagnostics is not None and not source.diagnostics.trustworthy:
+            warnings.warn(f"planning on a fit that is {source.diagnostics.verdict}",
+                          source.FitWarning, stacklevel=3)
         return source.coefficients(group), source.variant
     if isinstance(source, Coefficients):
         fields = jnp.broadcast_arrays(*(jnp.asarray(x, float) for x in source))

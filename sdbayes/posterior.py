@@ -45,17 +45,34 @@ class FitWarning(UserWarning):
 
 
 class Diagnostics(NamedTuple):
-    """Convergence and identification of a fit; ``problems`` lists what is wrong, if anything."""
+    """Convergence and identification of a fit; ``problems`` lists what is wrong, if anything.
 
-    max_rhat: float  # NaN for SVI
+    R-hat and ESS are rank-normalised split statistics over the coefficients and error
+    scales (a single chain is split in halves); NaN for SVI, whose draws are independent
+    by construction and whose error is that of its approximation.
+    """
+
+    max_rhat: float
     min_ess_bulk: float
     min_ess_tail: float
     divergences: int
     problems: tuple[str, ...]
+    method: str = "nuts"
 
     @property
     def trustworthy(self) -> bool:
         return not self.problems
+
+    @property
+    def verdict(self) -> str:
+        """One line: whether the fit can be trusted, and why."""
+        if self.problems:
+            return "NOT TRUSTWORTHY: " + "; ".join(self.problems)
+        if self.method == "svi":
+            return ("approximate (SVI): no convergence diagnostics apply; check intervals "
+                    "that matter against a NUTS fit")
+        return (f"converged: R-hat at most {self.max_rhat:.3f}, ESS at least "
+                f"{min(self.min_ess_bulk, self.min_ess_tail):.0f}, no divergent transitions")
 
 
 class Posterior:
@@ -122,8 +139,7 @@ class Posterior:
         ``upper``), R-hat, ESS, and the ``unit`` of the values: seconds (``"s"``) for the
         cost coefficients, ``"1"`` for ``fill``, ``"requests"`` for ``fill_half``.
         """
-        stats = az.summary(self.idata, var_names=list(self.coefficient_names),
-                           kind="diagnostics")
+        stats = _convergence(self.idata, list(self.coefficient_names))
         rows = []
         tail = (1 - ci) / 2
         for g, label in enumerate(self.groups):
@@ -367,19 +383,20 @@ def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
     coefficients = posterior.coefficient_names
     names = [n for n in idata.posterior.data_vars
              if n in coefficients or n.startswith("sigma_") or n == "tau_q"]
-    n_chains = idata.posterior.sizes["chain"]
+    method = idata.attrs.get("sdbayes_method", "nuts")
     max_rhat = min_bulk = min_tail = math.nan
     divergences = 0
-    if n_chains > 1:
-        stats = az.summary(idata, var_names=names, kind="diagnostics")
+    if method == "nuts":
+        stats = _convergence(idata, names)
         max_rhat = float(stats["r_hat"].max())
         min_bulk, min_tail = float(stats["ess_bulk"].min()), float(stats["ess_tail"].min())
+        want = _ESS_PER_CHAIN * max(idata.posterior.sizes["chain"], 2)
         if not max_rhat <= _RHAT_LIMIT:
             problems.append(f"R-hat up to {max_rhat:.3f} (above {_RHAT_LIMIT}): the chains "
-                            "disagree; run longer or check the traces")
-        if not min_bulk >= _ESS_PER_CHAIN * n_chains or not min_tail >= _ESS_PER_CHAIN * n_chains:
+                            "disagree; run more warm-up and draws, or check the traces")
+        if not min(min_bulk, min_tail) >= want:
             problems.append(f"effective sample size as low as {min(min_bulk, min_tail):.0f} "
-                            f"(want {_ESS_PER_CHAIN * n_chains}): intervals are unreliable")
+                            f"(want {want}): intervals are unreliable; run more draws")
     if "sample_stats" in idata and "diverging" in idata.sample_stats:
         divergences = int(idata.sample_stats["diverging"].values.sum())
         if divergences:
@@ -398,7 +415,18 @@ def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
             problems.append(f"group {label!r}: {', '.join(loose)} not identified by the traces "
                             "(posterior about as wide as the prior); measure more loads, k or "
                             "acceptance rates, or give an informative prior")
-    return Diagnostics(max_rhat, min_bulk, min_tail, divergences, tuple(problems))
+    return Diagnostics(max_rhat, min_bulk, min_tail, divergences, tuple(problems), method)
+
+
+def _convergence(idata: az.InferenceData, names: list[str]) -> pd.DataFrame:
+    """ArviZ's R-hat and ESS of ``names``; one chain is split in halves, as R-hat needs two
+    (ArviZ would give NaN)."""
+    draws = idata.posterior[names]
+    if draws.sizes["chain"] == 1 and draws.sizes["draw"] >= 8:
+        half = draws.sizes["draw"] // 2
+        draws = {n: draws[n].values[0, :2 * half].reshape(2, half, *draws[n].shape[2:])
+                 for n in names}
+    return az.summary(draws, kind="diagnostics")
 
 
 def compare(posteriors: dict[str, Posterior], metric: str | None = None) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from sdbayes.files import replacing
 from sdbayes.model import Coefficients, Variant, as_variant, demands, saturation_rate, speedup
 from sdbayes.model import latency as latency_fn
 from sdbayes.posterior import Posterior, in_milliseconds
+from sdbayes.traces import group_labels
 from sdbayes.tuning import tune_k
 
 _CI = 0.9
@@ -48,23 +49,31 @@ def _configs(points: pd.DataFrame) -> pd.DataFrame:
             .sort_values(["output_len", "acceptance", "k"]).reset_index(drop=True))
 
 
-def _load_grid(posterior: Posterior, config, n=40, top=0.9) -> pd.DataFrame:
+def _in_group(posterior: Posterior, group: int, grid: pd.DataFrame) -> pd.DataFrame:
+    """The grid with the hardware, model pair and method of the posterior's ``group``."""
+    return grid.assign(**posterior.group_columns[group])
+
+
+def _load_grid(posterior: Posterior, config, group: int = 0, n=40, top=0.9) -> pd.DataFrame:
     """Rates up to ``top`` of the configuration's mean saturation rate, with predictions."""
-    saturation = _saturation(posterior, config)
+    saturation = _saturation(posterior, config, group)
     grid = pd.DataFrame({"request_rate": np.linspace(0.01, top, n) * saturation})
     for name, value in config.items():
         grid[name] = value
-    return posterior.predict(grid, ci=_CI)
+    return posterior.predict(_in_group(posterior, group, grid), ci=_CI)
 
 
-def _saturation(posterior: Posterior, config) -> float:
+def _saturation(posterior: Posterior, config, group: int = 0) -> float:
     probe = pd.DataFrame([{**config, "request_rate": 1e-3}])  # any positive rate will do
-    return float(posterior.predict(probe)["saturation_rate_pred"].iloc[0])
+    return float(posterior.predict(_in_group(posterior, group, probe))
+                 ["saturation_rate_pred"].iloc[0])
 
 
-def plot_latency_vs_rate(posterior: Posterior, points: pd.DataFrame, path: Path) -> None:
+def plot_latency_vs_rate(posterior: Posterior, points: pd.DataFrame, path: Path,
+                         group: int = 0) -> None:
     """Measured mean latency per configuration over predicted median and 90% bands; one
-    panel per acceptance rate and output length, one colour per draft length."""
+    panel per acceptance rate and output length, one colour per draft length. ``points``
+    are those of the posterior's ``group`` (an index into ``posterior.groups``)."""
     configs = _configs(points)
     panels = list(configs.groupby(["bucket", "acceptance"], sort=True))
     buckets = _length_bucket(points["output_len"])
@@ -72,11 +81,11 @@ def plot_latency_vs_rate(posterior: Posterior, points: pd.DataFrame, path: Path)
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(5.5 * columns, 4 * rows), squeeze=False)
     ks = sorted(configs["k"].unique())
-    for ax, ((bucket, acceptance), group) in zip(axes.flat, panels, strict=False):
+    for ax, ((bucket, acceptance), panel) in zip(axes.flat, panels, strict=False):
         highest = 0.0
-        for _, config in group.sort_values("k").iterrows():
+        for _, config in panel.sort_values("k").iterrows():
             color = f"C{ks.index(config.k) % 10}"
-            pred = _load_grid(posterior, config.drop("bucket").to_dict())
+            pred = _load_grid(posterior, config.drop("bucket").to_dict(), group)
             highest = max(highest, float(pred["e2e_median_s"].max()))
             ax.plot(pred["request_rate"], 1e3 * pred["e2e_median_s"], color=color,
                     label=f"k={int(config.k)}")
@@ -93,7 +102,7 @@ def plot_latency_vs_rate(posterior: Posterior, points: pd.DataFrame, path: Path)
             ax.plot(saturated["request_rate"], 1e3 * saturated["e2e_mean_s"], "x",
                     color=color, ms=5)
         ax.set(xlabel="request rate [req/s]", ylabel="mean end-to-end latency [ms]",
-               title=f"alpha = {acceptance:.2f}, {group['output_len'].median():.0f} "
+               title=f"alpha = {acceptance:.2f}, {panel['output_len'].median():.0f} "
                      "output tokens")
         ax.legend(fontsize=7, ncol=2)
         ax.set_ylim(0, 1.3e3 * highest)  # bands near saturation would flatten everything else
@@ -104,12 +113,13 @@ def plot_latency_vs_rate(posterior: Posterior, points: pd.DataFrame, path: Path)
     _save(fig, path, dpi=90)
 
 
-def _median_coefficients(posterior: Posterior) -> Coefficients:
+def _median_coefficients(posterior: Posterior, group: int = 0) -> Coefficients:
     return Coefficients(**{name: float(np.median(values)) for name, values
-                           in posterior.coefficients(0)._asdict().items()})
+                           in posterior.coefficients(group)._asdict().items()})
 
 
-def plot_collapse(posterior: Posterior, points: pd.DataFrame, path: Path) -> bool:
+def plot_collapse(posterior: Posterior, points: pd.DataFrame, path: Path,
+                  group: int = 0) -> bool:
     """The normalised collapse: measured ``L / C1`` against ``x = rate * C2`` for every
     open-loop point, with ``C1, C2`` of its configuration from the posterior-median
     coefficients. The paper's form puts every configuration on ``1 / (1 - x)``; points
@@ -118,7 +128,7 @@ def plot_collapse(posterior: Posterior, points: pd.DataFrame, path: Path) -> boo
     open_loop = points[points["request_rate"].notna() & _steady(points)]
     if open_loop.empty:
         return False
-    d = demands(_median_coefficients(posterior), k=open_loop["k"].to_numpy(float),
+    d = demands(_median_coefficients(posterior, group), k=open_loop["k"].to_numpy(float),
                 alpha=open_loop["acceptance"].to_numpy(float),
                 output_len=open_loop["output_len"].to_numpy(float),
                 variant=as_variant(posterior.variant).form)
@@ -136,7 +146,8 @@ def plot_collapse(posterior: Posterior, points: pd.DataFrame, path: Path) -> boo
     return True
 
 
-def plot_synchronous_optimum(posterior: Posterior, points: pd.DataFrame, path: Path) -> bool:
+def plot_synchronous_optimum(posterior: Posterior, points: pd.DataFrame, path: Path,
+                             group: int = 0) -> bool:
     """The draft length with the lowest synchronous latency (one request at a time) against
     acceptance: measured, and the posterior's (median and 90% interval of each draw's
     best k among the measured ones). False (and no file) without synchronous points at
@@ -147,15 +158,15 @@ def plot_synchronous_optimum(posterior: Posterior, points: pd.DataFrame, path: P
     sync = sync.groupby("acceptance").filter(lambda g: g["k"].nunique() >= 2)
     if sync.empty:
         return False
-    coef = posterior.coefficients(0)
+    coef = posterior.coefficients(group)
     rows = []
-    for acceptance, group in sync.groupby("acceptance"):
-        ks = np.sort(group["k"].unique()).astype(float)
-        measured = group.groupby("k")["e2e_mean_s"].mean()
+    for acceptance, curve in sync.groupby("acceptance"):
+        ks = np.sort(curve["k"].unique()).astype(float)
+        measured = curve.groupby("k")["e2e_mean_s"].mean()
         latency = np.asarray(latency_fn(
             Coefficients(*(np.asarray(f)[:, None] if np.ndim(f) else f for f in coef)),
             k=ks[None, :],
-            alpha=acceptance, output_len=float(group["output_len"].median()),
+            alpha=acceptance, output_len=float(curve["output_len"].median()),
             concurrency=1.0, variant=posterior.variant))  # [D, K]
         best = ks[np.argmin(latency, axis=1)]
         rows.append((acceptance, float(measured.idxmin()), *np.quantile(best, [0.05, 0.5, 0.95])))
@@ -172,11 +183,12 @@ def plot_synchronous_optimum(posterior: Posterior, points: pd.DataFrame, path: P
 
 
 def plot_speedup_vs_rate(posterior: Posterior, alpha: float, output_len: float,
-                         path: Path) -> None:
+                         path: Path, group: int = 0) -> None:
     """Speedup over no SD against load, for several draft lengths, with credible bands."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, k in enumerate((1, 2, 4, 6, 8)):
-        pred = _load_grid(posterior, {"k": k, "acceptance": alpha, "output_len": output_len})
+        pred = _load_grid(posterior, {"k": k, "acceptance": alpha, "output_len": output_len},
+                          group)
         ax.plot(pred["request_rate"], pred["speedup_pred"], color=f"C{i}", label=f"k={k}")
         ax.fill_between(pred["request_rate"], pred["speedup_lower"], pred["speedup_upper"],
                         color=f"C{i}", alpha=0.2)
@@ -188,14 +200,15 @@ def plot_speedup_vs_rate(posterior: Posterior, alpha: float, output_len: float,
     _save(fig, path)
 
 
-def plot_k_schedule(posterior: Posterior, output_len: float, path: Path) -> None:
+def plot_k_schedule(posterior: Posterior, output_len: float, path: Path,
+                    group: int = 0) -> None:
     """The tuned draft length against load for several acceptance rates (risk: mean)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, alpha in enumerate((0.6, 0.7, 0.8, 0.9)):
         saturation = _saturation(posterior, {"k": 0, "acceptance": alpha,
-                                             "output_len": output_len})
+                                             "output_len": output_len}, group)
         rates = np.linspace(0.0, 1.5 * saturation, 40)
-        choice = tune_k(posterior, rate=rates, alpha=alpha, output_len=output_len)
+        choice = tune_k(posterior, rate=rates, alpha=alpha, output_len=output_len, group=group)
         stable = choice.feasible
         ax.step(rates[stable], choice.k[stable], where="mid", color=f"C{i}",
                 label=f"alpha={alpha:.1f}")
@@ -255,44 +268,44 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
     """Write plots and ``report.md`` for a posterior and the operating points it was fitted to.
 
     Args:
-      posterior: the fit (one group is plotted: the first).
+      posterior: the fit; each of its groups that ``points`` hold gets its own plots.
       points: its operating points (validated table).
       folder: created if missing.
 
     Returns:
       The path of ``report.md``.
+
+    Raises:
+      ValueError: ``points`` hold a group the posterior was not fitted to (before anything
+        is written).
     """
+    points = points.reset_index(drop=True)
+    labels = np.array(group_labels(points))
+    unknown = sorted(set(labels) - set(posterior.groups))
+    if unknown:
+        raise ValueError(f"traces: group(s) {'; '.join(unknown)} not in the posterior, "
+                         f"fitted to {'; '.join(posterior.groups)}; give the traces it was "
+                         "fitted to")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    points = points.reset_index(drop=True)
-    sd = points[points["k"] > 0]
-    alpha = float(sd["acceptance"].median()) if len(sd) else 0.8
-    output_len = float(points["output_len"].median())
-    plot_latency_vs_rate(posterior, points, folder / "latency_vs_rate.png")
-    plot_speedup_vs_rate(posterior, alpha, output_len, folder / "speedup_vs_rate.png")
-    plot_k_schedule(posterior, output_len, folder / "k_schedule.png")
+    present = [g for g, label in enumerate(posterior.groups) if (labels == label).any()]
+    suffixes = [""] if len(present) == 1 else [f"_group{g}" for g in present]
+    sections = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Posterior.FitWarning)  # the report gives the verdict
+        for g, suffix in zip(present, suffixes, strict=True):
+            heading = [] if len(present) == 1 else [f"# Group {g}: {posterior.groups[g]}", ""]
+            sections += heading + _group_section(
+                posterior, points[labels == posterior.groups[g]], folder, g, suffix)
     plot_predictive_check(posterior, points, folder / "predictive_check.png")
-    evidence = []
-    if plot_collapse(posterior, points, folder / "collapse.png"):
-        evidence += ["## Normalised collapse", "", "![collapse](collapse.png)", ""]
-    if plot_synchronous_optimum(posterior, points, folder / "synchronous_optimum.png"):
-        evidence += ["## Best draft length alone", "",
-                     "![synchronous optimum](synchronous_optimum.png)", ""]
-    variant = as_variant(posterior.variant)
-    moe_section = []
-    if variant.moe:
-        plot_moe_vs_dense(_median_coefficients(posterior), variant, alpha, output_len,
-                          folder / "moe_vs_dense.png")
-        moe_section = ["## MoE against dense", "", "Posterior-median coefficients, and the "
-                       "same without the expert terms.", "", "![moe vs dense](moe_vs_dense.png)",
-                       ""]
     names = list(posterior.coefficient_names)
     with warnings.catch_warnings():
         # ArviZ 0.2x calls matplotlib APIs that matplotlib >= 3.11 deprecates.
         warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
-        az.plot_pair(posterior.idata, var_names=names, kind="kde",
-                     marginals=True, figsize=(10, 10))
-        _save(plt.gcf(), folder / "pair.png", dpi=80)
+        for g, suffix in zip(present, suffixes, strict=True):
+            az.plot_pair(posterior.idata, var_names=names, kind="kde", marginals=True,
+                         coords={f"{name}_dim_0": [g] for name in names}, figsize=(10, 10))
+            _save(plt.gcf(), folder / f"pair{suffix}.png", dpi=80)
         az.plot_trace(posterior.idata, var_names=names, compact=True)
         _save(plt.gcf(), folder / "trace.png", dpi=80)
         plt.close("all")
@@ -301,10 +314,11 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
     table = ["| group | coefficient | mean | 90% interval | unit | R-hat | bulk ESS |",
              "|---|---|---|---|---|---|---|"]
     for row in summary.itertuples():
-        group = row.group.replace("|", "\\|")  # labels hold "|", a Markdown column bar
-        table.append(f"| {group} | {row.coefficient} | {row.mean:.4g} | "
-                     f"{row.lower:.4g} - {row.upper:.4g} | {row.unit} | "
-                     f"{row.r_hat:.3f} | {row.ess_bulk:.0f} |")
+        label = row.group.replace("|", "\\|")  # labels hold "|", a Markdown column bar
+        sampled = (f"{row.r_hat:.3f} | {row.ess_bulk:.0f}" if np.isfinite(row.r_hat)
+                   else "- | -")  # SVI: no chains to compare
+        table.append(f"| {label} | {row.coefficient} | {row.mean:.4g} | "
+                     f"{row.lower:.4g} - {row.upper:.4g} | {row.unit} | {sampled} |")
     choice = []
     if posterior.variant_choice is not None:
         reason, loo = posterior.variant_choice
@@ -317,24 +331,53 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
                     f"{r.dse:.1f} | {'yes' if r.warning else 'no'} |"
                     for name, r in loo.iterrows()), ""]
     diagnostics = posterior.diagnostics
-    verdict = ("no problems found" if diagnostics is None or diagnostics.trustworthy
-               else "; ".join(diagnostics.problems))
+    verdict = "none stored" if diagnostics is None else diagnostics.verdict
     text = "\n".join([
         "# sdbayes report", "",
         f"Model variant `{posterior.variant}`, groups: {', '.join(posterior.groups)}; "
-        f"{len(points)} operating points. Diagnostics: {verdict}.", "",
+        f"{len(points)} operating points. The fit: {verdict}.", "",
         *choice,
         "## Cost coefficients", "", *table, "",
-        "## Latency against load", "", "![latency vs rate](latency_vs_rate.png)", "",
-        *evidence,
-        "## Speedup against load", "", "![speedup vs rate](speedup_vs_rate.png)", "",
-        *moe_section,
-        "## Tuned draft length", "", "![k schedule](k_schedule.png)", "",
         "## Posterior predictive check", "", "![predictive check](predictive_check.png)", "",
-        "## Posterior: pairs and traces", "", "![pair plot](pair.png)", "",
+        *sections,
+        "## Posterior: pairs and traces", "",
+        *(f"![pair plot{suffix.replace('_', ' ')}](pair{suffix}.png)" for suffix in suffixes),
+        "",
         "![trace plot](trace.png)", "",
     ])
     report = folder / "report.md"
     with replacing(report) as temporary:
         temporary.write_text(text)
     return report
+
+
+def _group_section(posterior: Posterior, points: pd.DataFrame, folder: Path, group: int,
+                   suffix: str) -> list[str]:
+    """One group's plots, written to ``folder`` as ``<plot><suffix>.png``, and the lines of
+    report.md that show them."""
+    sd = points[points["k"] > 0]
+    alpha = float(sd["acceptance"].median()) if len(sd) else 0.8
+    output_len = float(points["output_len"].median())
+
+    def image(name: str, title: str, alt: str) -> list[str]:
+        return [f"## {title}", "", f"![{alt}]({name}{suffix}.png)", ""]
+
+    plot_latency_vs_rate(posterior, points, folder / f"latency_vs_rate{suffix}.png", group)
+    lines = image("latency_vs_rate", "Latency against load", "latency vs rate")
+    if plot_collapse(posterior, points, folder / f"collapse{suffix}.png", group):
+        lines += image("collapse", "Normalised collapse", "collapse")
+    if plot_synchronous_optimum(posterior, points, folder / f"synchronous_optimum{suffix}.png",
+                                group):
+        lines += image("synchronous_optimum", "Best draft length alone", "synchronous optimum")
+    plot_speedup_vs_rate(posterior, alpha, output_len, folder / f"speedup_vs_rate{suffix}.png",
+                         group)
+    lines += image("speedup_vs_rate", "Speedup against load", "speedup vs rate")
+    variant = as_variant(posterior.variant)
+    if variant.moe:
+        plot_moe_vs_dense(_median_coefficients(posterior, group), variant, alpha, output_len,
+                          folder / f"moe_vs_dense{suffix}.png")
+        lines += ["## MoE against dense", "", "Posterior-median coefficients, and the same "
+                  "without the expert terms.", "", f"![moe vs dense](moe_vs_dense{suffix}.png)",
+                  ""]
+    plot_k_schedule(posterior, output_len, folder / f"k_schedule{suffix}.png", group)
+    return lines + image("k_schedule", "Tuned draft length", "k schedule")

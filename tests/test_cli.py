@@ -5,7 +5,7 @@ import pytest
 from typer.testing import CliRunner
 
 import sdbayes as sb
-from sdbayes.cli import EXIT_BAD_INPUT, app
+from sdbayes.cli import EXIT_BAD_INPUT, EXIT_UNTRUSTED, app
 
 USES_NUMPYRO = True  # conftest: the fit command runs NumPyro
 
@@ -82,6 +82,9 @@ def test_tune_prints_a_schedule(workdir):
     (("fit", "{dir}/p00.csv", "--out", "{dir}"), "is a folder"),
     (("fit", "{dir}/p00.csv", "--chains", 0), "'--chains'"),  # a usage error, one line too
     (("fit", "{dir}/p00.csv", "--bogus"), "No such option"),
+    (("fit", "{dir}/p00.csv", "{dir}/../{dir.name}/p00.csv"), "given twice (as "),
+    (("report", "{post}", "{dir}/p00.csv", "{dir}/p00.csv"), "p00.csv: given twice"),
+    (("fit", "{dir}"), "is a folder, give a file"),
     (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128, "--k", "2.5"),
      "--k: expected comma-separated whole numbers"),
     (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128, "--group", 3),
@@ -99,6 +102,55 @@ def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def judged(workdir):
+    """The workdir fit saved twice: once judged trustworthy, once not."""
+    posterior = sb.load_posterior(workdir / "post.nc")
+    paths = {}
+    for name, problems in (("good", ()), ("bad", ("12 divergent transitions: biased",))):
+        posterior.diagnostics = posterior.diagnostics._replace(problems=problems)
+        paths[name] = workdir / f"{name}.nc"
+        posterior.save(paths[name])
+    return paths
+
+
+PLAN = ("--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128, "--k", "0,4")
+
+
+def test_the_verdict_ends_every_command_that_reads_a_posterior(judged):
+    good = run("plan", judged["good"], *PLAN, "--strict")
+    assert good.exit_code == 0, good.output
+    assert good.stderr.splitlines() == [f"{judged['good']}: fit converged: R-hat at most "
+                                        + good.stderr.split("at most ")[1].strip()]
+    bad = run("plan", judged["bad"], *PLAN)
+    assert bad.exit_code == 0 and "Best: k" in bad.stdout
+    assert bad.stderr.splitlines() == [f"warning: {judged['bad']}: fit NOT TRUSTWORTHY: "
+                                       "12 divergent transitions: biased"]
+
+
+@pytest.mark.parametrize("command", [
+    ("plan", "{bad}", *PLAN), ("predict", "{bad}", "{dir}/grid.csv"),
+    ("tune", "{bad}", "--rates", "1,4", "--alpha", 0.8, "--output-len", 128),
+    ("report", "{bad}", "{dir}/p00.csv", "--out", "{dir}/strict-report"),
+])
+def test_strict_refuses_an_untrustworthy_fit_before_any_work(workdir, judged, command):
+    (workdir / "grid.csv").write_text("k,acceptance,output_len,request_rate\n4,0.7,128,3\n")
+    args = [str(a).format(dir=workdir, bad=judged["bad"]) for a in command]
+    result = run(*args, "--strict")
+    assert result.exit_code == EXIT_UNTRUSTED and result.stdout == ""
+    assert "NOT TRUSTWORTHY: 12 divergent" in result.stderr
+    assert not (workdir / "strict-report").exists()
+
+
+def test_fit_strict_writes_the_posterior_and_exits_3(workdir, tmp_path):
+    out = tmp_path / "one.nc"
+    result = run("fit", workdir / "p10.csv", "--out", out, "--variant", "paper", "--chains", 1,
+                 "--warmup", 100, "--samples", 100, "--strict")
+    assert result.exit_code == EXIT_UNTRUSTED and out.is_file()
+    assert "NOT TRUSTWORTHY: " in result.stderr and "only 1 operating points" in result.stderr
+    assert not sb.load_posterior(out).diagnostics.trustworthy  # the verdict travels with it
 
 
 def test_a_failed_write_keeps_the_previous_output(workdir, monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 
 import sdbayes as sb
 from sdbayes import calibrate, observation
-from sdbayes.posterior import FitWarning
+from sdbayes.posterior import Diagnostics, FitWarning, Posterior, diagnose
 
 USES_NUMPYRO = True  # conftest: NumPyro needs implicit rank promotion
 TRUE = sb.Coefficients(c1p=0.07, c1v=0.014, c1d=0.0014, c2p=0.035, c2v=0.0004, c2d=0.00012)
@@ -107,6 +107,31 @@ def test_one_point_is_flagged_not_trusted():
     messages = [str(w.message) for w in caught]
     assert any("only 1 operating points" in m for m in messages)
     assert any("not identified by the traces" in m for m in messages)
+
+
+def test_a_single_chain_is_split_in_halves_for_r_hat(fitted):
+    one = fitted.idata.isel(chain=[0])
+    assert np.isfinite(diagnose(Posterior(one), 24).max_rhat)  # ArviZ alone gives NaN
+    # A chain that moves halfway (c1v 50% higher in its second half) has not converged.
+    c1v = one.posterior["c1v"].values.copy()
+    c1v[:, c1v.shape[1] // 2:] *= 1.5
+    one.posterior["c1v"] = (one.posterior["c1v"].dims, c1v)
+    moved = diagnose(Posterior(one), 24)
+    assert moved.max_rhat > 1.5 and moved.verdict.startswith("NOT TRUSTWORTHY: R-hat up to")
+
+
+def test_verdict_says_how_the_fit_stands():
+    nan = float("nan")
+    assert (Diagnostics(1.004, 812.0, 655.0, 0, ()).verdict
+            == "converged: R-hat at most 1.004, ESS at least 655, no divergent transitions")
+    assert Diagnostics(nan, nan, nan, 0, (), "svi").verdict.startswith("approximate (SVI)")
+    assert (Diagnostics(1.2, 9.0, 8.0, 5, ("a", "b")).verdict == "NOT TRUSTWORTHY: a; b")
+
+
+def test_planning_on_an_untrusted_fit_warns(fitted):
+    untrusted = Posterior(fitted.idata, fitted.diagnostics._replace(problems=("3 divergent",)))
+    with pytest.warns(FitWarning, match="planning on a fit that is NOT TRUSTWORTHY: 3 diverg"):
+        sb.max_rate(untrusted, slo=2.0, k=4, alpha=0.8, output_len=128)
 
 
 @pytest.mark.parametrize("argument, message", [
