@@ -51,7 +51,7 @@ import numpyro.distributions as dist
 from scipy.optimize import least_squares
 
 from sdbayes import observation
-from sdbayes.model import Coefficients, Variant, as_variant, tokens_per_step
+from sdbayes.model import Coefficients, Variant, _demands, as_variant, tokens_per_step
 from sdbayes.observation import EffectiveLoads
 from sdbayes.traces import Points
 
@@ -210,6 +210,7 @@ def model(
     variant: str = "paper",
     frame: Prior | None = None,
     loads: EffectiveLoads | None = None,
+    confounding: Confounding | None = None,
 ):
     """The NumPyro model of the operating points' observed means.
 
@@ -235,9 +236,14 @@ def model(
         wants one shaped like the posterior.
       loads: the effective-load tables of the rows that are finite runs
         (:func:`sdbayes.observation.effective_loads`); without them every row is steady.
+      confounding: what the coefficients explain, taken out of the discrepancies
+        (:func:`confounding`); without it they are free to trade off against the
+        coefficients, which costs NUTS its mixing but changes no prediction.
 
     Sample sites: ``c1p .. c2d`` (and ``c1e, c2e`` for MoE) of shape [n_groups] (seconds),
-    ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta`` [n_configs, 2]; with one
+    ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta_free`` [n_configs, 2] and
+    their projection ``delta`` (deterministic); ``load_scale``, ``load_weights`` [n_groups,
+    LOAD_BASIS] and the deterministic ``load_offset`` (same shape); with one
     group ``log_c`` and its frame coordinates ``log_c_std`` [n_coefficients], with several
     ``mu``, ``tau`` [n_coefficients] and ``z`` [n_groups, n_coefficients]; observed
     ``obs_<metric>`` of shape [n].
@@ -273,7 +279,9 @@ def model(
         spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
         with numpyro.plate("config", int(points.config.max()) + 1):
             # Non-centred: the spreads are often tiny, where a centred delta is a funnel.
-            delta = numpyro.sample("delta", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            free = numpyro.sample("delta_free", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        delta = numpyro.deterministic("delta", free if confounding is None else jnp.einsum(
+            "ecd,de->ce", jnp.asarray(confounding.projection), free))
         coef = observation.configured(coef, delta[points.config], spread_c)
 
     load_error = None
@@ -282,8 +290,12 @@ def model(
         with numpyro.plate("group_load", n_groups):
             weights = numpyro.sample("load_weights", dist.Normal(0.0, 1.0).expand(
                 [observation.LOAD_BASIS]).to_event(1))  # [n_groups, LOAD_BASIS]
-        load_error = observation.LoadError(weights[0] if n_groups == 1
-                                           else weights[points.group], scale)
+        offset = numpyro.deterministic("load_offset", jnp.zeros(weights.shape)
+                                       if confounding is None
+                                       else jnp.asarray(confounding.load_offset))
+        weights, offset = ((x[0] if n_groups == 1 else x[points.group])
+                           for x in (weights, offset))  # [LOAD_BASIS] or [n, LOAD_BASIS]
+        load_error = observation.LoadError(weights, scale, offset)
 
     predicted = observation.forward(coef, points, variant, loads, load_error)
     tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))
@@ -317,8 +329,12 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
 
     The fit is the model's likelihood without its discrepancy and queueing error (relative
     error ``error`` and each point's own standard error), plus the prior, solved in
-    float64 by a trust-region least-squares method; the widths are ``sqrt(diag((J^T
-    J)^-1))`` of its weighted Jacobian, which the prior's rows keep finite.
+    float64 by a trust-region least-squares method. The widths are the larger of
+    ``sqrt(diag((J^T J)^-1))`` of its weighted Jacobian, which the prior's rows keep
+    finite, and the cluster-robust (sandwich) standard errors with one cluster per
+    configuration: the residuals of one curve share its discrepancy, and on the source
+    study's 0.6B sweeps the plain widths were 20 times too narrow, so that chains started
+    that far from the posterior did not meet in warm-up.
 
     Args:
       points: the operating points, of one group.
@@ -348,7 +364,14 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
         fit = least_squares(jax.jit(residuals),
                             np.asarray(prior.loc if start is None else start, float),
                             jac=jax.jit(jax.jacfwd(residuals)), method="trf")
-        width = np.sqrt(np.diag(np.linalg.pinv(fit.jac.T @ fit.jac)))
+    bread = np.linalg.pinv(fit.jac.T @ fit.jac)
+    # Cluster of each residual: its configuration, each prior row one of its own.
+    clusters = np.concatenate([np.asarray(points.config)[present] for present, _, _ in observed]
+                              + [np.max(points.config, initial=0) + 1 + np.arange(len(names))])
+    scores = np.zeros((clusters.max() + 1, len(names)))
+    np.add.at(scores, clusters, fit.jac * fit.fun[:, None])
+    robust = bread @ (scores.T @ scores) @ bread
+    width = np.sqrt(np.maximum(np.diag(bread), np.diag(robust)))
     if not (np.isfinite(fit.x).all() and np.isfinite(width).all() and (width > 0).all()):
         return prior
     return Prior(loc=fit.x, scale=np.minimum(width, prior.scale))
@@ -356,10 +379,69 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
 
 class Anchor(NamedTuple):
     """Where a fit starts from: least-squares coefficients of each group, the sampler's
-    frame (one group only) and the finite runs' effective-load tables built about them."""
+    frame (one group only), the finite runs' effective-load tables built about them and
+    what the coefficients explain there (:func:`confounding`)."""
 
     frames: list[Prior]  # one per group
     loads: EffectiveLoads | None  # None when no row is a finite run
+    confounding: Confounding
+
+
+class Confounding(NamedTuple):
+    """What the coefficients explain, taken out of the discrepancies so that neither can
+    stand in for the other (:func:`confounding`)."""
+
+    projection: np.ndarray  # [2, n_configs, n_configs]: delta (C1, C2) = P @ delta_free
+    load_offset: np.ndarray  # [n_groups, LOAD_BASIS]: see observation.load_offsets
+
+
+def confounding(points: Points, frames: list[Prior], variant: str | Variant,
+                loads: EffectiveLoads | None = None) -> Confounding:
+    """The discrepancies' projections off what the coefficients explain, at each group's
+    least-squares coefficients (``frames``).
+
+    A configuration's discrepancy scales its ``C1`` and ``C2``; so does a change of the
+    group's coefficients, by ``d log C / d log c`` (each coefficient's share of ``C``),
+    which differs between configurations only through k, alpha and the lengths. Left
+    free, the discrepancies' components along those directions trade off against the
+    coefficients along a ridge that only their prior bounds (posterior correlations of
+    0.86-0.94 on the source study's sweeps, NUTS's trees at their depth limit). Each
+    group's discrepancy vectors, one per demand, are projected on the orthogonal
+    complement of the columns of that Jacobian: the discrepancies keep what no choice of
+    coefficients explains, the coefficients the rest. Likewise the discrepancy in load
+    loses its level (:func:`sdbayes.observation.load_offsets`).
+
+    Args:
+      points: the fitted rows.
+      frames: each group's least-squares frame (:func:`least_squares_frame`).
+      variant: the latency model's variant.
+      loads: the finite runs' effective-load tables.
+    """
+    variant = as_variant(variant)
+    names = coefficient_names(variant)
+    n_configs, n_groups = int(points.config.max()) + 1, len(frames)
+    first = np.unique(points.config, return_index=True)[1]  # a row of each configuration
+    group = np.asarray(points.group)[first]
+
+    def log_demands(log_c, row):  # [2]: log C1, log C2 of a configuration
+        coef = Coefficients(**dict(zip(names, jnp.exp(log_c), strict=True)))
+        d = _demands(coef, points.k[row], points.alpha[row], points.output_len[row], 1.0,
+                     variant.form)
+        return jnp.log(jnp.stack([d.independent.total, d.dependent.total]))
+
+    jacobian = np.stack([np.asarray(jax.jacfwd(log_demands)(jnp.asarray(frames[g].loc), row))
+                         for g, row in zip(group, first, strict=True)])  # [n_configs, 2, C]
+    projection = np.zeros((2, n_configs, n_configs))
+    for g in range(n_groups):
+        mine = np.flatnonzero(group == g)
+        for e in range(2):
+            j = jacobian[mine, e]  # [m, C]
+            projection[e][np.ix_(mine, mine)] = np.eye(len(mine)) - j @ np.linalg.pinv(j)
+    per_row = np.stack([np.exp(f.loc) for f in frames])[points.group]  # [n, C]
+    at_anchor = observation.forward(
+        Coefficients(**{n: per_row[:, i] for i, n in enumerate(names)}), points, variant,
+        loads)
+    return Confounding(projection, observation.load_offsets(at_anchor, points, n_groups))
 
 
 def anchor(points: Points, prior: Prior, n_groups: int, metrics: tuple[str, ...],
@@ -386,11 +468,11 @@ def anchor(points: Points, prior: Prior, n_groups: int, metrics: tuple[str, ...]
         coef = Coefficients(**{name: per_row[:, i] for i, name in enumerate(names)})
         return observation.effective_loads(coef, points, variant)
 
-    frames = fit_groups(None)
-    if not (~points.closed & np.isfinite(points.duration)).any():
-        return Anchor(frames, None)
-    frames = fit_groups(tables(frames), frames)
-    return Anchor(frames, tables(frames))
+    frames, loads = fit_groups(None), None
+    if (~points.closed & np.isfinite(points.duration)).any():
+        frames = fit_groups(tables(frames), frames)
+        loads = tables(frames)
+    return Anchor(frames, loads, confounding(points, frames, variant, loads))
 
 
 def _subset(rows_of: NamedTuple, rows: np.ndarray):

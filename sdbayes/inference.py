@@ -160,7 +160,7 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
                 # with both, neither is identified (fill, fill_half drift 5-fold).
                 load_error_scale=0.0 if variant.form == "filling" else LOAD_ERROR_SCALE)
     start = calibrate.anchor(points, prior, len(groups), tuple(metrics), variant)
-    args["loads"] = start.loads
+    args["loads"], args["confounding"] = start.loads, start.confounding
     init = init_to_median
     if len(groups) == 1:  # coordinates shaped like the posterior: see least_squares_frame
         args["frame"] = start.frames[0]

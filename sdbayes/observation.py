@@ -92,6 +92,7 @@ class Observation(NamedTuple):
     ttft: jax.Array  # mean time to first token [s]
     tpot: jax.Array  # mean time per output token after the first [s]
     sensitivity: jax.Array  # d log e2e / d log C2 [1]; 0 past saturation
+    share: jax.Array  # load-dependent share of the latency, (L - C1) / L, before load_error
 
     def mean(self, metric: str) -> jax.Array:
         return getattr(self, metric)
@@ -102,11 +103,15 @@ class LoadError(NamedTuple):
     load-dependent share of latency ``q = (L - C1) / L`` in [0, 1): a Gaussian process of
     squared-exponential covariance (sd ``scale``, length :data:`LOAD_LENGTH` in ``q``), in
     the Hilbert-space basis of :data:`LOAD_BASIS` functions on ``[-0.5, 1.5]``
-    (Riutort-Mayol et al., 2023) with standard-normal ``weights``. Fields broadcast against
-    the rows: scale [..., 1], weights [..., n, LOAD_BASIS] or [LOAD_BASIS]."""
+    (Riutort-Mayol et al., 2023) with standard-normal ``weights``, each basis function less
+    its ``offset``: a fit sets the offsets so that ``eta`` has no level over the loads it
+    sees (:func:`load_offsets`), as a level is a change of ``C2``, the coefficients' part.
+    Fields broadcast against the rows: scale [..., 1], weights and offset [..., n,
+    LOAD_BASIS] or [LOAD_BASIS]."""
 
     weights: jax.Array
     scale: jax.Array
+    offset: jax.Array | float = 0.0
 
 
 class EffectiveLoads(NamedTuple):
@@ -217,9 +222,9 @@ def forward(coef: Coefficients, points, variant: str | Variant,
         tpot = jnp.where(run, _per_token(latency, first, output_len), tpot)
         sensitivity = jnp.where(run, run_sensitivity, sensitivity)
         alone = jnp.where(run, full.independent.total, alone)
+    finite = jnp.isfinite(e2e)
+    share = jnp.clip(1.0 - alone / jnp.where(finite, e2e, 1.0), 0.0, 1.0)
     if load_error is not None:
-        finite = jnp.isfinite(e2e)
-        share = jnp.clip(1.0 - alone / jnp.where(finite, e2e, 1.0), 0.0, 1.0)
         # Held within a factor of e^3 either way: far from the data (a sampler's first
         # steps, draws near saturation) a product of two large numbers would overflow.
         shift = jnp.where(closed, 0.0, jnp.clip(
@@ -227,7 +232,7 @@ def forward(coef: Coefficients, points, variant: str | Variant,
         # Double `where`: the product's untaken branch stays finite, its gradient 0.
         e2e = jnp.where(finite, jnp.where(finite, e2e, 1.0) * jnp.exp(shift), e2e)
         tpot = jnp.where(finite, _per_token(e2e, ttft, wide(points.output_len)), tpot)
-    return Observation(e2e, ttft, tpot, sensitivity)
+    return Observation(e2e, ttft, tpot, sensitivity, share)
 
 
 LOAD_BASIS = 16
@@ -245,12 +250,48 @@ _LOAD_CENTRE, _LOAD_HALF_WIDTH = 0.5, 1.0  # the basis lives on [-0.5, 1.5], q o
 
 def discrepancy_in_load(error: LoadError, share):
     """``eta(q)`` at load-dependent shares ``q`` [..., n] (:class:`LoadError`)."""
+    basis = load_basis(share) - jnp.asarray(error.offset)
+    return jnp.asarray(error.scale) * jnp.sum(basis * error.weights, axis=-1)
+
+
+def load_basis(share):
+    """The discrepancy in load's basis functions, each times the square root of its
+    spectral density, at shares ``q`` [..., n]: shape [..., n, LOAD_BASIS]."""
     frequency = np.pi * np.arange(1, LOAD_BASIS + 1) / (2 * _LOAD_HALF_WIDTH)  # [M]
     spectral = np.sqrt(np.sqrt(2 * np.pi) * LOAD_LENGTH
                        * np.exp(-0.5 * (LOAD_LENGTH * frequency) ** 2))
-    basis = jnp.sin(frequency * (jnp.asarray(share)[..., None] - _LOAD_CENTRE
-                                 + _LOAD_HALF_WIDTH)) / np.sqrt(_LOAD_HALF_WIDTH)
-    return jnp.asarray(error.scale) * jnp.sum(basis * spectral * error.weights, axis=-1)
+    return spectral * jnp.sin(frequency * (jnp.asarray(share)[..., None] - _LOAD_CENTRE
+                                           + _LOAD_HALF_WIDTH)) / np.sqrt(_LOAD_HALF_WIDTH)
+
+
+def load_offsets(anchor: Observation, points, n_groups: int) -> np.ndarray:
+    """Each group's basis offsets (:class:`LoadError`) that leave the discrepancy in load
+    no level over the group's open loops, as the anchor's coefficients see them: shape
+    [n_groups, LOAD_BASIS].
+
+    A constant ``eta`` moves each open loop's log latency by ``S_i * eta``, what the same
+    relative change of ``C2`` does: the coefficients and ``eta``'s level would trade off
+    along a ridge that only ``eta``'s prior bounds, where NUTS needs hundreds of steps a
+    draw and its chains do not mix (on the source study's 0.6B sweeps: R-hat 1.2, ESS 6).
+    Each offset is its basis function's mean over those rows, weighted by ``S_i**2`` (the
+    least-squares projection of ``S * phi`` on ``S``), so that ``S * eta`` is orthogonal
+    to ``S``. A group without open loops keeps offsets 0.
+
+    Args:
+      anchor: :func:`forward` at the anchor's coefficients, without a load error; fields
+        [n].
+      points: the fitted rows (:class:`sdbayes.traces.Points`).
+      n_groups: the number of groups.
+    """
+    weight = np.where(~np.asarray(points.closed) & np.isfinite(np.asarray(anchor.e2e)),
+                      np.asarray(anchor.sensitivity, float) ** 2, 0.0)  # [n]
+    basis = np.asarray(load_basis(np.asarray(anchor.share, float)))  # [n, M]
+    offsets = np.zeros((n_groups, LOAD_BASIS))
+    for g in range(n_groups):
+        w = np.where(np.asarray(points.group) == g, weight, 0.0)
+        if w.sum() > 0:
+            offsets[g] = w @ basis / w.sum()
+    return offsets
 
 
 def _per_token(latency, first, output_len):

@@ -274,12 +274,15 @@ class Posterior:
         the fit has not seen (weights [D, R, LOAD_BASIS])."""
         if "load_weights" not in self.idata.posterior:
             return None
-        fitted = self._draws("load_weights")  # [D, G, LOAD_BASIS]
-        weights = fitted[:, np.maximum(group, 0)]
-        if (group < 0).any():
-            fresh = np.asarray(jax.random.normal(key, weights.shape))
-            weights = np.where((group < 0)[None, :, None], fresh, weights)
-        return observation.LoadError(weights, self._draws("load_scale")[:, None])
+        seen = (group >= 0)[None, :, None]
+        weights = self._draws("load_weights")[:, np.maximum(group, 0)]  # [D, R, LOAD_BASIS]
+        fresh = np.asarray(jax.random.normal(key, weights.shape))
+        offset = (self._draws("load_offset")[:, np.maximum(group, 0)]
+                  if "load_offset" in self.idata.posterior else 0.0)
+        # A new group's discrepancy keeps its level: no coefficients of its own took it.
+        return observation.LoadError(np.where(seen, weights, fresh),
+                                     self._draws("load_scale")[:, None],
+                                     np.where(seen, offset, 0.0))
 
     def _configured(self, coef: Coefficients, config: np.ndarray, key) -> Coefficients:
         """Each row's coefficient draws scaled by its configuration's discrepancy: the

@@ -127,7 +127,7 @@ def test_fitting_and_prediction_share_the_forward_model(monkeypatch):
     prior = calibrate.data_prior(points)
     args = dict(points=points, prior=prior, n_groups=1, metrics=("e2e",))
     values = dict(log_c_std=np.zeros(6), sigma_e2e=0.02, tau_q=0.01,
-                  discrepancy=np.array([0.02, 0.03]), delta=np.zeros((2, 2)),
+                  discrepancy=np.array([0.02, 0.03]), delta_free=np.zeros((2, 2)),
                   load_scale=0.02, load_weights=np.full((1, observation.LOAD_BASIS), 0.5))
 
     def likelihood(points):
