@@ -119,6 +119,12 @@ def _load(path: Path, strict: bool):
     return posterior
 
 
+# Bounds of the planning flags: past them a value is a typo (1e308 once reached NumPyro).
+_LONGEST_MS, _MOST_RPS, _MOST_TOKENS = 1e9, 1e6, 1e8
+Alpha = Annotated[float, typer.Option(help="Acceptance rate (per-token probability).", min=0,
+                                      max=1)]
+OutputLen = Annotated[float, typer.Option(help="Output tokens per request.", min=1,
+                                          max=_MOST_TOKENS)]
 Strict = Annotated[bool, typer.Option(
     "--strict", help=f"Exit with code {EXIT_UNTRUSTED} if the fit is not trustworthy "
                      "(divergences, R-hat, ESS; see the verdict on stderr).")]
@@ -137,17 +143,18 @@ def _verdict(posterior, source: Path | str) -> None:
                  markup=False, highlight=False)
 
 
-def _floats(text: str, name: str, *, whole: bool = False, low: float = 0.0) -> np.ndarray:
-    """A flag's comma-separated numbers, at least one, finite, at least ``low``."""
+def _floats(text: str, name: str, *, whole: bool = False, low: float = 0.0,
+            high: float = np.inf) -> np.ndarray:
+    """A flag's comma-separated numbers, at least one, finite, within ``[low, high]``."""
     kind = "whole numbers" if whole else "numbers"
     try:
         values = np.array([float(x) for x in text.split(",") if x.strip()])
     except ValueError:
         raise ValueError(f"--{name}: expected comma-separated {kind}, got {text!r}") from None
     if (not values.size or not np.isfinite(values).all() or (values < low).any()
-            or (whole and (values != np.round(values)).any())):
-        raise ValueError(f"--{name}: expected comma-separated {kind} of at least {low:g}, "
-                         f"got {text!r}")
+            or (values > high).any() or (whole and (values != np.round(values)).any())):
+        within = f"from {low:g} to {high:g}" if np.isfinite(high) else f"of at least {low:g}"
+        raise ValueError(f"--{name}: expected comma-separated {kind} {within}, got {text!r}")
     return values
 
 
@@ -270,13 +277,15 @@ def predict(
 @_bad_input_exits_2
 def plan(
     posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
-    slo_ms: Annotated[float, typer.Option(help="The SLO on the metric [ms].")],
-    alpha: Annotated[float, typer.Option(help="Acceptance rate.")],
-    output_len: Annotated[float, typer.Option(help="Output tokens per request.")],
+    slo_ms: Annotated[float, typer.Option(help="The SLO on the metric [ms].", min=0,
+                                          max=_LONGEST_MS)],
+    alpha: Alpha,
+    output_len: OutputLen,
     k: Annotated[str, typer.Option(help="Draft length(s), comma-separated.")] = "0,1,2,3,4,6,8",
     metric: str = "e2e",
     confidence: float = 0.95,
-    traffic: Annotated[float | None, typer.Option(help="Target traffic [req/s].")] = None,
+    traffic: Annotated[float | None, typer.Option(help="Target traffic [req/s].", min=0,
+                                                  max=_MOST_RPS)] = None,
     group: int = 0,
     strict: Strict = False,
 ) -> None:
@@ -317,8 +326,8 @@ def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confid
 def tune(
     posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
     rates: Annotated[str, typer.Option(help="Request rates [req/s], comma-separated.")],
-    alpha: Annotated[float, typer.Option(help="Acceptance rate.")],
-    output_len: Annotated[float, typer.Option(help="Output tokens per request.")],
+    alpha: Alpha,
+    output_len: OutputLen,
     risk: Annotated[str, typer.Option(help="mean, quantile or cvar over draws.")] = "mean",
     level: float = 0.95,
     metric: str = "e2e",
@@ -331,7 +340,7 @@ def tune(
     Example: sdbayes tune posterior.nc --rates 1,2,4,8 --alpha 0.7 --output-len 128 --risk cvar
     """
     post = _load(posterior, strict)
-    _show_schedule(post, rates=_floats(rates, "rates"), alpha=alpha,
+    _show_schedule(post, rates=_floats(rates, "rates", high=_MOST_RPS), alpha=alpha,
                    output_len=output_len, risk=risk, level=level, metric=metric, k_max=k_max,
                    group=group)
     _verdict(post, posterior)
@@ -353,13 +362,15 @@ def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.
 @_bad_input_exits_2
 def simulate(
     out: Annotated[Path, typer.Option(help="Per-request trace to write (CSV or Parquet).")],
-    k: Annotated[int, typer.Option(help="Draft length.")],
-    alpha: Annotated[float, typer.Option(help="Acceptance rate.")],
-    rate: Annotated[float | None, typer.Option(help="Poisson arrival rate [req/s].")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Closed-loop requests.")] = None,
-    requests: int = 1000,
-    prompt_len: int = 512,
-    output_len: int = 128,
+    k: Annotated[int, typer.Option(help="Draft length.", min=0, max=256)],
+    alpha: Alpha,
+    rate: Annotated[float | None, typer.Option(help="Poisson arrival rate [req/s].", min=0,
+                                               max=_MOST_RPS)] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Closed-loop requests.", min=1,
+                                                    max=100_000)] = None,
+    requests: Annotated[int, typer.Option(min=1, max=10_000_000)] = 1000,
+    prompt_len: Annotated[int, typer.Option(min=1, max=10_000_000)] = 512,
+    output_len: Annotated[int, typer.Option(min=1, max=10_000_000)] = 128,
     coefficients_ms: Annotated[str | None, typer.Option(
         help="c1p,c1v,c1d,c2p,c2v,c2d in ms; default: the example coefficients.")] = None,
     aggregate: Annotated[bool, typer.Option(help="Write one operating point instead.")] = False,

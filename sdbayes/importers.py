@@ -134,8 +134,8 @@ def _guidellm_points(path: Path, data, *, hardware, verifier, drafter, method, k
             continue
         try:
             row = _point(metrics, _strategy(benchmark, i))
-        except _Missing as missing:
-            problems.append(f"{where}: missing field '{missing.args[0]}'")
+        except _Malformed as problem:
+            problems.append(f"{where}: {problem}")
             continue
         rows.append(dict(hardware=hardware, verifier=verifier, drafter=drafter, method=method,
                          k=k, acceptance=acceptance, benchmark=i + 1, **row))
@@ -144,45 +144,56 @@ def _guidellm_points(path: Path, data, *, hardware, verifier, drafter, method, k
     return validate(pd.DataFrame(rows), source=str(path))
 
 
-class _Missing(KeyError):
-    pass
+class _Malformed(ValueError):
+    """A field missing or not a number; the message names it ("missing field 'a.b'")."""
 
 
 def _get(obj, *keys):
     for key in keys:
         if not isinstance(obj, dict) or key not in obj or obj[key] is None:
-            raise _Missing(".".join(keys))
+            raise _Malformed(f"missing field '{'.'.join(keys)}'")
         obj = obj[key]
     return obj
+
+
+def _number(obj, *keys) -> float:
+    """A numeric field (a number, or a string of one such as JSON's "inf"), as a float."""
+    value = _get(obj, *keys)
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError
+        return float(value)
+    except (ValueError, OverflowError):
+        raise _Malformed(f"field '{'.'.join(keys)}': not a number: {value!r}") from None
 
 
 def _strategy(benchmark: dict, index: int) -> str:
     try:
         return str(_get(benchmark, "args", "strategy", "type_"))
-    except _Missing:
+    except _Malformed:
         return ("synchronous", "throughput")[index] if index < 2 else "constant"
 
 
 def _point(metrics: dict, strategy: str) -> dict:
     def latency(*keys):
-        return float(_get(metrics, "request_latency", "successful", *keys))
+        return _number(metrics, "request_latency", "successful", *keys)
 
     count = int(latency("count"))
     if count < 1:
-        raise _Missing("request_latency.successful.count (> 0)")
-    rate = float(_get(metrics, "requests_per_second", "successful", "mean"))
-    errored = int(_get(metrics, "request_latency", "errored", "count"))
-    incomplete = int(_get(metrics, "request_latency", "incomplete", "count"))
+        raise _Malformed("field 'request_latency.successful.count': no request completed")
+    rate = _number(metrics, "requests_per_second", "successful", "mean")
+    errored = int(_number(metrics, "request_latency", "errored", "count"))
+    incomplete = int(_number(metrics, "request_latency", "incomplete", "count"))
     row = dict(
         e2e_mean_s=latency("mean"),
         e2e_se_s=latency("std_dev") / math.sqrt(count),
         e2e_p50_s=latency("median"),
         e2e_p90_s=latency("percentiles", "p90"),
         e2e_p99_s=latency("percentiles", "p99"),
-        ttft_mean_s=float(_get(metrics, "time_to_first_token_ms", "successful", "mean")) / 1e3,
-        tpot_mean_s=float(_get(metrics, "inter_token_latency_ms", "successful", "mean")) / 1e3,
-        prompt_len=float(_get(metrics, "prompt_token_count", "successful", "mean")),
-        output_len=float(_get(metrics, "output_token_count", "successful", "mean")),
+        ttft_mean_s=_number(metrics, "time_to_first_token_ms", "successful", "mean") / 1e3,
+        tpot_mean_s=_number(metrics, "inter_token_latency_ms", "successful", "mean") / 1e3,
+        prompt_len=_number(metrics, "prompt_token_count", "successful", "mean"),
+        output_len=_number(metrics, "output_token_count", "successful", "mean"),
         n_requests=count,
         throughput_rps=rate,
         errored_requests=errored,
@@ -193,13 +204,13 @@ def _point(metrics: dict, strategy: str) -> dict:
     )
     for name in ("ttft", "tpot"):
         source = "time_to_first_token_ms" if name == "ttft" else "inter_token_latency_ms"
-        row[f"{name}_se_s"] = float(_get(metrics, source, "successful", "std_dev")) / 1e3 / \
+        row[f"{name}_se_s"] = _number(metrics, source, "successful", "std_dev") / 1e3 / \
             math.sqrt(count)
     if strategy == "synchronous":
         row["concurrency"] = 1
     elif strategy == "throughput":
         # A closed loop at GuideLLM's cap: the concurrency it held, all requests counted.
-        held = float(_get(metrics, "request_concurrency", "total", "mean"))
+        held = _number(metrics, "request_concurrency", "total", "mean")
         row["concurrency"] = max(1, round(held))
     else:
         # The load is the arrival rate. The successful rate leaves out the requests still
@@ -326,40 +337,48 @@ def _vllm_point(path: Path, data, *, hardware, verifier, drafter, method, k, acc
         if "e2el" in name else "") for name in required if name not in data]
     if missing:
         raise TraceError(missing)
-    completed = int(data["completed"])
-    if completed < 1:
-        raise TraceError([f"{path}: field 'completed': no request completed"])
-    problems = _check_detailed(data, completed, path)
-    if problems:
-        raise TraceError(problems)
+    try:
+        row = _vllm_row(data)
+        problems = _check_detailed(data, row["n_requests"], path)
+        if problems:
+            raise TraceError(problems)
+        row.update(hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
+                   acceptance=_acceptance(data, k, acceptance, metrics_before, metrics_after,
+                                          path))
+    except _Malformed as problem:
+        raise TraceError([f"{path}: {problem}"]) from None
+    return validate(pd.DataFrame([row]), source=str(path))
 
-    rate = data["request_rate"]
-    burst = isinstance(rate, str) or not math.isfinite(float(rate))
+
+def _vllm_row(data: dict) -> dict:
+    """The operating point of a vLLM result's fields, less its configuration."""
+    completed = int(_number(data, "completed"))
+    if completed < 1:
+        raise _Malformed("field 'completed': no request completed")
+    rate = _number(data, "request_rate")  # vLLM writes "inf" (or Infinity) for a burst
     row = dict(
-        hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
-        acceptance=_acceptance(data, k, acceptance, metrics_before, metrics_after, path),
-        e2e_mean_s=float(data["mean_e2el_ms"]) / 1e3,
-        e2e_se_s=float(data["std_e2el_ms"]) / 1e3 / math.sqrt(completed),
-        prompt_len=float(data["total_input_tokens"]) / completed,
-        output_len=float(data["total_output_tokens"]) / completed,
-        n_requests=completed, errored_requests=int(data["failed"]),
-        throughput_rps=float(data["request_throughput"]),
+        e2e_mean_s=_number(data, "mean_e2el_ms") / 1e3,
+        e2e_se_s=_number(data, "std_e2el_ms") / 1e3 / math.sqrt(completed),
+        prompt_len=_number(data, "total_input_tokens") / completed,
+        output_len=_number(data, "total_output_tokens") / completed,
+        n_requests=completed, errored_requests=int(_number(data, "failed")),
+        throughput_rps=_number(data, "request_throughput"),
     )
     for name, key in (("ttft", "ttft"), ("tpot", "tpot")):
         if f"mean_{key}_ms" in data:
-            row[f"{name}_mean_s"] = float(data[f"mean_{key}_ms"]) / 1e3
-    if float(data.get("duration") or 0) > 0:
-        row["duration_s"] = float(data["duration"])
+            row[f"{name}_mean_s"] = _number(data, f"mean_{key}_ms") / 1e3
+    if data.get("duration") is not None and _number(data, "duration") > 0:
+        row["duration_s"] = _number(data, "duration")
     for q in ("50", "90", "99"):
         if f"p{q}_e2el_ms" in data:
-            row[f"e2e_p{q}_s"] = float(data[f"p{q}_e2el_ms"]) / 1e3
-    if burst and data.get("max_concurrency"):
-        row.update(concurrency=int(data["max_concurrency"]), steady=True)
-    elif burst:
-        row.update(request_rate=row["throughput_rps"], steady=False)
+            row[f"e2e_p{q}_s"] = _number(data, f"p{q}_e2el_ms") / 1e3
+    if math.isfinite(rate):
+        row.update(request_rate=rate, steady=True)
+    elif data.get("max_concurrency"):
+        row.update(concurrency=int(_number(data, "max_concurrency")), steady=True)
     else:
-        row.update(request_rate=float(rate), steady=True)
-    return validate(pd.DataFrame([row]), source=str(path))
+        row.update(request_rate=row["throughput_rps"], steady=False)
+    return row
 
 
 def _check_detailed(data: dict, completed: int, path: Path) -> list[str]:
@@ -389,6 +408,6 @@ def _acceptance(data, k, given, before, after, path) -> float:
         scrapes = [read_spec_decode_metrics(Path(p).read_text(), str(p)) for p in (before, after)]
         return acceptance_between(*scrapes, k, source=f"{before} -> {after}")
     if "spec_decode_acceptance_length" in data:
-        return acceptance_from_length(k, float(data["spec_decode_acceptance_length"]))
+        return acceptance_from_length(k, _number(data, "spec_decode_acceptance_length"))
     raise TraceError([f"{path}: no acceptance rate: give acceptance=, or /metrics scrapes "
                       "from before and after the run"])

@@ -30,6 +30,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -262,6 +263,11 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
     (out / "logs").mkdir(exist_ok=True)
     done = {p.name for p in config.points if _finished(out, p) is not None}
     todo = [p for p in config.points if p.name not in done]
+    if todo and shutil.which(config.command[0]) is None:
+        # One line now rather than one failed point for each of them.
+        raise SweepError(f"server command {config.command[0]!r} not found: install vLLM on "
+                         "this GPU host (pip install 'sdbayes[vllm]'), or set [server] "
+                         "command in the sweep config")
     failed: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -83,6 +83,21 @@ PER_REQUEST_COLUMNS: tuple[Column, ...] = _CONFIG + (
     _nonnegative("draft_tokens", "int", doc="draft tokens proposed for this request"),
     _nonnegative("accepted_tokens", "int", doc="of which accepted"),
 )
+
+# Upper bounds past which a value is no measurement (a latency of 1e308 s was once fitted):
+# every other column in seconds at most _LONGEST_S, 11.6 days.
+_MOST = {"k": 256, "concurrency": 1e7, "request_rate": 1e6, "throughput_rps": 1e6,
+         "prompt_len": 1e8, "output_len": 1e8, "arrival_s": 1e9}
+_LONGEST_S = 1e6
+
+
+def _bounded(columns: tuple[Column, ...]) -> tuple[Column, ...]:
+    return tuple(replace(c, high=_MOST.get(c.name, _LONGEST_S if c.name.endswith("_s")
+                                           else c.high)) for c in columns)
+
+
+OPERATING_POINT_COLUMNS = _bounded(OPERATING_POINT_COLUMNS)
+PER_REQUEST_COLUMNS = _bounded(PER_REQUEST_COLUMNS)
 
 # The columns that identify an operating point; rows agreeing on all of them are one point.
 POINT_KEY = ("hardware", "verifier", "drafter", "method", "k", "request_rate", "concurrency",

@@ -90,6 +90,13 @@ def test_tune_prints_a_schedule(workdir):
     (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128, "--group", 3),
      "group 3: the posterior has 1 group(s)"),
     (("tune", "{post}", "--rates", "", "--alpha", 0.8, "--output-len", 128), "--rates"),
+    # Finite but absurd: each once reached NumPyro and ended in its traceback.
+    (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 1e308),
+     "'--output-len'"),
+    (("tune", "{post}", "--rates", "1,1e308", "--alpha", 0.8, "--output-len", 128),
+     "--rates: expected comma-separated numbers from 0 to 1e+06"),
+    (("simulate", "--out", "{dir}/s.csv", "--k", 2, "--alpha", 0.7, "--rate", 1e308),
+     "'--rate'"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
     bad = pd.read_csv(workdir / "p00.csv")
@@ -253,6 +260,18 @@ def test_profile_failed_points_exit_1_and_say_how_to_retry(tmp_path):
     assert result.exit_code == 1
     assert "failed: k1_p32_g24_rate5: server exited with code 3" in result.stderr
     assert "rerun the same command to retry" in result.stderr
+
+
+def test_profile_without_vllm_says_so_once_before_any_point(tmp_path):
+    from .test_sweep import write_config
+
+    config = write_config(tmp_path, command=["no-such-vllm-here", "serve"])
+    result = run("profile", config, "--out", tmp_path / "sweep")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.stderr.strip().splitlines() == [
+        "error: server command 'no-such-vllm-here' not found: install vLLM on this GPU host "
+        "(pip install 'sdbayes[vllm]'), or set [server] command in the sweep config"]
+    assert not list((tmp_path / "sweep" / "raw").glob("*.json"))
 
 
 def test_profile_bad_config_is_one_line_and_exit_code_2(tmp_path):

@@ -88,6 +88,20 @@ def test_missing_field_is_named(study_copy):
     ]
 
 
+def test_field_that_is_no_number_is_named(study_copy):
+    raw, path = study_copy
+    raw[1]["request_latency"]["successful"]["mean"] = "abc"
+    raw[6]["requests_per_second"]["successful"]["mean"] = {"value": 3}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(sb.TraceError) as info:
+        read_guidellm(path, **CONFIG)
+    assert info.value.problems == [
+        f"{path}: benchmark 2: field 'request_latency.successful.mean': not a number: 'abc'",
+        f"{path}: benchmark 7: field 'requests_per_second.successful.mean': not a number: "
+        "{'value': 3}",
+    ]
+
+
 def test_config_from_arguments_when_the_name_lacks_it(study_copy, tmp_path):
     raw, _ = study_copy
     path = tmp_path / "sweep.json"

@@ -122,6 +122,12 @@ class TestBadTables:
             ("hardware", "", "missing value"),
             ("method", "", "missing: name the SD method where k > 0"),
             ("ttft_mean_s", -0.1, "must be positive"),
+            # Finite but no measurement: each was once fitted (e2e 1e308 s gave c1v = 90 s).
+            ("e2e_mean_s", 1e308, "above 1e+06"),
+            ("ttft_mean_s", 2e6, "above 1e+06"),
+            ("output_len", 1e300, "above 1e+08"),
+            ("request_rate", 1e308, "above 1e+06"),
+            ("k", 1000, "above 256"),
         ],
     )
     def test_bad_value(self, column, value, message):

@@ -101,6 +101,10 @@ def test_failed_requests_are_counted_not_dropped(tmp_path):
     (lambda d: {**d, "errors": ["boom"] + d["errors"][1:]}, "field 'errors': 49 requests"),
     (lambda d: {**d, "completed": 0}, "no request completed"),
     (lambda d: [d], "expected a vllm bench serve result"),
+    (lambda d: {**d, "request_rate": "fast"}, "field 'request_rate': not a number: 'fast'"),
+    (lambda d: {**d, "mean_e2el_ms": "abc"}, "field 'mean_e2el_ms': not a number: 'abc'"),
+    (lambda d: {**d, "completed": True}, "field 'completed': not a number: True"),
+    (lambda d: {**d, "mean_ttft_ms": [1.0]}, "field 'mean_ttft_ms': not a number: [1.0]"),
 ])
 def test_malformed_results_are_named(tmp_path, change, message):
     path = write(tmp_path, change(result()))
