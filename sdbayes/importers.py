@@ -156,6 +156,14 @@ def _get(obj, *keys):
     return obj
 
 
+def _count(obj, *keys) -> int:
+    """A field that counts something: a whole number, at least 0."""
+    value = _number(obj, *keys)
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        raise _Malformed(f"field '{'.'.join(keys)}': not a count: {_get(obj, *keys)!r}")
+    return int(value)
+
+
 def _number(obj, *keys) -> float:
     """A numeric field (a number, or a string of one such as JSON's "inf"), as a float."""
     value = _get(obj, *keys)
@@ -178,12 +186,12 @@ def _point(metrics: dict, strategy: str) -> dict:
     def latency(*keys):
         return _number(metrics, "request_latency", "successful", *keys)
 
-    count = int(latency("count"))
+    count = _count(metrics, "request_latency", "successful", "count")
     if count < 1:
         raise _Malformed("field 'request_latency.successful.count': no request completed")
     rate = _number(metrics, "requests_per_second", "successful", "mean")
-    errored = int(_number(metrics, "request_latency", "errored", "count"))
-    incomplete = int(_number(metrics, "request_latency", "incomplete", "count"))
+    errored = _count(metrics, "request_latency", "errored", "count")
+    incomplete = _count(metrics, "request_latency", "incomplete", "count")
     row = dict(
         e2e_mean_s=latency("mean"),
         e2e_se_s=latency("std_dev") / math.sqrt(count),
@@ -352,7 +360,7 @@ def _vllm_point(path: Path, data, *, hardware, verifier, drafter, method, k, acc
 
 def _vllm_row(data: dict) -> dict:
     """The operating point of a vLLM result's fields, less its configuration."""
-    completed = int(_number(data, "completed"))
+    completed = _count(data, "completed")
     if completed < 1:
         raise _Malformed("field 'completed': no request completed")
     rate = _number(data, "request_rate")  # vLLM writes "inf" (or Infinity) for a burst
@@ -361,7 +369,7 @@ def _vllm_row(data: dict) -> dict:
         e2e_se_s=_number(data, "std_e2el_ms") / 1e3 / math.sqrt(completed),
         prompt_len=_number(data, "total_input_tokens") / completed,
         output_len=_number(data, "total_output_tokens") / completed,
-        n_requests=completed, errored_requests=int(_number(data, "failed")),
+        n_requests=completed, errored_requests=_count(data, "failed"),
         throughput_rps=_number(data, "request_throughput"),
     )
     for name, key in (("ttft", "ttft"), ("tpot", "tpot")):
@@ -375,7 +383,7 @@ def _vllm_row(data: dict) -> dict:
     if math.isfinite(rate):
         row.update(request_rate=rate, steady=True)
     elif data.get("max_concurrency"):
-        row.update(concurrency=int(_number(data, "max_concurrency")), steady=True)
+        row.update(concurrency=_count(data, "max_concurrency"), steady=True)
     else:
         row.update(request_rate=row["throughput_rps"], steady=False)
     return row
