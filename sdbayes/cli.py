@@ -381,7 +381,7 @@ def simulate(
     Example: sdbayes simulate --out trace.csv --k 4 --alpha 0.7 --rate 5 --requests 2000
     """
     from sdbayes.__main__ import EXAMPLE_COEFFICIENTS
-    from sdbayes.model import Coefficients
+    from sdbayes.model import Coefficients, saturation_rate
     from sdbayes.simulator import simulate as run
     from sdbayes.traces import aggregate as to_points
     from sdbayes.traces import write_traces
@@ -395,7 +395,17 @@ def simulate(
         coef = Coefficients(*(values / 1e3))
     trace = run(coef, k=k, alpha=alpha, rate=rate, concurrency=concurrency,
                 n_requests=requests, prompt_len=prompt_len, output_len=output_len, seed=seed)
-    write_traces(to_points(trace) if aggregate else trace, out)
+    table = to_points(trace) if aggregate else trace
+    if aggregate and rate is not None:
+        # The simulator steps whole SD cycles: the stepped form's capacity is its own.
+        capacity = float(saturation_rate(coef, k=k, alpha=alpha, output_len=output_len,
+                                         variant="stepped"))
+        if rate >= capacity:
+            table["steady"] = False
+            errors.print(f"note: --rate {rate:g} is past this replica's capacity "
+                         f"({capacity:.3g} req/s): the point is written with steady=false, "
+                         "kept but not fitted", markup=False, highlight=False)
+    write_traces(table, out)
     console.print(f"{len(trace)} requests simulated; written to {out}")
 
 

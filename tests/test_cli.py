@@ -42,6 +42,16 @@ def test_simulate_writes_a_trace(tmp_path):
     assert len(pd.read_parquet(tmp_path / "t.parquet")) == 50
 
 
+@pytest.mark.parametrize("rate, steady", [(2.0, True), (100.0, False)])
+def test_simulate_aggregate_marks_an_overloaded_run(tmp_path, rate, steady):
+    """The example replica's capacity at k = 4, alpha 0.7 is 13.2 req/s (stepped form)."""
+    result = run("simulate", "--out", tmp_path / "p.csv", "--k", 4, "--alpha", 0.7,
+                 "--rate", rate, "--requests", 100, "--aggregate")
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(tmp_path / "p.csv")["steady"].tolist() == [steady]
+    assert ("past this replica's capacity (13.2 req/s)" in result.stderr) == (not steady)
+
+
 def test_predict_writes_intervals(workdir):
     grid = workdir / "grid.csv"
     grid.write_text("k,acceptance,output_len,request_rate\n4,0.7,128,3\n8,0.9,128,2\n")
