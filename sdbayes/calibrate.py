@@ -237,8 +237,8 @@ def model(
       loads: the effective-load tables of the rows that are finite runs
         (:func:`sdbayes.observation.effective_loads`); without them every row is steady.
       confounding: what the coefficients explain, taken out of the discrepancies
-        (:func:`confounding`); without it they are free to trade off against the
-        coefficients, which costs NUTS its mixing but changes no prediction.
+        (:func:`confounding`); without it the discrepancies are free and trade off against
+        the coefficients along a ridge, where NUTS mixes badly.
 
     Sample sites: ``c1p .. c2d`` (and ``c1e, c2e`` for MoE) of shape [n_groups] (seconds),
     ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta_free`` [n_configs, 2] and
@@ -423,14 +423,14 @@ def confounding(points: Points, frames: list[Prior], variant: str | Variant,
     first = np.unique(points.config, return_index=True)[1]  # a row of each configuration
     group = np.asarray(points.group)[first]
 
-    def log_demands(log_c, row):  # [2]: log C1, log C2 of a configuration
+    def log_demands(log_c, k, alpha, output_len):  # [2]: log C1, log C2 of a configuration
         coef = Coefficients(**dict(zip(names, jnp.exp(log_c), strict=True)))
-        d = _demands(coef, points.k[row], points.alpha[row], points.output_len[row], 1.0,
-                     variant.form)
+        d = _demands(coef, k, alpha, output_len, 1.0, variant.form)
         return jnp.log(jnp.stack([d.independent.total, d.dependent.total]))
 
-    jacobian = np.stack([np.asarray(jax.jacfwd(log_demands)(jnp.asarray(frames[g].loc), row))
-                         for g, row in zip(group, first, strict=True)])  # [n_configs, 2, C]
+    anchors = np.stack([frame.loc for frame in frames])[group]  # [n_configs, C]
+    jacobian = np.asarray(jax.vmap(jax.jacfwd(log_demands))(
+        anchors, points.k[first], points.alpha[first], points.output_len[first]))  # [., 2, C]
     projection = np.zeros((2, n_configs, n_configs))
     for g in range(n_groups):
         mine = np.flatnonzero(group == g)
