@@ -2,6 +2,8 @@
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import sdbayes as sb
@@ -291,3 +293,34 @@ def test_profile_bad_config_is_one_line_and_exit_code_2(tmp_path):
     assert result.exit_code == EXIT_BAD_INPUT
     assert result.stderr.strip() == f"error: {config}: [sweep] needs request_rates and/or " \
         "concurrency"
+
+
+OPTION_VALUES = st.one_of(
+    st.sampled_from(["0", "-1", "1e308", "-1e308", "nan", "inf", "", "abc", "0.5", "1,2",
+                     "2.5", "1e-300", "999999999", ",", "1,,2"]),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.integers(-10**12, 10**12).map(str),
+)
+PLANNING = {  # command -> its options and valid values, one of which a draw replaces
+    "plan": {"--slo-ms": "2000", "--alpha": "0.7", "--output-len": "128", "--k": "2,4",
+             "--confidence": "0.9", "--traffic": "10", "--group": "0"},
+    "tune": {"--rates": "1,3", "--alpha": "0.7", "--output-len": "128", "--level": "0.9",
+             "--risk": "quantile", "--k-max": "6", "--group": "0"},
+}
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_planning_options(workdir, data):
+    """Any one option of plan or tune replaced by junk: the command works or ends with one
+    line and exit code 2, never a traceback."""
+    command = data.draw(st.sampled_from(sorted(PLANNING)))
+    options = dict(PLANNING[command])
+    options[data.draw(st.sampled_from(sorted(options)))] = data.draw(OPTION_VALUES)
+    result = run(command, workdir / "post.nc", *(x for pair in options.items() for x in pair))
+    assert "Traceback" not in result.output
+    if result.exit_code != 0:
+        assert result.exit_code == EXIT_BAD_INPUT, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
