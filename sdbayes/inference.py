@@ -229,7 +229,10 @@ def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior
     coefficient but models the engine's steps, then ``"filling"``, two coefficients more).
     The simplest whose expected log predictive density is within ``margin`` standard
     errors of the best's is kept: a difference smaller than that is noise in the
-    estimate, and a simpler form extrapolates no worse for it.
+    estimate, and a simpler form extrapolates no worse for it. Fits whose chains did not
+    converge (divergent transitions, R-hat above its limit) are left out of the choice
+    while any other converged, as their LOO estimates are not to be trusted either (the
+    filling form where the data show no filling: its shape terms are then unidentified).
 
     Args:
       fits: form's name -> its fit, all of the same operating points (NUTS or SVI).
@@ -238,9 +241,14 @@ def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior
     Returns:
       The chosen :class:`Posterior`.
     """
-    table = compare(fits)
+    shown = compare(fits)
+    converged = [f for f in shown.index if _converged(fits[f])] or list(shown.index)
+    left_out = [f for f in shown.index if f not in converged]
+    table = (compare({f: fits[f] for f in converged}) if left_out and len(converged) > 1
+             else shown.loc[converged])
     best = table.index[0]
-    order = [f for f in VARIANTS if f in fits] + [f for f in fits if f not in VARIANTS]
+    order = [f for f in VARIANTS if f in table.index] + [
+        f for f in table.index if f not in VARIANTS]
     tied = [f for f in order
             if f == best or table.loc[f, "elpd_diff"] <= margin * table.loc[f, "dse"]]
     chosen = tied[0]
@@ -252,12 +260,18 @@ def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior
         reason = (f"{chosen}: within {margin:g} standard errors of the best, {best} "
                   f"(behind by {table.loc[chosen, 'elpd_diff']:.1f}, standard error "
                   f"{table.loc[chosen, 'dse']:.1f}), and simpler")
+    if left_out:
+        reason += f"; left out as not converged: {', '.join(left_out)}"
     posterior = fits[chosen]
     columns = ["elpd_loo", "p_loo", "elpd_diff", "dse", "warning"]
     posterior.idata.attrs["sdbayes_variant_choice"] = reason
-    posterior.idata.attrs["sdbayes_loo"] = table[columns].reset_index(names="variant").to_json(
+    posterior.idata.attrs["sdbayes_loo"] = shown[columns].reset_index(names="variant").to_json(
         orient="records")
     return posterior
+
+
+def _converged(posterior: Posterior) -> bool:
+    return posterior.diagnostics is None or posterior.diagnostics.converged
 
 
 def _start_at_frame(site):

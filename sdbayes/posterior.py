@@ -64,6 +64,14 @@ class Diagnostics(NamedTuple):
         return not self.problems
 
     @property
+    def converged(self) -> bool:
+        """No divergent transition and R-hat within its limit (always, for SVI): the
+        draws are of the posterior, however few (``trustworthy`` also asks enough ESS
+        and identified coefficients)."""
+        return self.method != "nuts" or (self.divergences == 0
+                                         and self.max_rhat <= _RHAT_LIMIT)
+
+    @property
     def verdict(self) -> str:
         """One line: whether the fit can be trusted, and why."""
         if self.problems:

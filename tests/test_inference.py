@@ -8,6 +8,7 @@ import io
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -382,3 +383,24 @@ def test_discrepancies_leave_the_coefficients_their_part():
     level = np.asarray(observation.discrepancy_in_load(error._replace(offset=0.0),
                                                        at_anchor.share))
     assert abs(weight @ level) > 0.01 * weight.sum() * np.abs(level).max()
+
+
+def test_choice_of_form_leaves_out_fits_that_did_not_converge(fitted):
+    """LOO of chains that did not converge is not to be trusted: such a form is not kept
+    while another converged, and the reason says it was left out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)  # a small fit may report low ESS
+        stepped = sb.fit(model_traces(), variant="stepped", seed=1, **SMALL)
+    fits = {"paper": fitted, "stepped": stepped}
+    preferred = sb.compare(fits).index[0]
+    other = ({"paper", "stepped"} - {preferred}).pop()
+    kept = fits[preferred].diagnostics
+    fits[preferred].diagnostics = kept._replace(divergences=12)
+    try:
+        chosen = sb.choose_variant(fits)
+    finally:
+        fits[preferred].diagnostics = kept
+    reason, table = chosen.variant_choice
+    assert chosen.variant == other
+    assert reason.endswith(f"left out as not converged: {preferred}")
+    assert set(table.index) == {"paper", "stepped"}  # the table still shows both
