@@ -8,6 +8,8 @@ arguments and bad files end with one line on stderr naming the problem and exit 
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -68,15 +70,27 @@ def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+# The library's argument names that differ from the flags carrying them.
+_FLAG_OF = {"slo": "--slo-ms", "acceptance": "--alpha"}
+
+
 def _bad_input_exits_2(command):
-    """Turn the errors a user's input can cause into one line and exit code 2."""
+    """Turn the errors a user's input can cause into one line and exit code 2, naming a
+    flag where the library named its own argument ("level must ..." -> "--level must")."""
+    flags = {**_FLAG_OF, **{name: "--" + name.replace("_", "-")
+                            for name in inspect.signature(command).parameters}}
+    if "rates" in flags:
+        flags["rate"] = "--rates"
+
+    def flagged(message: str) -> str:
+        return re.sub(r"^(\w+) must\b", lambda m: f"{flags.get(m[1], m[1])} must", message)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except (ValueError, TypeError, OSError, KeyError) as error:
-            errors.print(f"error: {_one_line(error)}", markup=False, highlight=False)
+            errors.print(f"error: {flagged(_one_line(error))}", markup=False, highlight=False)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
@@ -277,7 +291,7 @@ def predict(
 @_bad_input_exits_2
 def plan(
     posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
-    slo_ms: Annotated[float, typer.Option(help="The SLO on the metric [ms].", min=0,
+    slo_ms: Annotated[float, typer.Option(help="The SLO on the metric [ms].", min=1e-3,
                                           max=_LONGEST_MS)],
     alpha: Alpha,
     output_len: OutputLen,

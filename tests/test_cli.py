@@ -109,6 +109,13 @@ def test_tune_prints_a_schedule(workdir):
      "--rates: expected comma-separated numbers from 0 to 1e+06"),
     (("simulate", "--out", "{dir}/s.csv", "--k", 2, "--alpha", 0.7, "--rate", 1e308),
      "'--rate'"),
+    # The library's checks, named by the flag the user typed.
+    (("simulate", "--out", "{dir}/s.csv", "--k", 2, "--alpha", 0.7, "--rate", 0),
+     "--rate must be a finite number > 0"),
+    (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128,
+      "--confidence", 2), "--confidence must lie in (0, 1)"),
+    (("tune", "{post}", "--rates", "1", "--alpha", 0.8, "--output-len", 128, "--k-max", 0),
+     "--k-max must be a whole number"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
     bad = pd.read_csv(workdir / "p00.csv")
