@@ -250,18 +250,22 @@ _LOAD_CENTRE, _LOAD_HALF_WIDTH = 0.5, 1.0  # the basis lives on [-0.5, 1.5], q o
 
 def discrepancy_in_load(error: LoadError, share):
     """``eta(q)`` at load-dependent shares ``q`` [..., n] (:class:`LoadError`)."""
-    basis = load_basis(share) - jnp.asarray(error.offset)
-    return jnp.asarray(error.scale) * jnp.sum(basis * error.weights, axis=-1)
+    basis = load_basis(share)  # [..., n, M]; the others broadcast to it explicitly
+    offset, weights = (jnp.broadcast_to(jnp.asarray(x), basis.shape)
+                       for x in (error.offset, error.weights))
+    return jnp.asarray(error.scale) * jnp.sum((basis - offset) * weights, axis=-1)
 
 
 def load_basis(share):
     """The discrepancy in load's basis functions, each times the square root of its
     spectral density, at shares ``q`` [..., n]: shape [..., n, LOAD_BASIS]."""
-    frequency = np.pi * np.arange(1, LOAD_BASIS + 1) / (2 * _LOAD_HALF_WIDTH)  # [M]
+    share = jnp.asarray(share)[..., None]  # [..., n, 1]
+    frequency = np.pi * np.arange(1, LOAD_BASIS + 1) / (2 * _LOAD_HALF_WIDTH)
+    frequency = frequency.reshape((1,) * (share.ndim - 1) + (-1,))  # [1.., M]
     spectral = np.sqrt(np.sqrt(2 * np.pi) * LOAD_LENGTH
                        * np.exp(-0.5 * (LOAD_LENGTH * frequency) ** 2))
-    return spectral * jnp.sin(frequency * (jnp.asarray(share)[..., None] - _LOAD_CENTRE
-                                           + _LOAD_HALF_WIDTH)) / np.sqrt(_LOAD_HALF_WIDTH)
+    return spectral * jnp.sin(frequency * (share - _LOAD_CENTRE + _LOAD_HALF_WIDTH)
+                              ) / np.sqrt(_LOAD_HALF_WIDTH)
 
 
 def load_offsets(anchor: Observation, points, n_groups: int) -> np.ndarray:
