@@ -276,7 +276,8 @@ def load_offsets(anchor: Observation, points, n_groups: int) -> np.ndarray:
     A constant ``eta`` moves each open loop's log latency by ``S_i * eta``, what the same
     relative change of ``C2`` does: the coefficients and ``eta``'s level would trade off
     along a ridge that only ``eta``'s prior bounds, where NUTS needs hundreds of steps a
-    draw and its chains do not mix (on the source study's 0.6B sweeps: R-hat 1.2, ESS 6).
+    draw and its chains do not mix (the source study's 0.6B sweeps without throughput runs,
+    before this and the configuration discrepancies' projection: R-hat 1.35, ESS 5).
     Each offset is its basis function's mean over those rows, weighted by ``S_i**2`` (the
     least-squares projection of ``S * phi`` on ``S``), so that ``S * eta`` is orthogonal
     to ``S``. A group without open loops keeps offsets 0.

@@ -70,8 +70,9 @@ def test_the_recommended_path_converges_on_real_sweeps():
     """`sdbayes import` then `sdbayes fit` as a user runs them: every metric the sweeps
     hold, the throughput runs left out (steady false), where capacity is pinned only by the
     open loops and the discrepancy in load could stand in for C2 (before the discrepancies
-    were projected off the coefficients: R-hat 1.35, ESS 5). Short chains, so the
-    thresholds are those of 600 draws: R-hat at most 1.05, ESS at least 100."""
+    were projected off the coefficients, fitting e2e alone: R-hat 1.35, ESS 5). Short
+    chains, so the thresholds are those of 600 draws: R-hat at most 1.05, ESS at least
+    100."""
     points = pd.concat([sb.read_guidellm(path, **dict(CONFIG, verifier="Qwen3-0.6B",
                                                       drafter="eagle3-qwen3-0.6b"))
                         for path in sorted(SMALLEST.glob("*.json"))], ignore_index=True)
