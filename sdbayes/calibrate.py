@@ -437,10 +437,8 @@ def confounding(points: Points, frames: list[Prior], variant: str | Variant,
         for e in range(2):
             j = jacobian[mine, e]  # [m, C]
             projection[e][np.ix_(mine, mine)] = np.eye(len(mine)) - j @ np.linalg.pinv(j)
-    per_row = np.stack([np.exp(f.loc) for f in frames])[points.group]  # [n, C]
-    at_anchor = observation.forward(
-        Coefficients(**{n: per_row[:, i] for i, n in enumerate(names)}), points, variant,
-        loads)
+    at_anchor = observation.forward(_rows_at_frames(frames, points, names), points, variant,
+                                    loads)
     return Confounding(projection, observation.load_offsets(at_anchor, points, n_groups))
 
 
@@ -463,16 +461,20 @@ def anchor(points: Points, prior: Prior, n_groups: int, metrics: tuple[str, ...]
                 for g, rows in enumerate(groups)]
 
     def tables(frames):
-        names = coefficient_names(variant)
-        per_row = np.stack([np.exp(frame.loc) for frame in frames])[points.group]  # [n, C]
-        coef = Coefficients(**{name: per_row[:, i] for i, name in enumerate(names)})
-        return observation.effective_loads(coef, points, variant)
+        return observation.effective_loads(
+            _rows_at_frames(frames, points, coefficient_names(variant)), points, variant)
 
     frames, loads = fit_groups(None), None
     if (~points.closed & np.isfinite(points.duration)).any():
         frames = fit_groups(tables(frames), frames)
         loads = tables(frames)
     return Anchor(frames, loads, confounding(points, frames, variant, loads))
+
+
+def _rows_at_frames(frames: list[Prior], points: Points, names) -> Coefficients:
+    """Each row's coefficients at its group's frame centre (fields [n])."""
+    per_row = np.stack([np.exp(frame.loc) for frame in frames])[points.group]  # [n, C]
+    return Coefficients(**{name: per_row[:, i] for i, name in enumerate(names)})
 
 
 def _subset(rows_of: NamedTuple, rows: np.ndarray):

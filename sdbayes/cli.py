@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdbayes.files import check_folder, check_writable, replacing
+from sdbayes.traces import LONGEST_S, MOST
 
 EXIT_BAD_INPUT = 2
 EXIT_UNTRUSTED = 3  # --strict, and the posterior's diagnostics find problems
@@ -133,8 +134,9 @@ def _load(path: Path, strict: bool):
     return posterior
 
 
-# Bounds of the planning flags: past them a value is a typo (1e308 once reached NumPyro).
-_LONGEST_MS, _MOST_RPS, _MOST_TOKENS = 1e9, 1e6, 1e8
+# Bounds of the planning flags, the trace schema's: past them a value is a typo (1e308
+# once reached NumPyro).
+_LONGEST_MS, _MOST_RPS, _MOST_TOKENS = 1e3 * LONGEST_S, MOST["request_rate"], MOST["output_len"]
 Alpha = Annotated[float, typer.Option(help="Acceptance rate (per-token probability).", min=0,
                                       max=1)]
 OutputLen = Annotated[float, typer.Option(help="Output tokens per request.", min=1,
@@ -376,7 +378,7 @@ def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.
 @_bad_input_exits_2
 def simulate(
     out: Annotated[Path, typer.Option(help="Per-request trace to write (CSV or Parquet).")],
-    k: Annotated[int, typer.Option(help="Draft length.", min=0, max=256)],
+    k: Annotated[int, typer.Option(help="Draft length.", min=0, max=MOST["k"])],
     alpha: Alpha,
     rate: Annotated[float | None, typer.Option(help="Poisson arrival rate [req/s].", min=0,
                                                max=_MOST_RPS)] = None,

@@ -375,8 +375,9 @@ def _vllm_row(data: dict) -> dict:
     for name, key in (("ttft", "ttft"), ("tpot", "tpot")):
         if f"mean_{key}_ms" in data:
             row[f"{name}_mean_s"] = _number(data, f"mean_{key}_ms") / 1e3
-    if data.get("duration") is not None and _number(data, "duration") > 0:
-        row["duration_s"] = _number(data, "duration")
+    duration = _number(data, "duration") if data.get("duration") is not None else 0.0
+    if duration > 0:
+        row["duration_s"] = duration
     for q in ("50", "90", "99"):
         if f"p{q}_e2el_ms" in data:
             row[f"e2e_p{q}_s"] = _number(data, f"p{q}_e2el_ms") / 1e3

@@ -84,16 +84,17 @@ PER_REQUEST_COLUMNS: tuple[Column, ...] = _CONFIG + (
     _nonnegative("accepted_tokens", "int", doc="of which accepted"),
 )
 
-# Upper bounds past which a value is no measurement (a latency of 1e308 s was once fitted):
-# every other column in seconds at most _LONGEST_S, 11.6 days.
-_MOST = {"k": 256, "concurrency": 1e7, "request_rate": 1e6, "throughput_rps": 1e6,
-         "prompt_len": 1e8, "output_len": 1e8, "arrival_s": 1e9}
-_LONGEST_S = 1e6
+MOST = {"k": 256, "concurrency": 1e7, "request_rate": 1e6, "throughput_rps": 1e6,
+        "prompt_len": 1e8, "output_len": 1e8, "arrival_s": 1e9}
+"""Upper bounds past which a value is no measurement (a latency of 1e308 s was once
+fitted); every other column in seconds is at most :data:`LONGEST_S`. The CLI bounds its
+flags by the same numbers."""
+LONGEST_S = 1e6  # [s], 11.6 days
 
 
 def _bounded(columns: tuple[Column, ...]) -> tuple[Column, ...]:
-    return tuple(replace(c, high=_MOST.get(c.name, _LONGEST_S if c.name.endswith("_s")
-                                           else c.high)) for c in columns)
+    return tuple(replace(c, high=MOST.get(c.name, LONGEST_S if c.name.endswith("_s")
+                                          else c.high)) for c in columns)
 
 
 OPERATING_POINT_COLUMNS = _bounded(OPERATING_POINT_COLUMNS)
