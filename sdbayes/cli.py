@@ -137,10 +137,59 @@ def _load(path: Path, strict: bool):
 # Bounds of the planning flags, the trace schema's: past them a value is a typo (1e308
 # once reached NumPyro).
 _LONGEST_MS, _MOST_RPS, _MOST_TOKENS = 1e3 * LONGEST_S, MOST["request_rate"], MOST["output_len"]
-Alpha = Annotated[float, typer.Option(help="Acceptance rate (per-token probability).", min=0,
-                                      max=1)]
+Alpha = Annotated[float | None, typer.Option(
+    help="Per-token acceptance probability alpha. vLLM reports an acceptance rate instead: "
+         "give that as --acceptance-rate, or its mean acceptance length.", min=0, max=1)]
+AcceptanceRate = Annotated[str | None, typer.Option(
+    help="vLLM's draft acceptance rate, accepted / drafted tokens, as a fraction (0.62) or in "
+         "percent (62%), measured at --measured-k; converted to alpha.")]
+MeanAcceptanceLength = Annotated[float | None, typer.Option(
+    help="vLLM's mean acceptance length, 1 + accepted tokens per draft, measured at "
+         "--measured-k; converted to alpha.", min=1, max=MOST["k"] + 1)]
+MeasuredK = Annotated[int | None, typer.Option(
+    help="The draft length vLLM ran when it measured --acceptance-rate or "
+         "--mean-acceptance-length; by default the one k given.", min=1, max=MOST["k"])]
 OutputLen = Annotated[float, typer.Option(help="Output tokens per request.", min=1,
                                           max=_MOST_TOKENS)]
+
+
+def _alpha(alpha: float | None, acceptance_rate: str | None,
+           mean_acceptance_length: float | None, measured_k: int | None,
+           ks: np.ndarray | None = None) -> float:
+    """alpha from whichever of the three acceptance flags was given (exactly one), the
+    other two measured at ``measured_k`` or else the one nonzero k in ``ks``."""
+    given = [flag for flag, value in (("--alpha", alpha), ("--acceptance-rate", acceptance_rate),
+                                      ("--mean-acceptance-length", mean_acceptance_length))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError("give one of --alpha, --acceptance-rate or --mean-acceptance-length"
+                         + (f", not {' and '.join(given)}" if given else ""))
+    if alpha is not None:
+        return alpha
+    from sdbayes.traces import acceptance_from_length, acceptance_from_rate
+
+    drafted = [] if ks is None else sorted({int(k) for k in ks if k > 0})
+    if measured_k is None and len(drafted) != 1:
+        raise ValueError(f"{given[0]} depends on the draft length vLLM ran: give --measured-k")
+    k = measured_k or drafted[0]
+    if mean_acceptance_length is not None:
+        alpha = acceptance_from_length(k, mean_acceptance_length)
+        source = f"a mean acceptance length of {mean_acceptance_length:g}"
+    else:
+        text = acceptance_rate.strip()
+        try:
+            rate = float(text.removesuffix("%"))
+        except ValueError:
+            raise ValueError(f"--acceptance-rate {acceptance_rate!r}: not a number") from None
+        # vLLM prints the rate in percent ("Draft acceptance rate: 62.3%"), its JSON a
+        # fraction.
+        rate = rate / 100 if text.endswith("%") or rate > 1 else rate
+        alpha = acceptance_from_rate(k, rate)
+        source = f"an acceptance rate of {rate:.1%}"
+    console.print(f"alpha = {alpha:.3f}: per-token acceptance from {source} at k = {k}")
+    return alpha
+
+
 Strict = Annotated[bool, typer.Option(
     "--strict", help=f"Exit with code {EXIT_UNTRUSTED} if the fit is not trustworthy "
                      "(divergences, R-hat, ESS; see the verdict on stderr).")]
@@ -295,8 +344,11 @@ def plan(
     posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
     slo_ms: Annotated[float, typer.Option(help="The SLO on the metric [ms].", min=1e-3,
                                           max=_LONGEST_MS)],
-    alpha: Alpha,
     output_len: OutputLen,
+    alpha: Alpha = None,
+    acceptance_rate: AcceptanceRate = None,
+    mean_acceptance_length: MeanAcceptanceLength = None,
+    measured_k: MeasuredK = None,
     k: Annotated[str, typer.Option(help="Draft length(s), comma-separated.")] = "0,1,2,3,4,6,8",
     metric: str = "e2e",
     confidence: float = 0.95,
@@ -309,10 +361,11 @@ def plan(
 
     Example: sdbayes plan posterior.nc --slo-ms 2000 --alpha 0.7 --output-len 128 --traffic 50
     """
+    ks = _floats(k, "k", whole=True)
+    alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k, ks)
     post = _load(posterior, strict)
-    _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len,
-               ks=_floats(k, "k", whole=True), metric=metric, confidence=confidence,
-               traffic=traffic, group=group)
+    _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len, ks=ks, metric=metric,
+               confidence=confidence, traffic=traffic, group=group)
     _verdict(post, posterior)
 
 
@@ -342,8 +395,11 @@ def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confid
 def tune(
     posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
     rates: Annotated[str, typer.Option(help="Request rates [req/s], comma-separated.")],
-    alpha: Alpha,
     output_len: OutputLen,
+    alpha: Alpha = None,
+    acceptance_rate: AcceptanceRate = None,
+    mean_acceptance_length: MeanAcceptanceLength = None,
+    measured_k: MeasuredK = None,
     risk: Annotated[str, typer.Option(help="mean, quantile or cvar over draws.")] = "mean",
     level: float = 0.95,
     metric: str = "e2e",
@@ -355,6 +411,7 @@ def tune(
 
     Example: sdbayes tune posterior.nc --rates 1,2,4,8 --alpha 0.7 --output-len 128 --risk cvar
     """
+    alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k)
     post = _load(posterior, strict)
     _show_schedule(post, rates=_floats(rates, "rates", high=_MOST_RPS), alpha=alpha,
                    output_len=output_len, risk=risk, level=level, metric=metric, k_max=k_max,
@@ -379,7 +436,10 @@ def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.
 def simulate(
     out: Annotated[Path, typer.Option(help="Per-request trace to write (CSV or Parquet).")],
     k: Annotated[int, typer.Option(help="Draft length.", min=0, max=MOST["k"])],
-    alpha: Alpha,
+    alpha: Alpha = None,
+    acceptance_rate: AcceptanceRate = None,
+    mean_acceptance_length: MeanAcceptanceLength = None,
+    measured_k: MeasuredK = None,
     rate: Annotated[float | None, typer.Option(help="Poisson arrival rate [req/s].", min=0,
                                                max=_MOST_RPS)] = None,
     concurrency: Annotated[int | None, typer.Option(help="Closed-loop requests.", min=1,
@@ -403,6 +463,8 @@ def simulate(
     from sdbayes.traces import write_traces
 
     check_writable(out)
+    alpha = 0.0 if k == 0 and alpha is None else _alpha(
+        alpha, acceptance_rate, mean_acceptance_length, measured_k, np.array([k]))
     coef = EXAMPLE_COEFFICIENTS
     if coefficients_ms is not None:
         values = _floats(coefficients_ms, "coefficients-ms")

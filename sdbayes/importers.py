@@ -296,8 +296,11 @@ def acceptance_between(before: SpecDecodeCounts, after: SpecDecodeCounts, k: int
     drafts = after.drafts - before.drafts
     if drafts <= 0:
         raise TraceError([f"{source}: no drafts between the scrapes"])
-    return acceptance_from_length(k, 1.0 + (after.accepted_tokens - before.accepted_tokens)
-                                  / drafts)
+    length = 1.0 + (after.accepted_tokens - before.accepted_tokens) / drafts
+    try:
+        return acceptance_from_length(k, length)
+    except ValueError as error:
+        raise TraceError([f"{source}: {error}"]) from None
 
 
 def read_vllm_bench(
@@ -417,6 +420,10 @@ def _acceptance(data, k, given, before, after, path) -> float:
         scrapes = [read_spec_decode_metrics(Path(p).read_text(), str(p)) for p in (before, after)]
         return acceptance_between(*scrapes, k, source=f"{before} -> {after}")
     if "spec_decode_acceptance_length" in data:
-        return acceptance_from_length(k, _number(data, "spec_decode_acceptance_length"))
+        try:
+            return acceptance_from_length(k, _number(data, "spec_decode_acceptance_length"))
+        except ValueError as error:
+            raise TraceError([f"{path}: field 'spec_decode_acceptance_length': {error}"]
+                             ) from None
     raise TraceError([f"{path}: no acceptance rate: give acceptance=, or /metrics scrapes "
                       "from before and after the run"])

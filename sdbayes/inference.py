@@ -17,7 +17,7 @@ import pandas as pd
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, init_to_median
 from numpyro.infer.autoguide import AutoMultivariateNormal
 
-from sdbayes import calibrate
+from sdbayes import calibrate, observation
 from sdbayes.calibrate import METRICS, Prior
 from sdbayes.model import VARIANTS, Variant, as_variant
 from sdbayes.observation import LIKELIHOODS
@@ -170,7 +170,13 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         # Coefficients are strongly correlated (C1 and C2 are sums of them): a dense mass
         # block for them; the many per-configuration sites stay diagonal, as dense over
         # them would cost O(d^2) a step.
-        coefficient_sites = ("log_c_std",) if len(groups) == 1 else ("mu", "tau")
+        # The error scales join the block: they trade off against the coefficients (a
+        # metric's sigma against the terms that metric pins; on the 0.6B sweeps the
+        # filling form's least ESS rose 1.5-2x with them).
+        coefficient_sites = (("log_c_std",) if len(groups) == 1 else ("mu", "tau")) + (
+            "tau_q", "discrepancy",
+            *(f"sigma_{m}" for m in metrics if observation.observed(points, m)[0].any()),
+            *(("load_scale",) if args["load_error_scale"] > 0 else ()))
         # Warm-up starts from a unit mass matrix. Without a frame (several groups), the
         # coefficients' posterior sds (often 1e-3 in log space) against the error scales'
         # (about 1) make its early trajectories run to the full 1023 steps. Trees of at
@@ -192,7 +198,16 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
                          num_samples=min(num_samples, _PILOT_DRAWS), num_chains=num_chains,
                          progress_bar=progress, chain_method=chain_method)
             pilot.run(pilot_key, **args)
-            args["loads"] = calibrate.effective_loads_at(pilot.get_samples(), points, variant)
+            drafts = pilot.get_samples()
+            args["loads"] = calibrate.effective_loads_at(drafts, points, variant)
+            if "frame" in args:
+                # Recentred where the pilot found the posterior: a least-squares fit puts
+                # what the data leave to the prior at the prior's centre, which can be far
+                # from the posterior's bulk (the filling form on sweeps without filling:
+                # c2v, c2d 11-13 frame widths off), and warm-up spends its steps getting
+                # there.
+                args["frame"] = calibrate.Prior(np.median(drafts["log_c"], axis=0),
+                                                np.std(drafts["log_c"], axis=0))
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
         mcmc.run(key, extra_fields=("diverging", "num_steps"), **args)
@@ -235,10 +250,8 @@ def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior
     errors of the best's is kept: a difference smaller than that is noise in the
     estimate, and a simpler form extrapolates no worse for it. Fits whose chains did not
     converge (divergent transitions, R-hat above its limit) are left out of the choice
-    while any other converged, as their LOO estimates are not to be trusted either; so
-    are fits the diagnostics find untrustworthy otherwise (too few effective draws, terms
-    the data leave to their prior: the filling form where the data show no filling) while
-    any other is trustworthy.
+    while any other converged, as their LOO estimates are not to be trusted either (the
+    filling form where the data show no filling: its shape terms are then unidentified).
 
     Args:
       fits: form's name -> its fit, all of the same operating points (NUTS or SVI).
@@ -248,12 +261,10 @@ def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior
       The chosen :class:`Posterior`.
     """
     shown = compare(fits)
-    trusted = [f for f in shown.index if _trusted(fits[f])]
-    converged = [f for f in shown.index if _converged(fits[f])]
-    kept = trusted or converged or list(shown.index)
-    left_out = [f for f in shown.index if f not in kept]
-    table = (compare({f: fits[f] for f in kept}) if left_out and len(kept) > 1
-             else shown.loc[kept])
+    converged = [f for f in shown.index if _converged(fits[f])] or list(shown.index)
+    left_out = [f for f in shown.index if f not in converged]
+    table = (compare({f: fits[f] for f in converged}) if left_out and len(converged) > 1
+             else shown.loc[converged])
     best = table.index[0]
     order = [f for f in VARIANTS if f in table.index] + [
         f for f in table.index if f not in VARIANTS]
@@ -268,10 +279,8 @@ def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior
         reason = (f"{chosen}: within {margin:g} standard errors of the best, {best} "
                   f"(behind by {table.loc[chosen, 'elpd_diff']:.1f}, standard error "
                   f"{table.loc[chosen, 'dse']:.1f}), and simpler")
-    for why, forms in (("not converged", [f for f in left_out if f not in converged]),
-                       ("not trustworthy", [f for f in left_out if f in converged])):
-        if forms:
-            reason += f"; left out as {why}: {', '.join(forms)}"
+    if left_out:
+        reason += f"; left out as not converged: {', '.join(left_out)}"
     posterior = fits[chosen]
     columns = ["elpd_loo", "p_loo", "elpd_diff", "dse", "warning"]
     posterior.idata.attrs["sdbayes_variant_choice"] = reason
@@ -282,10 +291,6 @@ def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior
 
 def _converged(posterior: Posterior) -> bool:
     return posterior.diagnostics is None or posterior.diagnostics.converged
-
-
-def _trusted(posterior: Posterior) -> bool:
-    return posterior.diagnostics is None or posterior.diagnostics.trustworthy
 
 
 def _start_at_frame(site):

@@ -510,7 +510,14 @@ def acceptance_from_length(k: int, length: float) -> float:
     """The per-token acceptance alpha whose E(k, alpha) is the mean acceptance length.
 
     ``length`` counts the bonus token (1 + accepted / drafts), so it lies in [1, k + 1].
+
+    Raises:
+      ValueError: a length outside [1, k + 1], which no alpha gives at this k (often a
+        length measured at another k).
     """
+    if not (k >= 1 and 1.0 - 1e-9 <= length <= k + 1 + 1e-9):
+        raise ValueError(f"mean acceptance length {length:g} is impossible at k = {k}: it "
+                         f"lies between 1 and k + 1 = {k + 1}; was it measured at another k?")
     lo, hi = 0.0, 1.0
     for _ in range(60):  # E is increasing in alpha; 60 halvings reach float64 resolution
         mid = 0.5 * (lo + hi)
@@ -519,6 +526,25 @@ def acceptance_from_length(k: int, length: float) -> float:
         else:
             hi = mid
     return 0.5 * (lo + hi)
+
+
+def acceptance_from_rate(k: int, rate: float) -> float:
+    """The per-token acceptance alpha whose drafted tokens are accepted at ``rate``.
+
+    vLLM reports a *draft acceptance rate*: accepted / drafted tokens, at the draft length
+    ``k`` it ran. That is ``(E(k, alpha) - 1) / k``, lower than alpha for k > 1 (alpha = 0.8
+    at k = 4: a rate of 0.59), so it is converted here rather than taken for alpha.
+
+    Args:
+      k: the draft length the rate was measured at, >= 1.
+      rate: accepted / drafted, a fraction in [0, 1].
+
+    Raises:
+      ValueError: ``rate`` outside [0, 1].
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"acceptance rate {rate:g} must lie in [0, 1] (accepted / drafted)")
+    return acceptance_from_length(k, 1.0 + k * rate)
 
 
 def group_labels(points: pd.DataFrame) -> list[str]:

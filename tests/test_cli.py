@@ -331,3 +331,42 @@ def test_fuzz_planning_options(workdir, data):
         assert result.exit_code == EXIT_BAD_INPUT, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
+
+
+def _vllm_rate(k, alpha):
+    """vLLM's draft acceptance rate (accepted / drafted) of a per-token alpha at k."""
+    return (float(sb.tokens_per_step(k, alpha)) - 1.0) / k
+
+
+@pytest.mark.parametrize("flags", [
+    lambda rate: ["--acceptance-rate", f"{100 * rate:.6f}%"],
+    lambda rate: ["--acceptance-rate", f"{rate:.8f}", "--measured-k", 4],
+    lambda rate: ["--mean-acceptance-length", f"{1 + 4 * rate:.8f}"]])
+def test_vllms_acceptance_rate_is_converted_to_alpha(tmp_path, flags):
+    """vLLM's rate at k = 4 for alpha = 0.8 is 0.59: read as alpha it would plan for a
+    worse drafter. Given as vLLM states it, the command runs with alpha = 0.8."""
+    rate = _vllm_rate(4, 0.8)
+    assert rate == pytest.approx(0.59, abs=0.005)
+    outs = []
+    for i, acceptance in enumerate((["--alpha", 0.8], flags(rate))):
+        outs.append(tmp_path / f"p{i}.csv")
+        result = run("simulate", "--out", outs[-1], "--k", 4, *acceptance, "--rate", 2,
+                     "--requests", 100, "--aggregate")
+        assert result.exit_code == 0, result.output
+    assert "alpha = 0.800" in result.output
+    first, second = (pd.read_csv(p) for p in outs)
+    assert second["acceptance"].iloc[0] == pytest.approx(0.8, abs=1e-6)
+    assert second["e2e_mean_s"].iloc[0] == pytest.approx(first["e2e_mean_s"].iloc[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--alpha", 0.7, "--acceptance-rate", 0.5], "give one of --alpha, --acceptance-rate"),
+    ([], "give one of --alpha, --acceptance-rate"),
+    (["--acceptance-rate", 0.5], "give --measured-k"),
+    (["--acceptance-rate", "fast", "--measured-k", 3], "--acceptance-rate 'fast': not a number"),
+    (["--mean-acceptance-length", 5, "--measured-k", 3], "impossible at k = 3"),
+    (["--acceptance-rate", "120%", "--measured-k", 3], "must lie in [0, 1]")])
+def test_acceptance_flags_refuse_what_cannot_be_converted(workdir, args, message):
+    result = run("tune", workdir / "post.nc", "--rates", "1,2", "--output-len", 128, *args)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -75,13 +75,14 @@ def test_the_recommended_path_converges_on_real_sweeps(variant):
     ESS 5). These sweeps show no filling, where the filling form diverged until it was
     sampled in the full batch's cost (:func:`sdbayes.calibrate.coefficients_at`; 29
     divergent transitions in 2 x 500 draws before, 0 after). Short chains, so the
-    thresholds are those of 600 draws: R-hat at most 1.05, ESS at least 100."""
+    thresholds are those of 800 draws: R-hat at most 1.05, ESS at least 100 (the filling
+    form's least, of its unidentified shape terms, was 97 of 600 draws)."""
     points = pd.concat([sb.read_guidellm(path, **dict(CONFIG, verifier="Qwen3-0.6B",
                                                       drafter="eagle3-qwen3-0.6b"))
                         for path in sorted(SMALLEST.glob("*.json"))], ignore_index=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sb.Posterior.FitWarning)  # short chains
-        posterior = sb.fit(points, variant=variant, num_warmup=300, num_samples=300,
+        posterior = sb.fit(points, variant=variant, num_warmup=400, num_samples=400,
                            num_chains=2, seed=0, progress=False)
     d = posterior.diagnostics
     assert d.divergences == 0

@@ -140,6 +140,27 @@ def test_acceptance_from_the_results_own_field_or_a_clear_error(tmp_path):
     assert point["acceptance"] == pytest.approx(0.8, abs=1e-9)
     with pytest.raises(sb.TraceError, match="no acceptance rate: give acceptance="):
         read_vllm_bench(write(tmp_path, result()), k=4, **CONFIG)
+    # A length measured at k = 4 read as k = 3: no alpha gives it (once read as alpha = 1).
+    with pytest.raises(sb.TraceError, match=re.escape(
+            "field 'spec_decode_acceptance_length': mean acceptance length 4.36 is "
+            "impossible at k = 3")):
+        read_vllm_bench(write(tmp_path, result(spec_decode_acceptance_length=4.36)), k=3,
+                        **CONFIG)
+
+
+def test_scraped_counters_of_another_k_are_refused():
+    """A scrape of k = 4 (3.4 tokens accepted a draft) given as k = 2."""
+    before, after = scrape(0, 0), scrape(1000, 3400)
+    with pytest.raises(sb.TraceError, match="impossible at k = 2"):
+        acceptance_between(read_spec_decode_metrics(before), read_spec_decode_metrics(after), 2)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 0.8, 0.99])
+def test_vllms_acceptance_rate_converts_to_alpha(k, alpha):
+    """accepted / drafted = (E(k, alpha) - 1) / k, inverted."""
+    rate = (float(sb.tokens_per_step(k, alpha)) - 1.0) / k
+    assert sb.traces.acceptance_from_rate(k, rate) == pytest.approx(alpha, abs=1e-9)
 
 
 def test_scrape_problems_are_named():
