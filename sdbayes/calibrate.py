@@ -48,11 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from jax.typing import ArrayLike
 from scipy.optimize import least_squares
 
 from sdbayes import observation
-from jax.typing import ArrayLike
-
 from sdbayes.model import Coefficients, Variant, _demands, as_variant, tokens_per_step
 from sdbayes.observation import EffectiveLoads
 from sdbayes.traces import Points
@@ -441,7 +440,6 @@ def confounding(points: Points, frames: list[Prior], variant: str | Variant,
       loads: the finite runs' effective-load tables.
     """
     variant = as_variant(variant)
-    names = coefficient_names(variant)
     n_configs, n_groups = int(points.config.max()) + 1, len(frames)
     first = np.unique(points.config, return_index=True)[1]  # a row of each configuration
     group = np.asarray(points.group)[first]
