@@ -48,7 +48,6 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from jax.typing import ArrayLike
 from scipy.optimize import least_squares
 
 from sdbayes import observation
@@ -71,28 +70,6 @@ METRICS = ("e2e", "ttft", "tpot")
 _ERROR_LOG_SD = 1.5
 
 
-def coefficients_at(log_c: ArrayLike, variant: str | Variant = "paper") -> Coefficients:
-    """The coefficients at the sampler's coordinates ``log_c`` [..., C] (fields [...]), in
-    the order of :func:`coefficient_names`.
-
-    The coordinates are the coefficients' logs, but under ``"filling"`` those of ``c2v`` and
-    ``c2d`` are the logs of ``(1 + fill) * c2v`` and ``(1 + fill) * c2d``: the marginal
-    decode cost of a full batch, which is what a sweep's top loads and its capacity
-    measure. In the form's own terms, data that show little filling pin only that
-    product, a ridge curved in ``log fill`` along which NUTS diverged (hundreds of
-    divergent transitions on the source study's 0.6B and 1.7B sweeps); in these
-    coordinates the same data leave ``fill`` to its prior, a flat direction NUTS crosses.
-    The prior of ``c2v, c2d`` (:class:`Prior`) is then one of the full batch's cost.
-    """
-    names = coefficient_names(variant)
-    c = jnp.exp(jnp.asarray(log_c))
-    fields = {name: c[..., i] for i, name in enumerate(names)}
-    if "fill" in fields:
-        for name in ("c2v", "c2d"):
-            fields[name] = fields[name] / (1.0 + fields["fill"])
-    return Coefficients(**fields)
-
-
 def coefficient_names(variant: str | Variant = "paper") -> tuple[str, ...]:
     """The coefficients a variant fits: :data:`COEFFICIENTS`, plus ``c1e, c2e`` for MoE,
     plus ``fill, fill_half`` under the ``"filling"`` form."""
@@ -104,8 +81,7 @@ def coefficient_names(variant: str | Variant = "paper") -> tuple[str, ...]:
 class Prior(NamedTuple):
     """Log-normal prior of each coefficient: ``log c ~ Normal(loc, scale)``, shape [6] each
     (more for the variants that fit more), in the order of :func:`coefficient_names`
-    (locations are logs of seconds, of requests for ``fill_half``; the sampler's
-    coordinates, :func:`coefficients_at`)."""
+    (locations are logs of seconds, of requests for ``fill_half``)."""
 
     loc: np.ndarray
     scale: np.ndarray
@@ -113,14 +89,15 @@ class Prior(NamedTuple):
     def median(self, variant: str | Variant = "paper") -> Coefficients:
         """The prior's median coefficients; ``variant`` names them when there are more
         than six."""
-        return Coefficients(*map(float, coefficients_at(self.loc, variant)))
+        names = coefficient_names(variant)
+        return Coefficients(**{n: float(math.exp(x))
+                               for n, x in zip(names, self.loc, strict=True)})
 
     def for_variant(self, variant: str | Variant) -> Prior:
         """This prior extended to the terms a variant adds, when it has only the six:
         ``c1e`` and ``c2e`` centred on ``c1v`` and ``c2v`` (loading all experts costs about
         what the rest of a pass does), as wide as those; ``fill`` and ``fill_half`` as
-        :data:`FILL_COEFFICIENTS` says (and ``c2v, c2d``'s then stand for the full batch's
-        cost, :func:`coefficients_at`)."""
+        :data:`FILL_COEFFICIENTS` says."""
         variant = as_variant(variant)
         if len(self.loc) != len(COEFFICIENTS):
             return self  # already the variant's (the model checks the count)
@@ -290,13 +267,14 @@ def model(
               numpyro.plate("coefficient", len(names), dim=-1)):
             z = numpyro.sample("z", dist.Normal(0.0, 1.0))
         log_c = mu + tau * z
-    c = coefficients_at(log_c, variant)  # fields [n_groups]
-    for name in names:
-        numpyro.deterministic(name, getattr(c, name))
+    c = jnp.exp(log_c)  # [n_groups, n_coefficients]
+    for i, name in enumerate(names):
+        numpyro.deterministic(name, c[:, i])
 
     # One gather for all coefficients, none with one group: a gather's gradient is a
     # scatter-add, which costs a CPU more than the whole latency model.
-    coef = coefficients_at(log_c[0] if n_groups == 1 else log_c[points.group], variant)
+    per_point = c[0] if n_groups == 1 else c[points.group]  # [n_coefficients] or [n, ...]
+    coef = Coefficients(**{name: per_point[..., i] for i, name in enumerate(names)})
     if discrepancy_scale > 0:
         spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
         with numpyro.plate("config", int(points.config.max()) + 1):
@@ -376,7 +354,7 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
     weights = [1.0 / np.sqrt(error**2 + se**2) for _, _, se in observed]
 
     def residuals(log_c):  # [n_observations + n_coefficients]
-        coef = coefficients_at(log_c, variant)
+        coef = Coefficients(**dict(zip(names, jnp.exp(log_c), strict=True)))
         predicted = observation.forward(coef, points, variant, loads)
         rows = [((observation.log_mean(predicted.mean(m), present) - log_y) * w)[present]
                 for m, (present, log_y, _), w in zip(metrics, observed, weights, strict=True)]
@@ -440,12 +418,13 @@ def confounding(points: Points, frames: list[Prior], variant: str | Variant,
       loads: the finite runs' effective-load tables.
     """
     variant = as_variant(variant)
+    names = coefficient_names(variant)
     n_configs, n_groups = int(points.config.max()) + 1, len(frames)
     first = np.unique(points.config, return_index=True)[1]  # a row of each configuration
     group = np.asarray(points.group)[first]
 
     def log_demands(log_c, k, alpha, output_len):  # [2]: log C1, log C2 of a configuration
-        coef = coefficients_at(log_c, variant)
+        coef = Coefficients(**dict(zip(names, jnp.exp(log_c), strict=True)))
         d = _demands(coef, k, alpha, output_len, 1.0, variant.form)
         return jnp.log(jnp.stack([d.independent.total, d.dependent.total]))
 
@@ -458,8 +437,8 @@ def confounding(points: Points, frames: list[Prior], variant: str | Variant,
         for e in range(2):
             j = jacobian[mine, e]  # [m, C]
             projection[e][np.ix_(mine, mine)] = np.eye(len(mine)) - j @ np.linalg.pinv(j)
-    at_anchor = observation.forward(_rows_at_frames(frames, points, variant), points,
-                                    variant, loads)
+    at_anchor = observation.forward(_rows_at_frames(frames, points, names), points, variant,
+                                    loads)
     return Confounding(projection, observation.load_offsets(at_anchor, points, n_groups))
 
 
@@ -483,7 +462,7 @@ def anchor(points: Points, prior: Prior, n_groups: int, metrics: tuple[str, ...]
 
     def tables(frames):
         return observation.effective_loads(
-            _rows_at_frames(frames, points, variant), points, variant)
+            _rows_at_frames(frames, points, coefficient_names(variant)), points, variant)
 
     frames, loads = fit_groups(None), None
     if (~points.closed & np.isfinite(points.duration)).any():
@@ -492,12 +471,10 @@ def anchor(points: Points, prior: Prior, n_groups: int, metrics: tuple[str, ...]
     return Anchor(frames, loads, confounding(points, frames, variant, loads))
 
 
-def _rows_at_frames(frames: list[Prior], points: Points, variant: str | Variant
-                    ) -> Coefficients:
+def _rows_at_frames(frames: list[Prior], points: Points, names) -> Coefficients:
     """Each row's coefficients at its group's frame centre (fields [n])."""
-    per_row = np.stack([frame.loc for frame in frames])[points.group]  # [n, C]
-    return Coefficients(*(np.asarray(field) if np.ndim(field) else field
-                          for field in coefficients_at(per_row, variant)))
+    per_row = np.stack([np.exp(frame.loc) for frame in frames])[points.group]  # [n, C]
+    return Coefficients(**{name: per_row[:, i] for i, name in enumerate(names)})
 
 
 def _subset(rows_of: NamedTuple, rows: np.ndarray):

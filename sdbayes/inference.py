@@ -17,7 +17,7 @@ import pandas as pd
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, init_to_median
 from numpyro.infer.autoguide import AutoMultivariateNormal
 
-from sdbayes import calibrate, observation
+from sdbayes import calibrate
 from sdbayes.calibrate import METRICS, Prior
 from sdbayes.model import VARIANTS, Variant, as_variant
 from sdbayes.observation import LIKELIHOODS
@@ -170,23 +170,13 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         # Coefficients are strongly correlated (C1 and C2 are sums of them): a dense mass
         # block for them; the many per-configuration sites stay diagonal, as dense over
         # them would cost O(d^2) a step.
-        # The error scales join the block: they trade off against the coefficients (a
-        # metric's sigma against the terms that metric pins; on the 0.6B sweeps the
-        # filling form's least ESS rose 1.5-2x with them).
-        coefficient_sites = (("log_c_std",) if len(groups) == 1 else ("mu", "tau")) + (
-            "tau_q", "discrepancy",
-            *(f"sigma_{m}" for m in metrics if observation.observed(points, m)[0].any()),
-            *(("load_scale",) if args["load_error_scale"] > 0 else ()))
+        coefficient_sites = ("log_c_std",) if len(groups) == 1 else ("mu", "tau")
         # Warm-up starts from a unit mass matrix. Without a frame (several groups), the
         # coefficients' posterior sds (often 1e-3 in log space) against the error scales'
         # (about 1) make its early trajectories run to the full 1023 steps. Trees of at
         # most 63 steps let the mass matrix adapt at a small fraction of that cost; the
-        # draws then get the full depth. The acceptance target is high because the
-        # discrepancy in load is non-centred: where its amplitude `load_scale` is large,
-        # its weights are pinned more narrowly than a step size adapted to the bulk
-        # allows. On 1,000 simulated points (bench/fit.py), 4 x (1000 + 1000): 109
-        # divergent transitions at 0.9, 3 at 0.95 (1.3x the steps a draw), 1 at 0.97.
-        kernel = NUTS(calibrate.model, init_strategy=init, target_accept_prob=0.95,
+        # draws then get the full depth.
+        kernel = NUTS(calibrate.model, init_strategy=init, target_accept_prob=0.9,
                       dense_mass=[coefficient_sites], max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
         if start.loads is not None:
             # The finite runs' tables are exact about their anchor, a least-squares fit
@@ -198,16 +188,7 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
                          num_samples=min(num_samples, _PILOT_DRAWS), num_chains=num_chains,
                          progress_bar=progress, chain_method=chain_method)
             pilot.run(pilot_key, **args)
-            drafts = pilot.get_samples()
-            args["loads"] = calibrate.effective_loads_at(drafts, points, variant)
-            if "frame" in args:
-                # Recentred where the pilot found the posterior: a least-squares fit puts
-                # what the data leave to the prior at the prior's centre, which can be far
-                # from the posterior's bulk (the filling form on sweeps without filling:
-                # c2v, c2d 11-13 frame widths off), and warm-up spends its steps getting
-                # there.
-                args["frame"] = calibrate.Prior(np.median(drafts["log_c"], axis=0),
-                                                np.std(drafts["log_c"], axis=0))
+            args["loads"] = calibrate.effective_loads_at(pilot.get_samples(), points, variant)
         mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
         mcmc.run(key, extra_fields=("diverging", "num_steps"), **args)

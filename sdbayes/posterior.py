@@ -392,10 +392,8 @@ def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
     idata = posterior.idata
     problems = []
     coefficients = posterior.coefficient_names
-    # Everything a prediction's intervals read besides the coefficients: the errors, the
-    # discrepancies' sds and the discrepancy in load's.
-    names = [n for n in idata.posterior.data_vars if n in coefficients or n.startswith(
-        "sigma_") or n in ("tau_q", "discrepancy", "load_scale")]
+    names = [n for n in idata.posterior.data_vars
+             if n in coefficients or n.startswith("sigma_") or n == "tau_q"]
     method = idata.attrs.get("sdbayes_method", "nuts")
     max_rhat = min_bulk = min_tail = math.nan
     divergences = 0

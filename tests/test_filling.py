@@ -111,23 +111,3 @@ def test_the_prior_is_extended_with_the_fill_terms():
     median = prior.median("filling")
     assert median.fill == pytest.approx(0.5) and median.fill_half == pytest.approx(8.0)
     assert sb.calibrate.coefficient_names("filling")[-2:] == ("fill", "fill_half")
-
-
-def test_the_sampler_reads_the_full_batch_cost_and_the_fill():
-    """Under "filling" the coordinates of c2v, c2d are those of (1 + fill) * c2v, (1 + fill)
-    * c2d: what the top loads measure, so that data without filling leave fill to its
-    prior instead of pinning a product with it."""
-    full_v, full_d, fill = 3e-4, 2e-5, 0.6
-    log_c = np.log([0.02, 0.01, 0.002, 1e-3, full_v, full_d, fill, 8.0])
-    coef = sb.calibrate.coefficients_at(log_c, "filling")
-    assert float(coef.c2v) * (1 + fill) == pytest.approx(full_v)
-    assert float(coef.c2d) * (1 + fill) == pytest.approx(full_d)
-    assert float(coef.fill) == pytest.approx(fill) and float(coef.c1p) == pytest.approx(0.02)
-    # the full batch's marginal decode demand does not move with fill at fixed coordinates
-    point = dict(k=3, alpha=0.7, output_len=128)
-    capacities = [float(sb.saturation_rate(sb.calibrate.coefficients_at(
-        np.concatenate([log_c[:6], [np.log(f), log_c[7]]]), "filling"), **point,
-        variant="filling")) for f in (0.1, 1.0)]
-    assert capacities[0] == pytest.approx(capacities[1], rel=1e-9)
-    paper = sb.calibrate.coefficients_at(log_c[:6], "paper")
-    assert float(paper.c2v) == pytest.approx(full_v)
