@@ -463,8 +463,9 @@ def simulate(
     from sdbayes.traces import write_traces
 
     check_writable(out)
-    alpha = 0.0 if k == 0 and alpha is None else _alpha(
-        alpha, acceptance_rate, mean_acceptance_length, measured_k, np.array([k]))
+    acceptance = (alpha, acceptance_rate, mean_acceptance_length)
+    alpha = 0.0 if k == 0 and acceptance == (None,) * 3 else _alpha(
+        *acceptance, measured_k, np.array([k]))
     coef = EXAMPLE_COEFFICIENTS
     if coefficients_ms is not None:
         values = _floats(coefficients_ms, "coefficients-ms")
