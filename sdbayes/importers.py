@@ -64,7 +64,7 @@ def read_guidellm(
       path: the JSON file.
       hardware, verifier, drafter, method: configuration the file does not record.
       k, acceptance: draft length and forced acceptance; by default read from a file name
-        with ``alpha-<a>_draft-<k>`` in it.
+        with ``alpha-<a>_draft-<k>`` in it. With ``k=0`` (no SD) the acceptance is 0.
 
     Returns:
       A validated operating-point table, one row per benchmark, in file order, with
@@ -117,6 +117,8 @@ def _guidellm_points(path: Path, data, *, hardware, verifier, drafter, method, k
     if not isinstance(benchmarks, list) or not benchmarks:
         raise TraceError([f"{path}: expected a GuideLLM report with 'benchmarks' or a list of "
                           "benchmark metrics"])
+    if k == 0 and acceptance is None:
+        acceptance = 0.0  # nothing is drafted, so nothing to accept
     if k is None or acceptance is None:
         match = _STUDY_NAME.search(path.name)
         if match is None:

@@ -110,6 +110,9 @@ def test_config_from_arguments_when_the_name_lacks_it(study_copy, tmp_path):
         read_guidellm(path, **CONFIG)
     points = read_guidellm(path, k=4, acceptance=0.7, **CONFIG)
     assert len(points) == 10 and (points["k"] == 4).all()
+    # A run without SD needs no acceptance.
+    baseline = read_guidellm(path, k=0, **CONFIG)
+    assert (baseline["k"] == 0).all() and (baseline["acceptance"] == 0.0).all()
 
 
 @pytest.mark.parametrize("content", ["[]", "{}", "3", '{"benchmarks": [5]}'])
