@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sdbayes.files import check_folder, check_writable, replacing
-from sdbayes.traces import LONGEST_S, MOST
+from sdbayes.traces import LONGEST_S, MOST, acceptance_from_length, acceptance_from_rate
 
 EXIT_BAD_INPUT = 2
 EXIT_UNTRUSTED = 3  # --strict, and the posterior's diagnostics find problems
@@ -166,8 +166,6 @@ def _alpha(alpha: float | None, acceptance_rate: str | None,
                          + (f", not {' and '.join(given)}" if given else ""))
     if alpha is not None:
         return alpha
-    from sdbayes.traces import acceptance_from_length, acceptance_from_rate
-
     drafted = [] if ks is None else sorted({int(k) for k in ks if k > 0})
     if measured_k is None and len(drafted) != 1:
         raise ValueError(f"{given[0]} depends on the draft length vLLM ran: give --measured-k")

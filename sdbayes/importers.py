@@ -280,6 +280,15 @@ def read_spec_decode_metrics(text: str, source: str = "/metrics") -> SpecDecodeC
     return SpecDecodeCounts(accepted_per_position=per_position, **totals)
 
 
+def _from_length(k: int, length: float, where: str) -> float:
+    """alpha of a mean acceptance length read from a file, or a TraceError saying where
+    it is impossible at k."""
+    try:
+        return acceptance_from_length(k, length)
+    except ValueError as error:
+        raise TraceError([f"{where}: {error}"]) from None
+
+
 def acceptance_between(before: SpecDecodeCounts, after: SpecDecodeCounts, k: int,
                        source: str = "/metrics") -> float:
     """Per-token acceptance alpha over a load point, from scrapes before and after it.
@@ -298,11 +307,8 @@ def acceptance_between(before: SpecDecodeCounts, after: SpecDecodeCounts, k: int
     drafts = after.drafts - before.drafts
     if drafts <= 0:
         raise TraceError([f"{source}: no drafts between the scrapes"])
-    length = 1.0 + (after.accepted_tokens - before.accepted_tokens) / drafts
-    try:
-        return acceptance_from_length(k, length)
-    except ValueError as error:
-        raise TraceError([f"{source}: {error}"]) from None
+    return _from_length(k, 1.0 + (after.accepted_tokens - before.accepted_tokens) / drafts,
+                        source)
 
 
 def read_vllm_bench(
@@ -422,10 +428,7 @@ def _acceptance(data, k, given, before, after, path) -> float:
         scrapes = [read_spec_decode_metrics(Path(p).read_text(), str(p)) for p in (before, after)]
         return acceptance_between(*scrapes, k, source=f"{before} -> {after}")
     if "spec_decode_acceptance_length" in data:
-        try:
-            return acceptance_from_length(k, _number(data, "spec_decode_acceptance_length"))
-        except ValueError as error:
-            raise TraceError([f"{path}: field 'spec_decode_acceptance_length': {error}"]
-                             ) from None
+        return _from_length(k, _number(data, "spec_decode_acceptance_length"),
+                            f"{path}: field 'spec_decode_acceptance_length'")
     raise TraceError([f"{path}: no acceptance rate: give acceptance=, or /metrics scrapes "
                       "from before and after the run"])

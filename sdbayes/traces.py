@@ -495,7 +495,7 @@ def _throughput(arrival: np.ndarray, e2e: np.ndarray) -> float:
 
 
 def _acceptance_from_tokens(group: pd.DataFrame, k: int) -> float:
-    """Solve E(k, alpha) = 1 + k * accepted / drafted for alpha (NaN if unknown)."""
+    """The per-token alpha of the group's accepted / drafted tokens (NaN if unknown)."""
     if k == 0:
         return 0.0
     if not {"draft_tokens", "accepted_tokens"} <= set(group.columns):
@@ -503,7 +503,7 @@ def _acceptance_from_tokens(group: pd.DataFrame, k: int) -> float:
     drafted = float(group["draft_tokens"].sum())
     if pd.isna(drafted) or drafted == 0:
         return math.nan
-    return acceptance_from_length(k, 1.0 + k * float(group["accepted_tokens"].sum()) / drafted)
+    return acceptance_from_rate(k, float(group["accepted_tokens"].sum()) / drafted)
 
 
 def acceptance_from_length(k: int, length: float) -> float:
