@@ -40,12 +40,11 @@ AUTO = "auto"
 CHAIN_METHODS = ("parallel", "vectorized", "sequential")
 _WARMUP_TREE_DEPTH = 6
 LOAD_ERROR_SCALE = 0.05
-"""Prior sd of the open loops' discrepancy in load, a relative error in ``C2`` (``S *
-eta(q)`` in log latency), fixed (:func:`sdbayes.calibrate.model` says why). Against a
-simulator the mean-value form errs by 8-16% in latency at 85% of saturation (DESIGN.md
-section 1), where the sensitivity ``S`` is about 5.7: an ``eta`` of 1.4-2.8%, inside one sd,
-leaving room for a real server to need more. It is the prior sd ``eta`` had when the scale
-was sampled from HalfNormal(0.05)."""
+"""Half-normal scale of the sd of the open loops' discrepancy in load, a relative error in
+``C2`` (``S * eta(q)`` in log latency). Against a simulator the mean-value form errs by
+8-16% in latency at 85% of saturation (DESIGN.md section 1), where the sensitivity ``S`` is
+about 5.7: an ``eta`` of 1.4-2.8%, which this scale puts in the middle of its prior (90%
+below 8%), leaving room for a real server to need more."""
 _PILOT_DRAWS = 200  # warm-up and draws of the pilot run that places the finite-run tables
 
 
