@@ -496,9 +496,16 @@ def import_(
     verifier: Annotated[str, typer.Option(help="Served (target) model.")],
     drafter: str = "",
     method: str = "",
-    k: Annotated[int | None, typer.Option(help="Draft length (GuideLLM: if not in the file "
-                                          "name; vLLM results: required).")] = None,
-    acceptance: Annotated[float | None, typer.Option(help="Forced acceptance rate.")] = None,
+    k: Annotated[int | None, typer.Option(
+        help="Draft length (GuideLLM: if not in the file name; vLLM results: if the file has "
+             "no spec_decode fields; given, it must agree with them).", min=0,
+        max=MOST["k"])] = None,
+    alpha: Annotated[float | None, typer.Option(
+        "--alpha", "--acceptance",
+        help="Per-token acceptance alpha of every run, instead of the files' (vLLM reports an "
+             "acceptance rate: give --acceptance-rate).", min=0, max=1)] = None,
+    acceptance_rate: AcceptanceRate = None,
+    mean_acceptance_length: MeanAcceptanceLength = None,
     metrics_before: Annotated[Path | None, typer.Option(
         help="vLLM /metrics scrape taken before the run (acceptance from the counters).")] = None,
     metrics_after: Annotated[Path | None, typer.Option(
@@ -506,17 +513,33 @@ def import_(
 ) -> None:
     """Import GuideLLM sweeps or `vllm bench serve` results as canonical operating points.
 
+    Reads GuideLLM reports (JSON or YAML, every schema since 0.2), `vllm bench serve` and
+    `benchmark_serving.py` results, and `vllm bench sweep` run and summary files; a
+    value derived rather than read is said in a note.
+
     Example: sdbayes import result.json --out points.csv --hardware H100 --verifier Qwen3-8B
     --k 4 --metrics-before before.txt --metrics-after after.txt
     """
-    from sdbayes.importers import read_benchmark
+    from sdbayes.importers import ImportNote, read_benchmark
     from sdbayes.traces import write_traces
 
     check_writable(out)
-    frames = [read_benchmark(path, hardware=hardware, verifier=verifier,
-                             drafter=drafter, method=method, k=k, acceptance=acceptance,
-                             metrics_before=metrics_before, metrics_after=metrics_after)
-              for path in _each_once(files)]
+    if (acceptance_rate, mean_acceptance_length) != (None, None) and not k:
+        raise ValueError("--acceptance-rate and --mean-acceptance-length need --k, the draft "
+                         "length they were measured at")
+    if (alpha, acceptance_rate, mean_acceptance_length) != (None, None, None):
+        alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, k)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", ImportNote)
+        frames = [read_benchmark(path, hardware=hardware, verifier=verifier,
+                                 drafter=drafter, method=method, k=k, acceptance=alpha,
+                                 metrics_before=metrics_before, metrics_after=metrics_after)
+                  for path in _each_once(files)]
+    for note in notes:
+        if issubclass(note.category, ImportNote):
+            errors.print(f"note: {note.message}", markup=False, highlight=False)
+        else:
+            warnings.warn_explicit(note.message, note.category, note.filename, note.lineno)
     points = pd.concat(frames, ignore_index=True)
     if not method and (points["k"] > 0).any():
         raise ValueError("--method: these runs use speculative decoding (k > 0) and the files "

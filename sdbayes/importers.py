@@ -18,10 +18,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sdbayes.traces import TraceError, acceptance_from_length, validate
@@ -79,37 +82,63 @@ def read_guidellm(
                             method=method, k=k, acceptance=acceptance)
 
 
+class ImportNote(UserWarning):
+    """Something a user should know about an imported value (one derived rather than read);
+    ``sdbayes import`` prints it as a note."""
+
+
 def _read_json(path: str | Path):
-    """(path, parsed JSON), or a TraceError naming the file."""
+    """(path, parsed document): JSON, or YAML (GuideLLM writes its reports as either), or a
+    TraceError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise TraceError([f"{path}: no such file"])
+        what = "is a folder, give a file" if path.is_dir() else "no such file"
+        raise TraceError([f"{path}: {what}"])
     try:
-        return path, json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TraceError([f"{path}: not valid JSON ({err})"]) from None
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise TraceError([f"{path}: not a text file ({err})"]) from None
+    try:
+        return path, json.loads(text)
+    except json.JSONDecodeError as err:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict | list):
+            return path, data
+        raise TraceError([f"{path}: neither JSON ({err}) nor a YAML report"]) from None
 
 
 def read_benchmark(path: str | Path, *, hardware: str, verifier: str, drafter: str = "",
                    method: str = "", k: int | None = None, acceptance: float | None = None,
                    metrics_before: str | Path | None = None,
                    metrics_after: str | Path | None = None) -> pd.DataFrame:
-    """A GuideLLM sweep or a ``vllm bench serve`` result, told apart by content.
+    """A GuideLLM report, a ``vllm bench serve`` result or a ``vllm bench sweep``
+    summary, told apart by content (JSON or YAML, whatever the extension).
 
-    A JSON object without ``benchmarks`` is a vLLM result (:func:`read_vllm_bench`, which
-    needs ``k``); anything else is read as GuideLLM (:func:`read_guidellm`). Arguments as
-    those two take them.
+    An object without ``benchmarks`` is a vLLM result (:func:`read_vllm_bench`), a list of
+    them a ``vllm bench sweep`` ``summary.json`` (a row per run); anything else is read as
+    GuideLLM (:func:`read_guidellm`). Arguments as those two take them.
     """
     path, data = _read_json(path)
+    vllm = dict(hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
+                acceptance=acceptance, metrics_before=metrics_before,
+                metrics_after=metrics_after)
     if isinstance(data, dict) and "benchmarks" not in data:
-        if k is None:
-            raise TraceError([f"{path}: a vllm bench serve result does not record k; "
-                              "give --k (k= in Python)"])
-        return _vllm_point(path, data, hardware=hardware, verifier=verifier, drafter=drafter,
-                           method=method, k=k, acceptance=acceptance,
-                           metrics_before=metrics_before, metrics_after=metrics_after)
+        return _vllm_point(path, data, **vllm)
+    if _is_vllm_summary(data):
+        return pd.concat([_vllm_point(path, run, **vllm, where=f"{path}: run {i + 1}")
+                          for i, run in enumerate(data)], ignore_index=True)
     return _guidellm_points(path, data, hardware=hardware, verifier=verifier, drafter=drafter,
                             method=method, k=k, acceptance=acceptance)
+
+
+def _is_vllm_summary(data) -> bool:
+    """A list of vLLM results, as ``vllm bench sweep`` writes to ``summary.json``."""
+    return (isinstance(data, list) and bool(data)
+            and all(isinstance(run, dict) and "completed" in run and "request_latency" not in run
+                    for run in data))
 
 
 def _guidellm_points(path: Path, data, *, hardware, verifier, drafter, method, k, acceptance):
@@ -135,7 +164,7 @@ def _guidellm_points(path: Path, data, *, hardware, verifier, drafter, method, k
             problems.append(f"{where}: not a JSON object")
             continue
         try:
-            row = _point(metrics, _strategy(benchmark, i))
+            row = _point(metrics, _strategy(benchmark, i), _duration(benchmark))
         except _Malformed as problem:
             problems.append(f"{where}: {problem}")
             continue
@@ -177,23 +206,49 @@ def _number(obj, *keys) -> float:
         raise _Malformed(f"field '{'.'.join(keys)}': not a number: {value!r}") from None
 
 
-def _strategy(benchmark: dict, index: int) -> str:
+_STRATEGIES = ("synchronous", "concurrent", "throughput", "constant", "poisson")
+
+
+def _strategy(benchmark: dict, index: int) -> dict:
+    """The benchmark's scheduling strategy, ``{"type_": ..., "streams": ..., "rate": ...}``:
+    GuideLLM 0.5 and later keep it in ``config.strategy``, earlier reports in
+    ``args.strategy``; a bare list of metrics (the source study's files) has none, and its
+    position says it (a sweep runs synchronous, throughput, then constant rates)."""
+    for parent in ("config", "args"):
+        strategy = benchmark.get(parent, {}).get("strategy") if isinstance(
+            benchmark.get(parent), dict) else None
+        if isinstance(strategy, dict) and "type_" in strategy:
+            if strategy["type_"] not in _STRATEGIES:
+                raise _Malformed(f"field '{parent}.strategy.type_': {strategy['type_']!r} is "
+                                 f"no strategy sdbayes reads ({', '.join(_STRATEGIES)})")
+            return strategy
+    return {"type_": ("synchronous", "throughput")[index] if index < 2 else "constant"}
+
+
+def _duration(benchmark: dict) -> float | None:
+    """The benchmark's measured window [s] where the report states it (``duration``), else
+    None."""
     try:
-        return str(_get(benchmark, "args", "strategy", "type_"))
+        duration = _number(benchmark, "duration")
     except _Malformed:
-        return ("synchronous", "throughput")[index] if index < 2 else "constant"
+        return None
+    return duration if math.isfinite(duration) and duration > 0 else None
 
 
-def _point(metrics: dict, strategy: str) -> dict:
+def _point(metrics: dict, strategy: dict, duration: float | None = None) -> dict:
     def latency(*keys):
         return _number(metrics, "request_latency", "successful", *keys)
 
+    kind = strategy["type_"]
     count = _count(metrics, "request_latency", "successful", "count")
     if count < 1:
         raise _Malformed("field 'request_latency.successful.count': no request completed")
-    rate = _number(metrics, "requests_per_second", "successful", "mean")
     errored = _count(metrics, "request_latency", "errored", "count")
     incomplete = _count(metrics, "request_latency", "incomplete", "count")
+    # GuideLLM 0.5 changed ``requests_per_second`` to a mean over time windows (0.120 req/s
+    # for 4 requests in 24.9 s): the report's window is the measure where it has one.
+    rate = (count / duration if duration is not None
+            else _number(metrics, "requests_per_second", "successful", "mean"))
     row = dict(
         e2e_mean_s=latency("mean"),
         e2e_se_s=latency("std_dev") / math.sqrt(count),
@@ -208,20 +263,24 @@ def _point(metrics: dict, strategy: str) -> dict:
         throughput_rps=rate,
         errored_requests=errored,
         incomplete_requests=incomplete,
-        steady=strategy != "throughput",
+        steady=kind != "throughput",
         # GuideLLM's rate is the successful count over the benchmark's window.
-        duration_s=count / rate if rate > 0 else math.nan,
+        duration_s=duration if duration is not None else count / rate if rate > 0 else math.nan,
     )
     for name in ("ttft", "tpot"):
         source = "time_to_first_token_ms" if name == "ttft" else "inter_token_latency_ms"
         row[f"{name}_se_s"] = _number(metrics, source, "successful", "std_dev") / 1e3 / \
             math.sqrt(count)
-    if strategy == "synchronous":
+    if kind == "synchronous":
         row["concurrency"] = 1
-    elif strategy == "throughput":
+    elif kind == "concurrent":
+        row["concurrency"] = _count(strategy, "streams")
+    elif kind == "throughput":
         # A closed loop at GuideLLM's cap: the concurrency it held, all requests counted.
         held = _number(metrics, "request_concurrency", "total", "mean")
         row["concurrency"] = max(1, round(held))
+    elif strategy.get("rate") is not None and _number(strategy, "rate") > 0:
+        row["request_rate"] = _number(strategy, "rate")  # the arrival rate GuideLLM kept
     else:
         # The load is the arrival rate. The successful rate leaves out the requests still
         # in flight when the run stops (about rate * latency of them), so it understates
@@ -274,8 +333,8 @@ def read_spec_decode_metrics(text: str, source: str = "/metrics") -> SpecDecodeC
                 positions[i] = positions.get(i, 0.0) + sample.value
     missing = [f"{name}_total" for name, field in _COUNTERS.items() if field not in totals]
     if missing:
-        raise TraceError([f"{source}: no counter {m} (is speculative decoding on?)"
-                          for m in missing])
+        raise TraceError([f"{source}: no counter {', '.join(missing)}: was speculative "
+                          "decoding on? (a run without it is --k 0)"])
     per_position = tuple(positions[i] for i in sorted(positions) if i >= 0)
     return SpecDecodeCounts(accepted_per_position=per_position, **totals)
 
@@ -287,6 +346,23 @@ def _from_length(k: int, length: float, where: str) -> float:
         return acceptance_from_length(k, length)
     except ValueError as error:
         raise TraceError([f"{where}: {error}"]) from None
+
+
+def _same_k(k: int | None, stated: float | None, where: str) -> int | None:
+    """The draft length a file states (``stated``, tokens per draft) checked against the
+    one given: the one known, or a TraceError where they differ."""
+    if stated is None or not math.isfinite(stated):
+        return k
+    if abs(stated - round(stated)) > 1e-6:
+        # Drafts of varying length (n-gram lookup proposes up to k): only an upper bound.
+        if k is None or stated > k:
+            raise TraceError([f"{where}: {stated:.3g} on average, " + (
+                "give k (--k)" if k is None else f"more than the k = {k} given")])
+        return k
+    if k is not None and k != round(stated):
+        raise TraceError([f"{where}: {round(stated)}, not the k = {k} given: was it "
+                          "measured at another k?"])
+    return round(stated)
 
 
 def acceptance_between(before: SpecDecodeCounts, after: SpecDecodeCounts, k: int,
@@ -307,6 +383,8 @@ def acceptance_between(before: SpecDecodeCounts, after: SpecDecodeCounts, k: int
     drafts = after.drafts - before.drafts
     if drafts <= 0:
         raise TraceError([f"{source}: no drafts between the scrapes"])
+    _same_k(k, (after.draft_tokens - before.draft_tokens) / drafts,
+            f"{source}: the scrapes' draft tokens per draft")
     return _from_length(k, 1.0 + (after.accepted_tokens - before.accepted_tokens) / drafts,
                         source)
 
@@ -316,25 +394,31 @@ def read_vllm_bench(
     *,
     hardware: str,
     verifier: str,
-    k: int,
+    k: int | None = None,
     drafter: str = "",
     method: str = "",
     acceptance: float | None = None,
     metrics_before: str | Path | None = None,
     metrics_after: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Read a ``vllm bench serve`` result JSON into one operating point.
+    """Read a ``vllm bench serve`` (or ``benchmark_serving.py``) result JSON into one
+    operating point.
 
-    The JSON must hold end-to-end statistics (``mean_e2el_ms``: run with
-    ``--percentile-metrics ttft,tpot,itl,e2el``). ``request_rate`` ``"inf"`` sends everything
-    at once: with ``max_concurrency`` set that is a closed loop of that many requests, else a
-    burst that is not a steady state (``steady=False``). Failed requests are counted in
-    ``errored_requests``. With ``--save-detailed`` arrays, their lengths must agree and the
-    number of empty ``errors`` must equal ``completed``.
+    End-to-end latency comes from vLLM's ``*_e2el_ms`` statistics (``--percentile-metrics
+    ttft,tpot,itl,e2el``), else from each request's ``ttft + sum(itls)`` in the
+    ``--save-detailed`` arrays, else as ``mean TTFT + mean TPOT * (output - 1)`` with an
+    :class:`ImportNote` (exact when all outputs have one length). ``request_rate`` ``"inf"``
+    sends everything at once: with ``max_concurrency`` set that is a closed loop of that
+    many requests, else a burst that is not a steady state (``steady=False``). Failed
+    requests (``failed``, else the non-empty ``errors``, else ``num_prompts - completed``)
+    are counted in ``errored_requests``. With ``--save-detailed`` arrays, their lengths
+    must agree and the number of empty ``errors`` must equal ``completed``.
 
-    Acceptance comes from ``acceptance``, else from two /metrics scrapes around the run
-    (files ``metrics_before``, ``metrics_after``), else from the JSON's own
-    ``spec_decode_acceptance_length`` (newer vLLM); 0 for ``k = 0``.
+    ``k`` may be left out where the result states it (its ``spec_decode_*`` fields, newer
+    vLLM); given, it must agree, and so must the draft tokens per draft of /metrics
+    scrapes. Acceptance comes from ``acceptance``, else from two /metrics scrapes around
+    the run (files ``metrics_before``, ``metrics_after``), else from the JSON's own
+    ``spec_decode_acceptance_length``; 0 for ``k = 0``.
 
     Raises:
       TraceError: naming the file and field for a malformed or incomplete result.
@@ -346,42 +430,57 @@ def read_vllm_bench(
 
 
 def _vllm_point(path: Path, data, *, hardware, verifier, drafter, method, k, acceptance,
-                metrics_before, metrics_after) -> pd.DataFrame:
+                metrics_before, metrics_after, where: str | None = None) -> pd.DataFrame:
+    where = where or str(path)
     if not isinstance(data, dict):
-        raise TraceError([f"{path}: expected a vllm bench serve result (a JSON object)"])
-    required = ("completed", "failed", "request_rate", "request_throughput",
-                "total_input_tokens", "total_output_tokens", "mean_e2el_ms", "std_e2el_ms")
-    missing = [f"{path}: missing field '{name}'" + (
-        " (run vllm bench serve with --percentile-metrics ttft,tpot,itl,e2el)"
-        if "e2el" in name else "") for name in required if name not in data]
-    if missing:
-        raise TraceError(missing)
+        raise TraceError([f"{where}: expected a vllm bench serve result (a JSON object)"])
     try:
-        row = _vllm_row(data)
-        problems = _check_detailed(data, row["n_requests"], path)
+        completed = _count(data, "completed")
+        if completed < 1:
+            failed = data.get("failed")
+            raise _Malformed("no request completed" + (f" ({failed} failed)" if failed else "")
+                             + ": nothing to import")
+        missing = [name for name in ("request_rate", "request_throughput", "total_input_tokens",
+                                     "total_output_tokens") if name not in data]
+        if missing:
+            raise TraceError([f"{where}: missing field '{name}'" for name in missing])
+        problems = _check_detailed(data, completed, where)
         if problems:
             raise TraceError(problems)
+        k = _same_k(k, _tokens_per_draft(data), f"{where}: its spec_decode fields' draft "
+                    "tokens per draft")
+        if k is None:
+            raise TraceError([f"{where}: a vllm bench serve result without spec_decode fields "
+                              "does not record k; give --k (k= in Python)"])
+        row = _vllm_row(data, completed, where)
         row.update(hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
                    acceptance=_acceptance(data, k, acceptance, metrics_before, metrics_after,
-                                          path))
+                                          where))
     except _Malformed as problem:
-        raise TraceError([f"{path}: {problem}"]) from None
-    return validate(pd.DataFrame([row]), source=str(path))
+        raise TraceError([f"{where}: {problem}"]) from None
+    return validate(pd.DataFrame([row]), source=where)
 
 
-def _vllm_row(data: dict) -> dict:
+def _tokens_per_draft(data: dict) -> float | None:
+    """Draft tokens per draft from a result's ``spec_decode_*`` fields (newer vLLM), the
+    draft length it ran; None without them."""
+    if data.get("spec_decode_num_drafts") and data.get("spec_decode_draft_tokens") is not None:
+        return (_number(data, "spec_decode_draft_tokens")
+                / _number(data, "spec_decode_num_drafts"))
+    per_position = data.get("spec_decode_per_position_acceptance_rates")
+    return float(len(per_position)) if isinstance(per_position, list) and per_position else None
+
+
+def _vllm_row(data: dict, completed: int, where: str) -> dict:
     """The operating point of a vLLM result's fields, less its configuration."""
-    completed = _count(data, "completed")
-    if completed < 1:
-        raise _Malformed("field 'completed': no request completed")
     rate = _number(data, "request_rate")  # vLLM writes "inf" (or Infinity) for a burst
+    output_len = _number(data, "total_output_tokens") / completed
     row = dict(
-        e2e_mean_s=_number(data, "mean_e2el_ms") / 1e3,
-        e2e_se_s=_number(data, "std_e2el_ms") / 1e3 / math.sqrt(completed),
         prompt_len=_number(data, "total_input_tokens") / completed,
-        output_len=_number(data, "total_output_tokens") / completed,
-        n_requests=completed, errored_requests=_count(data, "failed"),
+        output_len=output_len,
+        n_requests=completed, errored_requests=_failed(data, completed),
         throughput_rps=_number(data, "request_throughput"),
+        **_end_to_end(data, completed, output_len, where),
     )
     for name, key in (("ttft", "ttft"), ("tpot", "tpot")):
         if f"mean_{key}_ms" in data:
@@ -389,9 +488,8 @@ def _vllm_row(data: dict) -> dict:
     duration = _number(data, "duration") if data.get("duration") is not None else 0.0
     if duration > 0:
         row["duration_s"] = duration
-    for q in ("50", "90", "99"):
-        if f"p{q}_e2el_ms" in data:
-            row[f"e2e_p{q}_s"] = _number(data, f"p{q}_e2el_ms") / 1e3
+    if data.get("run_number") is not None:
+        row["run"] = _count(data, "run_number")
     if math.isfinite(rate):
         row.update(request_rate=rate, steady=True)
     elif data.get("max_concurrency"):
@@ -401,18 +499,68 @@ def _vllm_row(data: dict) -> dict:
     return row
 
 
-def _check_detailed(data: dict, completed: int, path: Path) -> list[str]:
+def _failed(data: dict, completed: int) -> int:
+    """Failed requests: ``failed``, else the non-empty ``errors`` of ``--save-detailed``,
+    else ``num_prompts - completed`` (``benchmark_serving.py`` before ``failed`` existed)."""
+    if "failed" in data:
+        return _count(data, "failed")
+    if isinstance(data.get("errors"), list):
+        return sum(1 for error in data["errors"] if error)
+    if "num_prompts" in data and _count(data, "num_prompts") >= completed:
+        return _count(data, "num_prompts") - completed
+    raise _Malformed("missing field 'failed' (and no 'errors' or 'num_prompts' to count it "
+                     "from)")
+
+
+def _end_to_end(data: dict, completed: int, output_len: float, where: str) -> dict:
+    """End-to-end latency columns: vLLM's ``*_e2el_ms`` summary (``--percentile-metrics
+    ...,e2el``); else each completed request's ``ttft + sum(itls)`` from ``--save-detailed``
+    arrays; else ``mean TTFT + mean TPOT * (output - 1)``, exact when every request has the
+    same output length (vLLM's random dataset), with a note."""
+    if "mean_e2el_ms" in data:
+        row = dict(e2e_mean_s=_number(data, "mean_e2el_ms") / 1e3)
+        if "std_e2el_ms" in data:
+            row["e2e_se_s"] = _number(data, "std_e2el_ms") / 1e3 / math.sqrt(completed)
+        for q in ("50", "90", "99"):
+            if f"p{q}_e2el_ms" in data:
+                row[f"e2e_p{q}_s"] = _number(data, f"p{q}_e2el_ms") / 1e3
+        return row
+    if isinstance(data.get("ttfts"), list) and isinstance(data.get("itls"), list):
+        errors = data.get("errors") or [""] * len(data["ttfts"])
+        try:
+            latency = np.array([float(ttft) + sum(float(x) for x in itl) for ttft, itl, error
+                                in zip(data["ttfts"], data["itls"], errors, strict=True)
+                                if not error])
+        except (TypeError, ValueError):
+            raise _Malformed("fields 'ttfts', 'itls': not numbers") from None
+        p50, p90, p99 = np.percentile(latency, [50, 90, 99])
+        return dict(e2e_mean_s=latency.mean(), e2e_se_s=latency.std(ddof=1) / math.sqrt(
+            completed) if completed > 1 else 0.0, e2e_p50_s=p50, e2e_p90_s=p90, e2e_p99_s=p99)
+    if "mean_ttft_ms" in data and "mean_tpot_ms" in data:
+        warnings.warn(f"{where}: no end-to-end latency in the file (vllm bench serve "
+                      "--percentile-metrics without e2el): its mean is TTFT + TPOT * (output "
+                      "- 1), exact when every request had the same output length",
+                      ImportNote, stacklevel=4)
+        return dict(e2e_mean_s=(_number(data, "mean_ttft_ms") + _number(data, "mean_tpot_ms")
+                                * max(output_len - 1.0, 0.0)) / 1e3)
+    raise _Malformed("missing field 'mean_e2el_ms' (run vllm bench serve with "
+                     "--percentile-metrics ttft,tpot,itl,e2el, or --save-detailed)")
+
+
+def _check_detailed(data: dict, completed: int, where: str) -> list[str]:
     arrays = [name for name in ("input_lens", "output_lens", "ttfts", "itls", "errors")
               if name in data]
     if not arrays:
         return []
+    if not all(isinstance(data[name], list) for name in arrays):
+        return [f"{where}: per-request fields {arrays} must be lists"]
     lengths = {name: len(data[name]) for name in arrays}
     if len(set(lengths.values())) > 1:
-        return [f"{path}: per-request arrays of different lengths {lengths}"]
+        return [f"{where}: per-request arrays of different lengths {lengths}"]
     if "errors" in data:
         ok = sum(1 for e in data["errors"] if not e)
         if ok != completed:
-            return [f"{path}: field 'errors': {ok} requests without an error, but "
+            return [f"{where}: field 'errors': {ok} requests without an error, but "
                     f"'completed' is {completed}"]
     return []
 

@@ -72,6 +72,8 @@ OPERATING_POINT_COLUMNS: tuple[Column, ...] = _CONFIG + (
     Column("steady", "bool", doc="false for saturated points, kept but not fitted"),
     _positive("duration_s", doc="length of the run [s]: its means are over the requests "
               "it completed (predictions of open-loop points follow, sdbayes.fluid)"),
+    _nonnegative("run", "int", doc="which repeat of its operating point a row measured "
+                 "(vllm bench sweep's run_number); repeats must differ in it"),
 )
 
 PER_REQUEST_COLUMNS: tuple[Column, ...] = _CONFIG + (
@@ -100,7 +102,8 @@ def _bounded(columns: tuple[Column, ...]) -> tuple[Column, ...]:
 OPERATING_POINT_COLUMNS = _bounded(OPERATING_POINT_COLUMNS)
 PER_REQUEST_COLUMNS = _bounded(PER_REQUEST_COLUMNS)
 
-# The columns that identify an operating point; rows agreeing on all of them are one point.
+# The columns that identify an operating point; rows agreeing on all of them are one point
+# (one measurement of it: with them and on ``run``).
 POINT_KEY = ("hardware", "verifier", "drafter", "method", "k", "request_rate", "concurrency",
              "acceptance", "prompt_len", "output_len")
 
@@ -393,10 +396,11 @@ def _check_rows(df: pd.DataFrame, kind: str, report) -> None:
 
 
 def _check_conflicts(df: pd.DataFrame, source: str, problems: list[str]) -> None:
+    key = list(POINT_KEY) + (["run"] if "run" in df.columns else [])
     measured = [c.name for c in OPERATING_POINT_COLUMNS
-                if c.name in df.columns and c.name not in POINT_KEY]
-    keys = df[list(POINT_KEY)].astype("string").fillna("<NA>")
-    for _, rows in keys.groupby(list(POINT_KEY), sort=False).groups.items():
+                if c.name in df.columns and c.name not in key]
+    keys = df[key].astype("string").fillna("<NA>")
+    for _, rows in keys.groupby(key, sort=False).groups.items():
         if len(rows) < 2:
             continue
         values = df.loc[rows, measured].astype("string").fillna("<NA>")

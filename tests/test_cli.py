@@ -251,6 +251,25 @@ def test_import_reads_a_vllm_bench_result(tmp_path):
     assert len(pd.read_csv(tmp_path / "points.csv")) == 1
 
 
+def test_import_converts_vllms_acceptance_and_notes_a_derived_latency(tmp_path):
+    """vLLM's acceptance rate at --k is converted to alpha as plan's is; a latency derived
+    rather than read is said in one note on stderr, and the point still imports."""
+    from .test_vllm_importers import result, write
+
+    data = {k: v for k, v in result().items() if "e2el" not in k and k not in ("ttfts", "itls")}
+    path = write(tmp_path, data)
+    done = run("import", path, "--out", tmp_path / "points.csv", "--hardware", "H100",
+               "--verifier", "Qwen3-8B", "--method", "eagle3", "--k", 4,
+               "--acceptance-rate", "59%")
+    assert done.exit_code == 0, done.output
+    assert done.stderr.count("note: ") == 1 and "TTFT + TPOT" in done.stderr
+    point = pd.read_csv(tmp_path / "points.csv").iloc[0]
+    assert point["acceptance"] == pytest.approx(sb.traces.acceptance_from_rate(4, 0.59))
+    no_k = run("import", path, "--out", tmp_path / "other.csv", "--hardware", "H100",
+               "--verifier", "Qwen3-8B", "--acceptance-rate", "59%")
+    assert no_k.exit_code == EXIT_BAD_INPUT and "need --k" in no_k.stderr
+
+
 def test_profile_runs_a_sweep_against_the_loopback_server(tmp_path):
     from .test_sweep import write_config
 

@@ -71,7 +71,7 @@ def study_copy(tmp_path):
 def test_truncated_json(study_copy):
     raw, path = study_copy
     path.write_text(json.dumps(raw)[:5000])
-    with pytest.raises(sb.TraceError, match="not valid JSON"):
+    with pytest.raises(sb.TraceError, match="neither JSON"):
         read_guidellm(path, **CONFIG)
 
 
