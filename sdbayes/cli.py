@@ -221,6 +221,24 @@ def _floats(text: str, name: str, *, whole: bool = False, low: float = 0.0,
     return values
 
 
+Output = Annotated[Path | None, typer.Option(
+    "--output", help="Also write the table to this file: CSV, or JSON (a list of rows) for a "
+                     ".json name.")]
+
+
+def _write_table(frame: pd.DataFrame, path: Path | None) -> None:
+    """``frame`` written to ``path`` (CSV, or JSON records for ``.json``), replaced only
+    once complete; nothing without a path."""
+    if path is None:
+        return
+    with replacing(path) as temporary:
+        if path.suffix.lower() == ".json":
+            frame.to_json(temporary, orient="records", indent=1)
+        else:
+            frame.to_csv(temporary, index=False)
+    console.print(f"Table written to {path}")
+
+
 def _table(title: str, frame: pd.DataFrame) -> Table:
     table = Table(title=title)
     for column in frame.columns:
@@ -353,22 +371,29 @@ def plan(
     traffic: Annotated[float | None, typer.Option(help="Target traffic [req/s].", min=0,
                                                   max=_MOST_RPS)] = None,
     group: int = 0,
+    output: Output = None,
     strict: Strict = False,
 ) -> None:
     """Highest request rate one replica holds with P(metric <= SLO) >= confidence.
 
     Example: sdbayes plan posterior.nc --slo-ms 2000 --alpha 0.7 --output-len 128 --traffic 50
     """
+    if output is not None:
+        check_writable(output, "--output")
     ks = _floats(k, "k", whole=True)
     alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k, ks)
     post = _load(posterior, strict)
-    _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len, ks=ks, metric=metric,
-               confidence=confidence, traffic=traffic, group=group)
+    plan = _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len, ks=ks,
+                      metric=metric, confidence=confidence, traffic=traffic, group=group)
+    _write_table(plan.assign(alpha=alpha, output_len=output_len, metric=metric, slo_ms=slo_ms,
+                             confidence=confidence), output)
     _verdict(post, posterior)
 
 
 def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
-               traffic=None, group=0):
+               traffic=None, group=0) -> pd.DataFrame:
+    """Prints the capacity of each k; returns it as a table (``replicas`` empty where the
+    SLO cannot be met)."""
     from sdbayes.planning import max_rate, replicas_needed
 
     capacity = max_rate(posterior, slo=slo_ms / 1e3, metric=metric, confidence=confidence,
@@ -386,6 +411,10 @@ def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confid
     console.print(_table(f"{metric} <= {slo_ms:g} ms with {confidence:.0%} confidence",
                          shown))
     console.print(f"Best: k = {int(ks[best])}, {capacity.rate[best]:.2f} req/s per replica")
+    if traffic is not None:
+        shown["replicas"] = pd.array([r if ok else None for r, ok in zip(
+            shown["replicas"], capacity.feasible, strict=True)], dtype="Int64")
+    return shown.assign(feasible=capacity.feasible)
 
 
 @app.command()
@@ -403,22 +432,27 @@ def tune(
     metric: str = "e2e",
     k_max: int = 16,
     group: int = 0,
+    output: Output = None,
     strict: Strict = False,
 ) -> None:
     """The best draft length for each request rate, under posterior risk.
 
     Example: sdbayes tune posterior.nc --rates 1,2,4,8 --alpha 0.7 --output-len 128 --risk cvar
     """
+    if output is not None:
+        check_writable(output, "--output")
     alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k)
     post = _load(posterior, strict)
-    _show_schedule(post, rates=_floats(rates, "rates", high=_MOST_RPS), alpha=alpha,
-                   output_len=output_len, risk=risk, level=level, metric=metric, k_max=k_max,
-                   group=group)
+    schedule = _show_schedule(post, rates=_floats(rates, "rates", high=_MOST_RPS), alpha=alpha,
+                              output_len=output_len, risk=risk, level=level, metric=metric,
+                              k_max=k_max, group=group)
+    _write_table(schedule.assign(alpha=alpha, output_len=output_len), output)
     _verdict(post, posterior)
 
 
 def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.95,
-                   metric="e2e", k_max=16, group=0):
+                   metric="e2e", k_max=16, group=0) -> pd.DataFrame:
+    """Prints the best k of each rate; returns the table."""
     from sdbayes.tuning import tune_k
 
     choice = tune_k(posterior, rate=rates, alpha=alpha, output_len=output_len, risk=risk,
@@ -427,6 +461,7 @@ def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.
                           f"{risk}_{metric}_ms": 1e3 * choice.objective,
                           "stable": choice.feasible})
     console.print(_table(f"Schedule k*(rate), {risk} of {metric}", shown))
+    return shown
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """The command line: each command's happy path, and bad input as one line with exit code 2."""
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -68,6 +69,35 @@ def test_plan_prints_rates_and_replicas(workdir):
                  "--output-len", 128, "--k", "0,4", "--traffic", 20)
     assert result.exit_code == 0, result.output
     assert "replicas" in result.output and "Best: k = 4" in result.output
+
+
+def test_plan_and_tune_write_their_tables(workdir):
+    """--output writes what the table shows, with the settings it was computed for, as CSV
+    or JSON; the numbers are those of the library's max_rate."""
+    import json
+
+    from sdbayes.planning import max_rate
+
+    plan = workdir / "plan.json"
+    result = run("plan", workdir / "post.nc", "--slo-ms", 2000, "--alpha", 0.7,
+                 "--output-len", 128, "--k", "0,4", "--traffic", 20, "--output", plan)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(plan.read_text())
+    capacity = max_rate(sb.load_posterior(workdir / "post.nc"), slo=2.0, k=np.array([0, 4]),
+                        alpha=0.7, output_len=128)
+    assert [row["k"] for row in rows] == [0, 4]
+    assert [row["max_rate_rps"] for row in rows] == pytest.approx(list(capacity.rate))
+    assert all(row["alpha"] == 0.7 and row["slo_ms"] == 2000 and row["feasible"]
+               and row["replicas"] >= 1 for row in rows)
+    schedule = workdir / "schedule.csv"
+    result = run("tune", workdir / "post.nc", "--rates", "1,4", "--alpha", 0.8,
+                 "--output-len", 128, "--output", schedule)
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(schedule)
+    assert list(table["rate_rps"]) == [1, 4] and set(table["k"]) <= set(range(17))
+    missing = run("tune", workdir / "post.nc", "--rates", "1", "--alpha", 0.8,
+                  "--output-len", 128, "--output", workdir / "no" / "such.csv")
+    assert missing.exit_code == EXIT_BAD_INPUT and "--output" in missing.stderr
 
 
 def test_tune_prints_a_schedule(workdir):
