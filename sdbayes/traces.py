@@ -183,6 +183,7 @@ def read_traces(path: str | Path) -> pd.DataFrame:
         if suffix == ".csv":
             df = _read_csv(path)
         elif suffix in (".parquet", ".pq"):
+            _need_pyarrow(path)
             df = pd.read_parquet(path)
         else:
             raise TraceError([f"{path}: unknown file type '{suffix}' (use .csv or .parquet)"])
@@ -223,11 +224,23 @@ def write_traces(df: pd.DataFrame, path: str | Path) -> None:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet", ".pq"):
         raise TraceError([f"{path}: unknown file type '{suffix}' (use .csv or .parquet)"])
+    if suffix != ".csv":
+        _need_pyarrow(path)
     with replacing(path) as temporary:
         if suffix == ".csv":
             df.to_csv(temporary, index=False)
         else:
             df.to_parquet(temporary, index=False)
+
+
+def _need_pyarrow(path: Path) -> None:
+    """Parquet is read and written by pyarrow, an extra (170 MB): a TraceError naming the
+    file where it is not installed."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise TraceError([f"{path}: Parquet needs pyarrow: pip install 'sdbayes[parquet]', or "
+                          "use .csv"]) from None
 
 
 def validate(df: pd.DataFrame, source: str = "<table>") -> pd.DataFrame:

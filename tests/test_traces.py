@@ -2,6 +2,7 @@
 
 import math
 import re
+import sys
 
 import numpy as np
 import pandas as pd
@@ -73,6 +74,31 @@ class TestValidTables:
         sb.write_traces(df, path)
         back = sb.read_traces(path)
         pd.testing.assert_frame_equal(back[df.columns], df, check_dtype=False)
+
+    def test_parquet_without_pyarrow_is_one_line(self, tmp_path):
+        """pyarrow is an extra: without it (hidden before pandas loads, as on a core
+        install), Parquet is refused naming the file and the fix, and an existing file is
+        left as it was."""
+        import subprocess
+
+        path = tmp_path / "points.parquet"
+        sb.write_traces(points(), path)
+        before = path.read_bytes()
+        script = ("import sys; sys.modules['pyarrow'] = None\n"
+                  "import pandas as pd, sdbayes as sb\n"
+                  "for act in (lambda: sb.read_traces(sys.argv[1]),\n"
+                  "            lambda: sb.write_traces(pd.read_csv(sys.argv[2]), sys.argv[1])):\n"
+                  "    try:\n        act()\n"
+                  "    except sb.TraceError as error:\n        print(error)\n")
+        csv = tmp_path / "points.csv"
+        points().to_csv(csv, index=False)
+        out = subprocess.run([sys.executable, "-c", script, str(path), str(csv)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines == [f"{path}: Parquet needs pyarrow: pip install 'sdbayes[parquet]', or "
+                         "use .csv"] * 2, out.stdout
+        assert path.read_bytes() == before
 
     def test_closed_loop_rows(self):
         df = points()
