@@ -6,9 +6,10 @@ and loads (Poisson ``request_rates`` and closed-loop ``concurrency``). :func:`ru
 then, for each k, starts ``vllm serve`` (``--speculative-config`` for k > 0, none for
 k = 0), waits for ``GET /health``, sends one warm-up request, and measures each point: it
 scrapes ``/metrics``, drives the load with an asyncio streaming client of the
-OpenAI-compatible ``/v1/completions`` (random token-id prompts, ``ignore_eos`` so every
-request emits the asked number of tokens), and scrapes ``/metrics`` again; acceptance comes
-from the spec-decode counters' difference.
+OpenAI-compatible ``/v1/completions`` (random token-id prompts, a fresh set per point so
+that vLLM's prefix cache never serves one point's prompts from another's, :data:`PROMPTS`;
+``ignore_eos`` so every request emits the asked number of tokens), and scrapes ``/metrics``
+again; acceptance comes from the spec-decode counters' difference.
 
 Resumable and robust: each point is written to ``raw/<point>.json`` as soon as it ends,
 finished or failed. A rerun skips finished points and retries failed ones. A server that
@@ -17,8 +18,8 @@ reason, is killed and restarted for the next point; the sweep goes on.
 
 Output folder::
 
-    raw/<point>.json   settings, server version, per-request timings, both /metrics
-                       scrapes, status, reason
+    raw/<point>.json   settings, server version, how prompts were chosen, per-request
+                       timings, both /metrics scrapes, status, reason
     logs/k<k>-<time>.log   the server's output, one file per start
     requests.csv       per-request canonical traces of the finished points
     points.csv         their operating points (:func:`sdbayes.aggregate`), one per point
@@ -37,6 +38,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from itertools import groupby, product
@@ -436,8 +438,8 @@ def _measure(config: SweepConfig, server: _Server, point: Point,
     started = time.time()
     before = server.scrape()
     requests = asyncio.run(_drive(config, point, on_request))
-    record = dict(started=started, server_version=server.version, requests=requests,
-                  metrics_before=before)
+    record = dict(started=started, server_version=server.version, prompts=PROMPTS,
+                  requests=requests, metrics_before=before)
     try:
         lost = [e for e, t in zip(requests["error"], requests["transport"], strict=True) if t]
         note = server._exit_note()
@@ -466,6 +468,17 @@ def _acceptance(config: SweepConfig, point: Point, before: str, after: str) -> f
         raise PointFailed(f"no acceptance rate: {err} (or set [sweep] acceptance)") from None
 
 
+PROMPTS = ("random token ids, a fresh set for each point: no point shares a prompt or a "
+           "prefix with another, so vLLM's prefix cache cannot shorten a later point's prefill")
+"""How the runner chooses prompts; written into each point's raw record."""
+
+
+def _generator(point: Point) -> np.random.Generator:
+    """The random stream of one point's prompts and arrivals, seeded by the whole point (its
+    load included): the same on a rerun, different from every other point's."""
+    return np.random.default_rng([point.seed, zlib.crc32(point.name.encode())])
+
+
 async def _drive(config: SweepConfig, point: Point, on_request: Callable[[], None]) -> dict:
     """Send a point's requests (Poisson arrivals or a closed loop) and time each one.
 
@@ -474,7 +487,7 @@ async def _drive(config: SweepConfig, point: Point, on_request: Callable[[], Non
     ``error`` (empty when fine) and ``transport`` (the error was a lost connection or a
     timeout, not an answer).
     """
-    rng = np.random.default_rng([point.seed, point.k, point.prompt_len, point.output_len])
+    rng = _generator(point)
     prompts = rng.integers(*_TOKEN_IDS, size=(point.n_prompts, point.prompt_len))
     loop = asyncio.get_running_loop()
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)

@@ -4,7 +4,8 @@ Run as ``python loopback_server.py MODEL --port P [--speculative-config JSON] [o
 the command line the runner gives vLLM, plus its own options: ``--coefficients`` (JSON of
 the six costs [s]), ``--acceptance`` (per-token alpha), ``--max-num-seqs``, ``--seed``; two
 of vLLM's own, ``--served-model-name`` and ``--max-model-len`` (longer requests get HTTP 400);
-and faults for the robustness tests: ``--crash-after N`` (SIGKILL itself when the N-th
+``--prompt-log FILE`` (each prompt received, a JSON line); and faults for the robustness
+tests: ``--crash-after N`` (SIGKILL itself when the N-th
 completion request arrives) and ``--hang-after N`` (stop stepping the engine from then on),
 each only when the ``--fault-marker`` file does not exist yet (it is created), so that the
 restarted server behaves.
@@ -166,6 +167,9 @@ def make_app(args) -> web.Application:
             return web.json_response({"error": {"message": f"The model `{body.get('model')}` "
                                                 "does not exist."}}, status=404)
         tokens = int(body["max_tokens"])
+        if args.prompt_log:
+            with open(args.prompt_log, "a") as log:
+                log.write(json.dumps(body["prompt"]) + "\n")
         if len(body["prompt"]) + tokens > args.max_model_len:
             return web.json_response({"error": {"message": "This model's maximum context "
                                                 f"length is {args.max_model_len} tokens."}},
@@ -218,6 +222,7 @@ def main() -> None:
     parser.add_argument("--crash-after", type=int)
     parser.add_argument("--hang-after", type=int)
     parser.add_argument("--fault-marker")
+    parser.add_argument("--prompt-log", help="append each request's prompt to this file")
     args = parser.parse_args()
     args.model = args.served_model_name or args.model
     # A short grace period on SIGTERM: a hung engine's requests would hold it for a minute.

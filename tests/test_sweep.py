@@ -112,6 +112,31 @@ def test_sweep_crash_then_resume_gives_every_point_once(tmp_path):
     assert (out / "requests.csv").is_file() and (out / "points.csv").is_file()
 
 
+def test_no_two_points_share_a_prompt_or_a_cached_prefix(tmp_path):
+    """vLLM's prefix cache keeps blocks of 16 tokens: were the loads of one k sent the same
+    prompts, every point after the first would find them cached and measure a short
+    prefill. The server sees each point's own prompts, none shared, not even a first block;
+    the raw record says how prompts were chosen; a rerun of a point sends the same ones."""
+    from sdbayes.sweep import PROMPTS, _generator
+
+    log = tmp_path / "prompts.jsonl"
+    config = read_sweep_config(write_config(tmp_path, ks=[2], rates=[20, 40], n_prompts=10,
+                                            server_args=["--prompt-log", str(log)],
+                                            sweep_extra="concurrency = [2]"))
+    report = run_sweep(config, tmp_path / "out", progress=False)
+    assert not report.failed and len(report.points) == 3
+    prompts = [tuple(json.loads(line)) for line in log.read_text().splitlines()]
+    warm_up = 1  # the runner's one request to a fresh server
+    assert len(prompts) == warm_up + 3 * 10
+    assert len({p[:16] for p in prompts[warm_up:]}) == 30
+    for point in config.points:
+        record = json.loads((tmp_path / "out" / "raw" / f"{point.name}.json").read_text())
+        assert record["prompts"] == PROMPTS
+    first = config.points[0]
+    again = _generator(first).integers(0, 1 << 30, size=3)
+    assert (again == _generator(first).integers(0, 1 << 30, size=3)).all()
+
+
 def test_latency_measured_is_the_servers(tmp_path):
     """At low load the loopback server's latency is C1 of the model; the runner's timings
     (arrival to last token, in seconds) must land near it, not off by a unit."""
