@@ -421,8 +421,12 @@ def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confid
 @_bad_input_exits_2
 def tune(
     posterior: Annotated[Path, typer.Argument(help="Posterior file from `sdbayes fit`.")],
-    rates: Annotated[str, typer.Option(help="Request rates [req/s], comma-separated.")],
     output_len: OutputLen,
+    rates: Annotated[str | None, typer.Option(
+        help="Request rates [req/s], comma-separated: the schedule k*(rate).")] = None,
+    batch_sizes: Annotated[str | None, typer.Option(
+        help="Batch sizes (requests in flight), comma-separated: the schedule k*(batch size), "
+             "with the --speculative-config that vLLM (0.24 and later) deploys it by.")] = None,
     alpha: Alpha = None,
     acceptance_rate: AcceptanceRate = None,
     mean_acceptance_length: MeanAcceptanceLength = None,
@@ -435,32 +439,63 @@ def tune(
     output: Output = None,
     strict: Strict = False,
 ) -> None:
-    """The best draft length for each request rate, under posterior risk.
+    """The best draft length for each request rate or batch size, under posterior risk.
 
     Example: sdbayes tune posterior.nc --rates 1,2,4,8 --alpha 0.7 --output-len 128 --risk cvar
     """
+    if (rates is None) == (batch_sizes is None):
+        raise ValueError("give one of --rates or --batch-sizes")
     if output is not None:
         check_writable(output, "--output")
     alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k)
     post = _load(posterior, strict)
-    schedule = _show_schedule(post, rates=_floats(rates, "rates", high=_MOST_RPS), alpha=alpha,
-                              output_len=output_len, risk=risk, level=level, metric=metric,
-                              k_max=k_max, group=group)
+    load = (dict(rates=_floats(rates, "rates", high=_MOST_RPS)) if batch_sizes is None else
+            dict(batch_sizes=_floats(batch_sizes, "batch-sizes", whole=True, low=1,
+                                          high=MOST["concurrency"])))
+    schedule = _show_schedule(post, **load, alpha=alpha, output_len=output_len, risk=risk,
+                              level=level, metric=metric, k_max=k_max, group=group)
     _write_table(schedule.assign(alpha=alpha, output_len=output_len), output)
+    if batch_sizes is not None:
+        _show_speculative_config(post, schedule, group)
     _verdict(post, posterior)
 
 
-def _show_schedule(posterior, *, rates, alpha, output_len, risk="mean", level=0.95,
-                   metric="e2e", k_max=16, group=0) -> pd.DataFrame:
-    """Prints the best k of each rate; returns the table."""
+def _show_speculative_config(posterior, schedule: pd.DataFrame, group: int) -> None:
+    """Prints vLLM's --speculative-config for a schedule k*(batch size)."""
+    import json
+
+    from sdbayes.tuning import batch_size_schedule, speculative_config
+
+    ranges = batch_size_schedule(schedule["batch_size"], schedule["k"])
+    if all(k == 0 for _, _, k in ranges):
+        console.print("Speculative decoding does not pay at any of these batch sizes: serve "
+                      "without --speculative-config.")
+        return
+    columns = posterior.group_columns[group]
+    config = speculative_config(ranges, columns.get("method") or "<method>",
+                                columns.get("drafter") or "<drafter>")
+    console.print("vLLM (0.24 or later) deploys this schedule with (the drafter as the "
+                  "traces named it):", markup=False)
+    console.print(f"--speculative-config '{json.dumps(config)}'", markup=False,
+                  highlight=False, soft_wrap=True)
+
+
+def _show_schedule(posterior, *, alpha, output_len, rates=None, batch_sizes=None,
+                   risk="mean", level=0.95, metric="e2e", k_max=16,
+                   group=0) -> pd.DataFrame:
+    """Prints the best k of each request rate (or batch size, a closed loop of that many
+    in flight); returns the table."""
     from sdbayes.tuning import tune_k
 
-    choice = tune_k(posterior, rate=rates, alpha=alpha, output_len=output_len, risk=risk,
+    load = dict(rate=rates) if batch_sizes is None else dict(concurrency=batch_sizes)
+    choice = tune_k(posterior, **load, alpha=alpha, output_len=output_len, risk=risk,
                     level=level, metric=metric, k_max=k_max, group=group)
-    shown = pd.DataFrame({"rate_rps": rates, "k": choice.k,
-                          f"{risk}_{metric}_ms": 1e3 * choice.objective,
+    shown = pd.DataFrame({"rate_rps" if batch_sizes is None else "batch_size":
+                          rates if batch_sizes is None else batch_sizes.astype(int),
+                          "k": choice.k, f"{risk}_{metric}_ms": 1e3 * choice.objective,
                           "stable": choice.feasible})
-    console.print(_table(f"Schedule k*(rate), {risk} of {metric}", shown))
+    console.print(_table(f"Schedule k*({'rate' if batch_sizes is None else 'batch size'}), "
+                         f"{risk} of {metric}", shown))
     return shown
 
 

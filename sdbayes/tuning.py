@@ -357,3 +357,44 @@ def sensitivities(
     at, d_k = jax.jvp(lambda k_: value(k_, alpha), (k,), (ones,))
     _, d_alpha = jax.jvp(lambda a: value(k, a), (alpha,), (ones,))
     return Sensitivities(at, d_k, d_alpha)
+
+
+def batch_size_schedule(batch_sizes: ArrayLike, k: ArrayLike) -> list[list[int]]:
+    """A schedule ``k*(batch size)`` as vLLM's ``num_speculative_tokens_per_batch_size``
+    takes it (vLLM 0.24 and later): inclusive ranges ``[first, last, k]`` from batch size 1
+    to the largest one given, each batch size using the k tuned at the largest tuned size
+    not above it (the smallest tuned size's below it), neighbours of one k merged.
+
+    Args:
+      batch_sizes: requests in flight at which k was tuned, whole numbers >= 1, shape [n].
+      k: the best draft length at each, shape [n] (:func:`tune_k` with ``concurrency=``).
+
+    Example:
+      >>> batch_size_schedule([1, 16, 64], [4, 2, 0])
+      [[1, 15, 4], [16, 63, 2], [64, 64, 0]]
+    """
+    sizes, ks = np.asarray(batch_sizes), np.asarray(k)
+    if sizes.shape != ks.shape or sizes.ndim != 1 or not sizes.size:
+        raise ValueError("batch_sizes and k must be two 1-D arrays of one length")
+    if (sizes < 1).any() or (sizes != np.round(sizes)).any():
+        raise ValueError(f"batch sizes must be whole numbers >= 1, got {sizes.tolist()}")
+    order = np.argsort(sizes)
+    sizes, ks = sizes[order].astype(int), ks[order].astype(int)
+    starts = np.concatenate([[1], sizes[1:]])
+    ends = np.concatenate([sizes[1:] - 1, sizes[-1:]])
+    ranges: list[list[int]] = []
+    for first, last, best in zip(starts, ends, ks, strict=True):
+        if ranges and ranges[-1][2] == best:
+            ranges[-1][1] = int(last)
+        elif last >= first:
+            ranges.append([int(first), int(last), int(best)])
+    return ranges
+
+
+def speculative_config(schedule: list[list[int]], method: str, model: str) -> dict:
+    """vLLM's ``--speculative-config`` for a :func:`batch_size_schedule`: the drafter's
+    ``method`` and ``model``, ``num_speculative_tokens`` the schedule's largest k, and the
+    schedule itself."""
+    return {"method": method, "model": model,
+            "num_speculative_tokens": max(k for _, _, k in schedule),
+            "num_speculative_tokens_per_batch_size": schedule}

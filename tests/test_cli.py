@@ -100,6 +100,29 @@ def test_plan_and_tune_write_their_tables(workdir):
     assert missing.exit_code == EXIT_BAD_INPUT and "--output" in missing.stderr
 
 
+def test_tune_by_batch_size_prints_vllms_speculative_config(workdir):
+    """The schedule k*(batch size) and the --speculative-config that deploys it, whose
+    ranges give each tuned batch size the k of the table."""
+    import json
+
+    result = run("tune", workdir / "post.nc", "--batch-sizes", "1,8,64", "--alpha", 0.8,
+                 "--output-len", 128, "--output", workdir / "by_batch.csv")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(workdir / "by_batch.csv")
+    assert list(table["batch_size"]) == [1, 8, 64]
+    line = next(x for x in result.output.splitlines() if x.startswith("--speculative-config"))
+    config = json.loads(line.split("'")[1])
+    columns = sb.load_posterior(workdir / "post.nc").group_columns[0]
+    assert (config["method"], config["model"]) == (columns["method"], columns["drafter"])
+    assert config["num_speculative_tokens"] == table["k"].max()
+    k_of = {b: k for first, last, k in config["num_speculative_tokens_per_batch_size"]
+            for b in range(first, last + 1)}
+    assert [k_of[b] for b in table["batch_size"]] == list(table["k"])
+    both = run("tune", workdir / "post.nc", "--batch-sizes", "1", "--rates", "1", "--alpha",
+               0.8, "--output-len", 128)
+    assert both.exit_code == EXIT_BAD_INPUT and "one of --rates or --batch-sizes" in both.stderr
+
+
 def test_tune_prints_a_schedule(workdir):
     result = run("tune", workdir / "post.nc", "--rates", "1,4", "--alpha", 0.8,
                  "--output-len", 128, "--risk", "quantile")

@@ -1,12 +1,24 @@
 """Draft-length tuning: risk measures, gradient tuning against exhaustive search, baselines."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sdbayes as sb
-from sdbayes.tuning import goodput_k, optimal_k, risk_measure, risk_objective, sensitivities
+from sdbayes.tuning import (
+    batch_size_schedule,
+    goodput_k,
+    optimal_k,
+    risk_measure,
+    risk_objective,
+    sensitivities,
+    speculative_config,
+)
 
 from .test_planning import TRUE, as_posterior, draws
 
@@ -129,3 +141,26 @@ def test_sensitivities_match_finite_differences():
                           variant="stepped", **point)
         np.testing.assert_allclose(getattr(s, name), (up - down) / (2 * h), rtol=1e-6)
     assert np.all(s.d_alpha < 0)  # better acceptance, lower latency
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.integers(1, 512), st.integers(0, 8), min_size=1, max_size=12))
+def test_batch_size_schedule_covers_every_size_once(tuned):
+    """vLLM's ranges: every batch size from 1 to the largest tuned one in exactly one range,
+    each tuned size under its own k, neighbouring ranges of different k."""
+    sizes = list(tuned)
+    ranges = batch_size_schedule(sizes, [tuned[b] for b in sizes])
+    assert ranges[0][0] == 1 and ranges[-1][1] == max(sizes)
+    assert all(a[1] + 1 == b[0] and a[2] != b[2] for a, b in itertools.pairwise(ranges))
+    k_of = {b: k for first, last, k in ranges for b in range(first, last + 1)}
+    assert all(k_of[b] == k for b, k in tuned.items())
+
+
+def test_speculative_config_is_vllms():
+    ranges = batch_size_schedule([1, 16, 64], [4, 2, 0])
+    assert ranges == [[1, 15, 4], [16, 63, 2], [64, 64, 0]]
+    config = speculative_config(ranges, "eagle3", "org/drafter")
+    assert config == {"method": "eagle3", "model": "org/drafter", "num_speculative_tokens": 4,
+                      "num_speculative_tokens_per_batch_size": ranges}
+    with pytest.raises(ValueError, match="whole numbers >= 1"):
+        batch_size_schedule([0, 4], [1, 1])
