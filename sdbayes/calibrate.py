@@ -226,8 +226,9 @@ def model(
       queue_error_scale: half-normal scale of ``tau_q``.
       discrepancy_scale: half-normal scale of the configuration discrepancy sds; 0 leaves
         the discrepancy out.
-      load_error_scale: half-normal scale of the sd of the open loops' discrepancy in
-        load (:class:`sdbayes.observation.LoadError`); 0 leaves it out.
+      load_error_scale: the prior sd of the open loops' discrepancy in load at any load
+        (:class:`sdbayes.observation.LoadError`, its amplitude integrated out,
+        :data:`sdbayes.observation.LOAD_DF`); 0 leaves it out.
       variant: the latency model's variant, a name in :data:`sdbayes.model.VARIANTS` or a
         :class:`~sdbayes.model.Variant` (with MoE settings, ``c1e, c2e`` are fitted too).
       frame: the coordinates in which the log coefficients are sampled (one group only),
@@ -242,8 +243,9 @@ def model(
 
     Sample sites: ``c1p .. c2d`` (and ``c1e, c2e`` for MoE) of shape [n_groups] (seconds),
     ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta_free`` [n_configs, 2] and
-    their projection ``delta`` (deterministic); ``load_scale``, ``load_weights`` [n_groups,
-    LOAD_BASIS] and the deterministic ``load_offset`` (same shape); with one
+    their projection ``delta`` (deterministic); ``load_weights`` [n_groups, LOAD_BASIS], the
+    deterministic ``load_offset`` (same shape) and ``load_scale`` (a constant, kept with the
+    draws for prediction); with one
     group ``log_c`` and its frame coordinates ``log_c_std`` [n_coefficients], with several
     ``mu``, ``tau`` [n_coefficients] and ``z`` [n_groups, n_coefficients]; observed
     ``obs_<metric>`` of shape [n].
@@ -286,10 +288,11 @@ def model(
 
     load_error = None
     if load_error_scale > 0:
-        scale = numpyro.sample("load_scale", dist.HalfNormal(load_error_scale))
+        scale = numpyro.deterministic("load_scale", jnp.asarray(
+            observation.load_scale(load_error_scale)))
         with numpyro.plate("group_load", n_groups):
-            weights = numpyro.sample("load_weights", dist.Normal(0.0, 1.0).expand(
-                [observation.LOAD_BASIS]).to_event(1))  # [n_groups, LOAD_BASIS]
+            weights = numpyro.sample("load_weights", observation.load_weights_prior()
+                                     )  # [n_groups, LOAD_BASIS]
         offset = numpyro.deterministic("load_offset", jnp.zeros(weights.shape)
                                        if confounding is None
                                        else jnp.asarray(confounding.load_offset))

@@ -17,7 +17,7 @@ import pandas as pd
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, init_to_median
 from numpyro.infer.autoguide import AutoMultivariateNormal
 
-from sdbayes import calibrate
+from sdbayes import calibrate, observation
 from sdbayes.calibrate import METRICS, Prior
 from sdbayes.model import VARIANTS, Variant, as_variant
 from sdbayes.observation import LIKELIHOODS
@@ -40,11 +40,12 @@ AUTO = "auto"
 CHAIN_METHODS = ("parallel", "vectorized", "sequential")
 _WARMUP_TREE_DEPTH = 6
 LOAD_ERROR_SCALE = 0.05
-"""Half-normal scale of the sd of the open loops' discrepancy in load, a relative error in
-``C2`` (``S * eta(q)`` in log latency). Against a simulator the mean-value form errs by
-8-16% in latency at 85% of saturation (DESIGN.md section 1), where the sensitivity ``S`` is
-about 5.7: an ``eta`` of 1.4-2.8%, which this scale puts in the middle of its prior (90%
-below 8%), leaving room for a real server to need more."""
+"""Prior sd of the open loops' discrepancy in load, a relative error in ``C2`` (``S *
+eta(q)`` in log latency), the same as when its amplitude was HalfNormal(0.05). Against a
+simulator the mean-value form errs by 8-16% in latency at 85% of saturation (DESIGN.md
+section 1), where the sensitivity ``S`` is about 5.7: an ``eta`` of 1.4-2.8%, well inside
+its prior, leaving room (the Student-t tail, :data:`sdbayes.observation.LOAD_DF`) for a
+real server to need more."""
 _PILOT_DRAWS = 200  # warm-up and draws of the pilot run that places the finite-run tables
 
 
@@ -212,6 +213,7 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         sdbayes_units="coefficients in seconds; rates in requests per second",
         sdbayes_provenance=provenance,
         sdbayes_n_points=len(steady),
+        **({"sdbayes_load_df": observation.LOAD_DF} if args["load_error_scale"] > 0 else {}),
         sdbayes_prior_loc=json.dumps(np.asarray(prior.loc).tolist()),
         sdbayes_prior_scale=json.dumps(np.asarray(prior.scale).tolist()),
         **extra,

@@ -101,9 +101,10 @@ class Observation(NamedTuple):
 class LoadError(NamedTuple):
     """A group's discrepancy of open loops in load, a smooth function ``eta(q)`` of the
     load-dependent share of latency ``q = (L - C1) / L`` in [0, 1): a Gaussian process of
-    squared-exponential covariance (sd ``scale``, length :data:`LOAD_LENGTH` in ``q``), in
-    the Hilbert-space basis of :data:`LOAD_BASIS` functions on ``[-0.5, 1.5]``
-    (Riutort-Mayol et al., 2023) with standard-normal ``weights``, each basis function less
+    squared-exponential covariance (length :data:`LOAD_LENGTH` in ``q``) in the
+    Hilbert-space basis of :data:`LOAD_BASIS` functions on ``[-0.5, 1.5]`` (Riutort-Mayol et
+    al., 2023), ``scale`` times the ``weights`` (multivariate Student-t, :data:`LOAD_DF`, in
+    fits; standard normal in those made before), each basis function less
     its ``offset``: a fit sets the offsets so that ``eta`` has no level over the loads it
     sees (:func:`load_offsets`), as a level is a change of ``C2``, the coefficients' part.
     Fields broadcast against the rows: scale [..., 1], weights and offset [..., n,
@@ -246,6 +247,27 @@ revert to its prior a third of the range beyond them. It is fixed, not sampled: 
 length free as well, NUTS met 200 divergent transitions in 1,000 draws on the source
 study's sweeps (none with it fixed)."""
 _LOAD_CENTRE, _LOAD_HALF_WIDTH = 0.5, 1.0  # the basis lives on [-0.5, 1.5], q on [0, 1]
+LOAD_DF = 10.0
+"""Degrees of freedom of the discrepancy in load's weights, which are multivariate
+Student-t: standard-normal weights times an amplitude whose square has an inverse-gamma
+prior, with the amplitude integrated out. Sampled, the amplitude (then HalfNormal) made a
+funnel with the non-centred weights: where the data pin ``eta``, the weights' width goes as
+one over it (109 divergent transitions in 4,000 draws of ``bench/fit.py``'s traces; none
+integrated out). The data still set how far ``eta`` strays, through the shared tail. 4
+degrees of freedom did as well but doubled the leapfrog steps on the 0.6B sweeps (252 a
+draw, against 128 with 10 and 100 sampled)."""
+
+
+def load_weights_prior() -> dist.Distribution:
+    """The prior of one group's weights of the discrepancy in load, event shape
+    [LOAD_BASIS] (:data:`LOAD_DF`)."""
+    return dist.MultivariateStudentT(LOAD_DF, jnp.zeros(LOAD_BASIS), jnp.eye(LOAD_BASIS))
+
+
+def load_scale(sd: float) -> float:
+    """The weights' scale that gives ``eta`` a prior sd of ``sd`` at any load: a Student-t
+    of ``LOAD_DF`` degrees of freedom has variance ``LOAD_DF / (LOAD_DF - 2)``."""
+    return sd * float(np.sqrt((LOAD_DF - 2.0) / LOAD_DF))
 
 
 def discrepancy_in_load(error: LoadError, share):

@@ -284,7 +284,11 @@ class Posterior:
             return None
         seen = (group >= 0)[None, :, None]
         weights = self._draws("load_weights")[:, np.maximum(group, 0)]  # [D, R, LOAD_BASIS]
-        fresh = np.asarray(jax.random.normal(key, weights.shape))
+        # A fresh group's weights from the prior they were fitted under: Student-t, or
+        # standard normal in files written before (no sdbayes_load_df).
+        fresh = np.asarray(observation.load_weights_prior().sample(key, weights.shape[:-1])
+                           if "sdbayes_load_df" in self.idata.attrs
+                           else jax.random.normal(key, weights.shape))
         offset = (self._draws("load_offset")[:, np.maximum(group, 0)]
                   if "load_offset" in self.idata.posterior else 0.0)
         # A new group's discrepancy keeps its level: no coefficients of its own took it.
