@@ -1,5 +1,7 @@
 """The command line: each command's happy path, and bad input as one line with exit code 2."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ import sdbayes as sb
 from sdbayes.cli import EXIT_BAD_INPUT, EXIT_UNTRUSTED, app
 
 USES_NUMPYRO = True  # conftest: the fit command runs NumPyro
+EXAMPLE_POSTERIOR = Path(__file__).resolve().parents[1] / "calibration" / "example_posterior.nc"
 
 runner = CliRunner()
 
@@ -121,6 +124,26 @@ def test_tune_by_batch_size_prints_vllms_speculative_config(workdir):
     both = run("tune", workdir / "post.nc", "--batch-sizes", "1", "--rates", "1", "--alpha",
                0.8, "--output-len", 128)
     assert both.exit_code == EXIT_BAD_INPUT and "one of --rates or --batch-sizes" in both.stderr
+
+
+def test_commands_keep_their_compiled_programs_in_a_cache(tmp_path):
+    """The sdbayes command (not CliRunner's app) keeps JAX's compiled programs in
+    $SDBAYES_CACHE_DIR for the next run; SDBAYES_CACHE_DIR=off keeps none."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from sdbayes.cli import main; sys.argv = ['sdbayes', 'tune', "
+              f"{str(EXAMPLE_POSTERIOR)!r}, '--rates', '1,2', '--alpha', '0.8', "
+              "'--output-len', '128']; main()")
+    for folder in (tmp_path / "cache", "off"):
+        env = dict(os.environ, SDBAYES_CACHE_DIR=str(folder))
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "cache").iterdir())) > 0
+    assert not (tmp_path / "off").exists()
 
 
 def test_tune_prints_a_schedule(workdir):
