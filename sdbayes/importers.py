@@ -215,8 +215,8 @@ def _strategy(benchmark: dict, index: int) -> dict:
     ``args.strategy``; a bare list of metrics (the source study's files) has none, and its
     position says it (a sweep runs synchronous, throughput, then constant rates)."""
     for parent in ("config", "args"):
-        strategy = benchmark.get(parent, {}).get("strategy") if isinstance(
-            benchmark.get(parent), dict) else None
+        holder = benchmark.get(parent)
+        strategy = holder.get("strategy") if isinstance(holder, dict) else None
         if isinstance(strategy, dict) and "type_" in strategy:
             if strategy["type_"] not in _STRATEGIES:
                 raise _Malformed(f"field '{parent}.strategy.type_': {strategy['type_']!r} is "

@@ -232,9 +232,10 @@ def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior
     The simplest whose expected log predictive density is within ``margin`` standard
     errors of the best's is kept: a difference smaller than that is noise in the
     estimate, and a simpler form extrapolates no worse for it. Fits whose chains did not
-    converge (divergent transitions, R-hat above its limit) are left out of the choice
-    while any other converged, as their LOO estimates are not to be trusted either (the
-    filling form where the data show no filling: its shape terms are then unidentified).
+    converge (divergent transitions, R-hat above 1.05: ``Diagnostics.converged``) are left
+    out of the choice while any other converged, as their LOO estimates are not to be
+    trusted either (the filling form where the data show no filling: its shape terms are
+    then unidentified).
 
     Args:
       fits: form's name -> its fit, all of the same operating points (NUTS or SVI).

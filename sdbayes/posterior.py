@@ -21,6 +21,7 @@ from sdbayes.model import Coefficients, Variant, demands, saturation_rate, speed
 from sdbayes.traces import TraceError, group_labels, to_points
 
 _RHAT_LIMIT = 1.01
+_RHAT_MIXED = 1.05  # above it chains plainly disagree; below, a short fit's R-hat is noisy
 _ESS_PER_CHAIN = 100
 _IDENTIFIED_SD_RATIO = 0.5  # posterior sd of log c over prior sd above this: not learned
 
@@ -65,11 +66,13 @@ class Diagnostics(NamedTuple):
 
     @property
     def converged(self) -> bool:
-        """No divergent transition and R-hat within its limit (always, for SVI): the
-        draws are of the posterior, however few (``trustworthy`` also asks enough ESS
-        and identified coefficients)."""
+        """No divergent transition and R-hat at most 1.05 (always, for SVI): the chains
+        explored one posterior, however few their draws, so that fits may be compared by
+        their LOO. ``trustworthy`` asks more: R-hat at most 1.01, enough ESS, identified
+        coefficients. Between the two limits R-hat is within its own noise for short chains
+        (a fit of 2 x 300 draws of data from its own form reached 1.02)."""
         return self.method != "nuts" or (self.divergences == 0
-                                         and self.max_rhat <= _RHAT_LIMIT)
+                                         and self.max_rhat <= _RHAT_MIXED)
 
     @property
     def verdict(self) -> str:

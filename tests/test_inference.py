@@ -407,3 +407,18 @@ def test_choice_of_form_leaves_out_fits_that_did_not_converge(fitted):
     assert chosen.variant == other
     assert reason.endswith(f"left out as not converged: {preferred}")
     assert set(table.index) == {"paper", "stepped"}  # the table still shows both
+
+
+def test_converged_is_mixed_chains_trustworthy_asks_more():
+    """auto leaves out forms whose chains plainly did not mix (divergences, R-hat > 1.05),
+    not those a short fit's R-hat noise puts a little above 1.01; the verdict flags both."""
+    from sdbayes.posterior import Diagnostics
+
+    def fit(max_rhat, divergences=0):
+        problems = (("R-hat up to ...",) if max_rhat > 1.01 else ()) + (
+            ("divergent ...",) if divergences else ())
+        return Diagnostics(max_rhat, 800.0, 800.0, divergences, problems)
+
+    assert fit(1.03).converged and not fit(1.03).trustworthy
+    assert not fit(1.06).converged and not fit(1.0, divergences=1).converged
+    assert fit(1.0).converged and fit(1.0).trustworthy
