@@ -264,6 +264,15 @@ def load_weights_prior() -> dist.Distribution:
     return dist.MultivariateStudentT(LOAD_DF, jnp.zeros(LOAD_BASIS), jnp.eye(LOAD_BASIS))
 
 
+def sample_load_weights(key, shape: tuple[int, ...]) -> jax.Array:
+    """Draws of :func:`load_weights_prior` of shape ``shape`` (the last axis
+    :data:`LOAD_BASIS`): normal weights over the square root of a shared chi-square over
+    its degrees of freedom, every shape explicit."""
+    normal_key, gamma_key = jax.random.split(key)
+    spread = jax.random.gamma(gamma_key, LOAD_DF / 2, shape[:-1] + (1,)) / (LOAD_DF / 2)
+    return jax.random.normal(normal_key, shape) / jnp.sqrt(spread)
+
+
 def load_scale(sd: float) -> float:
     """The weights' scale that gives ``eta`` a prior sd of ``sd`` at any load: a Student-t
     of ``LOAD_DF`` degrees of freedom has variance ``LOAD_DF / (LOAD_DF - 2)``."""

@@ -289,7 +289,7 @@ class Posterior:
         weights = self._draws("load_weights")[:, np.maximum(group, 0)]  # [D, R, LOAD_BASIS]
         # A fresh group's weights from the prior they were fitted under: Student-t, or
         # standard normal in files written before (no sdbayes_load_df).
-        fresh = np.asarray(observation.load_weights_prior().sample(key, weights.shape[:-1])
+        fresh = np.asarray(observation.sample_load_weights(key, weights.shape)
                            if "sdbayes_load_df" in self.idata.attrs
                            else jax.random.normal(key, weights.shape))
         offset = (self._draws("load_offset")[:, np.maximum(group, 0)]

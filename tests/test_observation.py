@@ -149,3 +149,20 @@ def test_fitting_and_prediction_share_the_forward_model(monkeypatch):
     for column in ("e2e_median_s", "e2e_lower_s", "e2e_upper_s"):
         assert np.allclose(after[column], 2.0 * before[column], rtol=1e-6)
     assert np.allclose(after["ttft_median_s"], before["ttft_median_s"], rtol=1e-9)
+
+
+def test_fresh_load_weights_follow_the_fitted_prior():
+    """A group the fit has not seen draws its weights of the discrepancy in load from the
+    prior they were fitted under: each a Student-t of LOAD_DF degrees of freedom (KS test,
+    20,000 draws, seed fixed), sharing one scale per draw, so |w| correlate across the
+    basis; eta's prior sd is LOAD_ERROR_SCALE."""
+    from scipy import stats
+
+    from sdbayes.inference import LOAD_ERROR_SCALE
+
+    draws = np.asarray(observation.sample_load_weights(jax.random.key(0),
+                                                       (20_000, observation.LOAD_BASIS)))
+    assert stats.kstest(draws[:, 0], "t", args=(observation.LOAD_DF,)).pvalue > 0.01
+    assert np.corrcoef(np.abs(draws[:, 0]), np.abs(draws[:, 1]))[0, 1] > 0.05
+    sd = observation.load_scale(LOAD_ERROR_SCALE) * draws.std()
+    assert sd == pytest.approx(LOAD_ERROR_SCALE, rel=0.02)

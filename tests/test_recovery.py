@@ -94,10 +94,13 @@ def test_extrapolation_in_load():
                            num_samples=500, num_chains=2, progress=False)
     predicted = posterior.predict(held_out, ci=0.9)
     measured = held_out["e2e_mean_s"]
-    assert (predicted["e2e_median_s"] / measured - 1).abs().mean() <= 0.10
+    # The mean-value form is low near saturation against the simulator. Measured over fit
+    # seeds 0-2: 11.3-11.9%, all low (8.9-9.1% while the discrepancy in load's amplitude
+    # was sampled; integrated out, its Student-t weights keep more of a bend at the top of
+    # the fitted loads, and the price of no funnel is paid here).
+    assert (predicted["e2e_median_s"] / measured - 1).abs().mean() <= 0.13
     # 16 points at 90%: fewer than 12 inside has probability under 2% if calibrated
-    # (all 16 inside, 19%, is no requirement). Measured: 15; mean error 9.4%, all low, as
-    # the mean-value form is near saturation against the simulator.
+    # (all 16 inside, 19%, is no requirement). Measured: 15 at each of those seeds.
     inside = ((predicted["e2e_pi_lower_s"] <= measured)
               & (measured <= predicted["e2e_pi_upper_s"]))
     assert inside.sum() >= 12
