@@ -96,8 +96,7 @@ def test_extrapolation_in_load():
     measured = held_out["e2e_mean_s"]
     # The mean-value form is low near saturation against the simulator. Measured over fit
     # seeds 0-2: 11.3-11.9%, all low (8.9-9.1% while the discrepancy in load's amplitude
-    # was sampled; integrated out, its Student-t weights keep more of a bend at the top of
-    # the fitted loads, and the price of no funnel is paid here).
+    # was sampled, with a funnel: integrating it out cost this form 2.5 points here).
     assert (predicted["e2e_median_s"] / measured - 1).abs().mean() <= 0.13
     # 16 points at 90%: fewer than 12 inside has probability under 2% if calibrated
     # (all 16 inside, 19%, is no requirement). Measured: 15 at each of those seeds.
