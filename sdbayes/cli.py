@@ -487,14 +487,15 @@ def _show_schedule(posterior, *, alpha, output_len, rates=None, batch_sizes=None
     in flight); returns the table."""
     from sdbayes.tuning import tune_k
 
-    load = dict(rate=rates) if batch_sizes is None else dict(concurrency=batch_sizes)
+    by_rate = batch_sizes is None
+    load = dict(rate=rates) if by_rate else dict(concurrency=batch_sizes)
     choice = tune_k(posterior, **load, alpha=alpha, output_len=output_len, risk=risk,
                     level=level, metric=metric, k_max=k_max, group=group)
-    shown = pd.DataFrame({"rate_rps" if batch_sizes is None else "batch_size":
-                          rates if batch_sizes is None else batch_sizes.astype(int),
-                          "k": choice.k, f"{risk}_{metric}_ms": 1e3 * choice.objective,
+    column, values = ("rate_rps", rates) if by_rate else ("batch_size", batch_sizes.astype(int))
+    shown = pd.DataFrame({column: values, "k": choice.k,
+                          f"{risk}_{metric}_ms": 1e3 * choice.objective,
                           "stable": choice.feasible})
-    console.print(_table(f"Schedule k*({'rate' if batch_sizes is None else 'batch size'}), "
+    console.print(_table(f"Schedule k*({'rate' if by_rate else 'batch size'}), "
                          f"{risk} of {metric}", shown))
     return shown
 
