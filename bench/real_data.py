@@ -157,23 +157,48 @@ def bayes_fits(train, test, variants, quick):
     predictions = {}
     for variant, posterior in fits.items():
         out = posterior.predict(test)
-        predictions[variant] = pd.DataFrame({"pred": out["e2e_median_s"].to_numpy(),
-                                             "lower": out["e2e_pi_lower_s"].to_numpy(),
-                                             "upper": out["e2e_pi_upper_s"].to_numpy()},
-                                            index=test.index)
+        predictions[variant] = pd.DataFrame({
+            "pred": out["e2e_median_s"].to_numpy(),
+            "lower": out["e2e_pi_lower_s"].to_numpy(),
+            "upper": out["e2e_pi_upper_s"].to_numpy(),
+            "p99": out["e2e_p99_pred_s"].to_numpy(),
+            "p99_lower": out["e2e_p99_pi_lower_s"].to_numpy(),
+            "p99_upper": out["e2e_p99_pi_upper_s"].to_numpy()}, index=test.index)
     predictions["auto"] = predictions[chosen]
     return predictions, chosen
 
 
+def with_baseline(train: pd.DataFrame, predicted: pd.DataFrame) -> pd.DataFrame:
+    """The p99 baseline: the method's predicted mean times the training points' average
+    p99/mean ratio (geometric), its 90% interval from that ratio's spread."""
+    log_ratio = np.log(train["e2e_p99_s"] / train["e2e_mean_s"])
+    base = predicted["pred"] * np.exp(log_ratio.mean())
+    half = Z90 * log_ratio.std(ddof=1)
+    return predicted.assign(base99=base, base99_lower=base * np.exp(-half),
+                            base99_upper=base * np.exp(half))
+
+
+def _errors(predicted, lower, upper, measured):
+    finite = np.isfinite(predicted)
+    mape = np.mean(np.abs(predicted[finite] / measured[finite] - 1))
+    covered = (np.mean((lower <= measured) & (measured <= upper)) if lower.notna().all()
+               else np.nan)
+    return mape, covered, int((~finite).sum())
+
+
 def score(points: pd.DataFrame, name: str, label: str, method: str, part: pd.DataFrame):
-    measured = points.loc[part.index, "e2e_mean_s"]
-    finite = np.isfinite(part["pred"])
+    mean = _errors(part["pred"], part["lower"], part["upper"],
+                   points.loc[part.index, "e2e_mean_s"])
+    p99 = points.loc[part.index, "e2e_p99_s"]
+    tail = (_errors(part["p99"], part["p99_lower"], part["p99_upper"], p99)
+            if "p99" in part else (np.nan, np.nan, 0))
+    base = (_errors(part["base99"], part["base99_lower"], part["base99_upper"], p99)
+            if "base99" in part else (np.nan, np.nan, 0))
     return {
         "split": label, "method": method,
-        "MAPE": np.mean(np.abs(part["pred"][finite] / measured[finite] - 1)),
-        "90% PI coverage": (np.mean((part["lower"] <= measured) & (measured <= part["upper"]))
-                            if part["lower"].notna().all() else np.nan),
-        "not finite": int((~finite).sum()),
+        "MAPE": mean[0], "90% PI coverage": mean[1], "not finite": mean[2],
+        "p99 MAPE": tail[0], "p99 coverage": tail[1],
+        "baseline p99 MAPE": base[0], "baseline coverage": base[1],
         "points": len(part), "block": name,
     }
 
@@ -194,6 +219,8 @@ def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool) -
         bayes, kept = bayes_fits(points[train], points[test], variants, quick)
         chosen.setdefault(name, []).append(kept)
         runs.update({f"sdbayes {v}": p for v, p in bayes.items()})
+        runs = {method: with_baseline(points[train], p) if method != "floor" else p
+                for method, p in runs.items()}
         for method, predicted in runs.items():
             predictions.setdefault(method, {}).setdefault(name, []).append(predicted)
     print(f"  {time.perf_counter() - start:.0f} s; auto kept: "

@@ -286,6 +286,8 @@ def _point(metrics: dict, strategy: dict, duration: float | None = None) -> dict
         # in flight when the run stops (about rate * latency of them), so it understates
         # the load most where latency is long: 8% at the top of the study's sweeps.
         row["request_rate"] = rate * (count + errored + incomplete) / count
+    if "request_rate" in row:  # GuideLLM's constant rate spaces arrivals evenly
+        row["arrival_cv2"] = 0.0 if kind == "constant" else 1.0
     return row
 
 
@@ -491,7 +493,11 @@ def _vllm_row(data: dict, completed: int, where: str) -> dict:
     if data.get("run_number") is not None:
         row["run"] = _count(data, "run_number")
     if math.isfinite(rate):
-        row.update(request_rate=rate, steady=True)
+        # Gamma-distributed gaps of shape `burstiness` (1: Poisson): CV^2 = 1 / burstiness.
+        burstiness = _number(data, "burstiness") if data.get("burstiness") is not None else 1.0
+        if not burstiness > 0:
+            raise _Malformed(f"field 'burstiness': must be > 0, got {burstiness!r}")
+        row.update(request_rate=rate, steady=True, arrival_cv2=1.0 / burstiness)
     elif data.get("max_concurrency"):
         row.update(concurrency=_count(data, "max_concurrency"), steady=True)
     else:

@@ -21,7 +21,7 @@ from sdbayes import calibrate, observation
 from sdbayes.calibrate import METRICS, Prior
 from sdbayes.model import VARIANTS, Variant, as_variant
 from sdbayes.observation import LIKELIHOODS
-from sdbayes.posterior import Posterior, compare, diagnose
+from sdbayes.posterior import Posterior, compare, diagnose, tail_errors
 from sdbayes.traces import (
     SCHEMA_VERSION,
     TraceError,
@@ -220,6 +220,7 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
     )
     posterior = Posterior(idata)
     posterior.diagnostics = diagnose(posterior, len(steady))
+    posterior.idata.attrs["sdbayes_tail_errors"] = json.dumps(tail_errors(posterior, steady))
     return posterior
 
 

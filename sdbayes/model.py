@@ -358,15 +358,21 @@ def _demands(coef, k, alpha, output_len, coverage, form) -> Demands:
 
 
 def _wasted_cycles(k, alpha, e, variant):
-    """Mean cycles beyond ``g / E``: 0 for the paper's form, else ``(E[X^2] - E) / (2 E^2)``.
-
-    ``E[X^2] - E = 2 * sum_j j * P(X > j)``; with one alpha that sum is ``alpha * dE/dalpha``.
-    """
+    """Mean cycles beyond ``g / E``: 0 for the paper's form, else ``(E[X^2] - E) / (2 E^2)``."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if variant != "stepped":
         return jnp.zeros_like(e)
     # "stepped": whole cycles
+    return (tokens_second_moment(k, alpha, e) - e) / (2.0 * e**2)
+
+
+def tokens_second_moment(k, alpha, e):
+    """``E[X^2]`` of the tokens ``X`` one SD cycle emits, given ``e = E[X]``.
+
+    ``E[X^2] - E = 2 * sum_j j * P(X > j)``; with one alpha that sum is ``alpha * dE/dalpha``.
+    Shapes as :func:`tokens_per_step`; not jit-compiled itself.
+    """
     if isinstance(alpha, PositionRates):
         positions, weights, survival = _position_terms(k, alpha.rates)
         weighted = jnp.sum(positions * weights * survival, axis=-1)
@@ -374,7 +380,7 @@ def _wasted_cycles(k, alpha, e, variant):
         alpha = jnp.asarray(alpha, e.dtype)
         _, slope = jax.jvp(lambda a: tokens_per_step(k, a), (alpha,), (jnp.ones_like(alpha),))
         weighted = alpha * slope
-    return weighted / e**2
+    return e + 2.0 * weighted
 
 
 def _solve(coef, k, alpha, output_len, rate, concurrency, variant, closed=None):

@@ -6,6 +6,7 @@ import json
 import math
 import warnings
 from pathlib import Path
+from statistics import NormalDist
 from typing import NamedTuple
 
 import arviz as az
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from sdbayes import observation
+from sdbayes import observation, tails
 from sdbayes.calibrate import coefficient_names
 from sdbayes.files import replacing
 from sdbayes.model import Coefficients, Variant, demands, saturation_rate, speedup
@@ -214,7 +215,8 @@ class Posterior:
             raise ValueError(f"ci must lie in (0, 1), got {ci}")
         grid = self._grid(points)
         arrays, _ = to_points(grid, self.groups, self.configs)
-        key_group, key_config, key_load, key_noise = jax.random.split(jax.random.key(seed), 4)
+        key_group, key_config, key_load, key_noise, key_tail = jax.random.split(
+            jax.random.key(seed), 5)
         resolved = self._new_group_rows(grid, arrays)
         coef = self._coefficients_for(arrays.group, resolved, key_group)  # [D, R]
         rows = self._configured(coef, arrays.config, key_config)
@@ -229,6 +231,7 @@ class Posterior:
         tau_q = self._draws("tau_q")[:, None]
         lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
         out = points.reset_index(drop=True).copy()
+        percentiles = {}  # metric -> (draws of its mean, the spread of a measured one) [D, R]
         for metric in ("e2e", "ttft", "tpot"):
             x = np.asarray(predicted.mean(metric))
             name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
@@ -243,6 +246,14 @@ class Posterior:
             out[f"{metric}_median_s"] = _quantiles(x, 0.5, 0.5)[0]
             out[f"{metric}_lower_s"], out[f"{metric}_upper_s"] = _quantiles(x, lo, hi)
             out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)
+            # A percentile's own sampling error replaces the row's standard error of a mean.
+            percentiles[metric] = (x, np.asarray(observation.spread(
+                self._draws(name)[:, None], tau_q, predicted.sensitivity)))
+        shape_noise = np.asarray(jax.random.normal(key_tail, (len(tails.QUANTILES),)
+                                                   + noise.shape))
+        errors = self.idata.attrs.get("sdbayes_tail_errors")
+        out = _percentiles(out, percentiles, rows, arrays, grid, variant, noise, shape_noise,
+                           (lo, hi), json.loads(errors) if errors else None)
         closed = arrays.closed
         point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
                      variant=variant)
@@ -386,6 +397,77 @@ def _effective_loads(rows: Coefficients, arrays, variant) -> observation.Effecti
     c1_span = np.abs(log_alone(draws) - log_alone(anchor)).max(axis=0)
     return observation.effective_loads(anchor, arrays, variant, span=np.clip(span, 0.05, 2.0),
                                        c1_span=np.clip(c1_span, 0.02, 1.0))
+
+
+def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, grid, variant,
+                 noise: np.ndarray, shape_noise: np.ndarray, interval: tuple[float, float],
+                 errors: dict | None) -> pd.DataFrame:
+    """Add p50/p90/p99 of each metric over requests: each draw's mean times the tail
+    model's quantile-to-mean ratio at the row (:func:`sdbayes.tails.relative`), times
+    ``exp(bias)`` where the fit measured the tail model's error (:func:`tail_errors`).
+
+    A measured percentile varies as the measured mean does (the same ``noise`` draw, so
+    the fitted relative error), by the tail model's own error (``shape_noise`` [Q, D, R]
+    times its fitted sd, or :data:`sdbayes.tails.SHAPE_SD`) and, over ``n_requests``
+    requests, by its sampling error, ``sqrt(q (1 - q) / n) / f(x_q)`` with the density
+    ``f`` taken as normal's.
+    """
+    def column(name):
+        if name not in grid:
+            return np.full(len(grid), np.nan)
+        return grid[name].astype("Float64").to_numpy(float, na_value=np.nan)
+
+    cv2, n = column("arrival_cv2"), column("n_requests")
+    shapes = tails.relative(rows, np.array(tails.QUANTILES), k=arrays.k, alpha=arrays.alpha,
+                            output_len=arrays.output_len, rate=arrays.rate,
+                            concurrency=arrays.concurrency, closed=arrays.closed,
+                            arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2),
+                            variant=variant)
+    columns = {}
+    for metric, (mean, spread) in means.items():
+        ratio, cv = (np.asarray(a) for a in shapes[metric])
+        for j, (q, r) in enumerate(zip(tails.QUANTILES, ratio, strict=True)):
+            name = f"{metric}_p{round(100 * q)}"
+            bias, shape_sd = (errors or {}).get(name, (0.0, tails.SHAPE_SD))
+            x = mean * r * np.exp(bias)  # [D, R]
+            density = NormalDist().pdf(NormalDist().inv_cdf(q))
+            sampling = np.sqrt(q * (1 - q) / n) * cv / (density * r)  # relative, [D, R]
+            sd = np.sqrt(spread**2 + np.nan_to_num(sampling) ** 2)
+            finite = np.isfinite(x)
+            with np.errstate(over="ignore"):
+                error = sd * noise + shape_sd * shape_noise[j]
+                measured = np.where(finite, np.where(finite, x, 1.0) * np.exp(error), np.inf)
+            columns[f"{name}_pred_s"] = _quantiles(x, 0.5, 0.5)[0]
+            columns[f"{name}_lower_s"], columns[f"{name}_upper_s"] = _quantiles(x, *interval)
+            columns[f"{name}_pi_lower_s"], columns[f"{name}_pi_upper_s"] = _quantiles(
+                measured, *interval)
+    return pd.concat([out, pd.DataFrame(columns, index=out.index)], axis=1)
+
+
+def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, list[float]]:
+    """The tail model's error on fitted points that measured percentiles: for each column
+    ``e2e_p50_s``... with at least :data:`sdbayes.tails.CALIBRATION_POINTS` values,
+    ``[bias, sd]`` of ``log(measured percentile / measured mean) - log(predicted ones)``,
+    keyed ``"e2e_p50"``...; the error of the shape, with the mean's own error taken out.
+    :meth:`Posterior.predict` scales its percentiles by ``exp(bias)`` and widens their
+    predictive intervals by ``sd``. Not a likelihood term: the coefficients do not learn
+    from percentiles.
+    """
+    columns = [f"e2e_p{round(100 * q)}" for q in tails.QUANTILES]
+    measured = [c for c in columns if f"{c}_s" in points
+                and points[f"{c}_s"].notna().sum() >= tails.CALIBRATION_POINTS]
+    if not measured:
+        return {}
+    predicted = posterior.predict(points)
+    errors = {}
+    for name in measured:
+        log_error = (np.log(points[f"{name}_s"] / points["e2e_mean_s"])
+                     - np.log(predicted[f"{name}_pred_s"] / predicted["e2e_median_s"]))
+        log_error = log_error.to_numpy(float)
+        log_error = log_error[np.isfinite(log_error)]
+        if log_error.size >= tails.CALIBRATION_POINTS:
+            errors[name] = [float(np.median(log_error)), float(log_error.std(ddof=1))]
+    return errors
 
 
 def _quantiles(x: np.ndarray, lo: float, hi: float):

@@ -72,6 +72,9 @@ OPERATING_POINT_COLUMNS: tuple[Column, ...] = _CONFIG + (
     Column("steady", "bool", doc="false for saturated points, kept but not fitted"),
     _positive("duration_s", doc="length of the run [s]: its means are over the requests "
               "it completed (predictions of open-loop points follow, sdbayes.fluid)"),
+    _nonnegative("arrival_cv2", doc="squared coefficient of variation of an open loop's "
+                 "inter-arrival times: 1 Poisson (the default), 0 evenly spaced, "
+                 "1 / burstiness for vllm bench serve's gamma arrivals"),
     _nonnegative("run", "int", doc="which repeat of its operating point a row measured "
                  "(vllm bench sweep's run_number); repeats must differ in it"),
 )
@@ -428,7 +431,8 @@ def aggregate(per_request: pd.DataFrame, source: str = "<table>") -> pd.DataFram
     Rows are grouped by their configuration columns (hardware, verifier, drafter, method,
     k, request_rate or concurrency, acceptance). Means, standard errors (by batch means
     over the requests in arrival order, :func:`_standard_error`) and percentiles are taken
-    over the requests of each group. TPOT is per request ``(e2e - ttft) / (output_len -
+    over the requests of each group; an open loop's ``arrival_cv2`` from its gaps between
+    arrivals. TPOT is per request ``(e2e - ttft) / (output_len -
     1)`` over requests with more than one token. Where ``acceptance`` is missing but
     ``draft_tokens`` and ``accepted_tokens`` are given, it is the alpha whose E(k, alpha)
     equals the measured mean acceptance length ``1 + k * accepted / drafted``.
@@ -473,6 +477,9 @@ def aggregate(per_request: pd.DataFrame, source: str = "<table>") -> pd.DataFram
         if several.any():
             per_token = (e2e[several] - ttft[several]) / (out[several] - 1)
             row.update(tpot_mean_s=per_token.mean(), tpot_se_s=_standard_error(per_token))
+        gaps = np.diff(group["arrival_s"].to_numpy(float))
+        if pd.notna(row["request_rate"]) and gaps.size >= 2 and gaps.mean() > 0:
+            row["arrival_cv2"] = gaps.var() / gaps.mean() ** 2
         if pd.isna(row["acceptance"]):
             row["acceptance"] = _acceptance_from_tokens(group, int(row["k"]))
         # Columns outside the schema survive when they are constant within the point.

@@ -1,0 +1,290 @@
+"""Percentiles of per-request end-to-end latency, TTFT and TPOT: the tail model.
+
+The mean-value model (:mod:`sdbayes.model`) gives each metric's mean. A request is slower
+than the mean for three reasons, each with a variance taken from the same solve:
+
+1. **Its acceptance draws.** A request that emits ``g`` tokens needs a random number of SD
+   cycles ``C``, each emitting ``X`` tokens (``1 +`` drafts accepted before the first
+   rejection). By renewal theory ``Var C = g * Var X / E^3`` with ``E = E[X]``: at
+   ``alpha = 0.7`` and ``g = 128``, 3% of the decode time at ``k = 1``, 12% at ``k = 8``.
+   The decode time is ``D = tau * C`` with ``tau`` the mean cycle time at the load.
+2. **The load it meets.** Under an open loop the others in flight fluctuate about their
+   mean ``B``; a request's latency grows by ``C2`` (the marginal demand) per other over its
+   life. Their time average over a life has variance
+   ``a2 * B * (2/3 + rho) / (1 - rho)``, ``rho = rate * C2`` the utilisation and ``a2`` the
+   squared coefficient of variation of the inter-arrival times (``arrival_cv2``: 1 for
+   Poisson arrivals, 0 for evenly spaced ones). Its two limits are exact or standard: ``2/3 B``
+   for an infinite-server queue with fixed lives at light load, and growth as
+   ``1 / (1 - rho)`` as in heavy traffic. The ``rho`` between was measured on the simulator
+   (``bench/tails.py``). A closed loop holds its load: no such term.
+3. **The step boundary it waits for** before its prefill: none with probability
+   ``exp(-B)`` (the engine is idle), else the rest of a period that holds one decode step
+   and the admission stalls (``c2p``) of the requests that arrived during the period
+   before: the residual life of that period, whose first two moments give the wait's
+   spread. Its mean is the model's own TTFT wait.
+
+Shapes: end-to-end latency as a gamma distribution with the mean of the model and the
+summed variances (right-skewed, as measured latencies are); TTFT as the prefill plus a wait
+that is 0 or gamma-distributed; TPOT per request as the decode time ``D`` (gamma) over
+``g - 1``, vLLM's definition. Gamma quantiles by the Wilson-Hilferty cube: smooth, so every
+percentile is differentiable in ``k``, ``alpha``, ``rate`` and the coefficients.
+
+Checked against the simulator (``bench/tails.py``, Poisson arrivals, k in 0..8, alpha 0.6
+and 0.8, 10% to 85% of saturation): p50 and p90 of e2e and TPOT within 5% throughout, p99
+within 5% up to 50% of saturation and over-predicted by up to 16% at 85% (the gamma's tail
+is heavier than the simulator's there); TTFT within 6% at p50, under-predicted by up to 17%
+at p90 and p99 (the mean TTFT of the mean-value model is itself low there).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import ndtri
+from jax.typing import ArrayLike
+
+from sdbayes.model import (
+    Coefficients,
+    PositionRates,
+    Variant,
+    _marginal_demand,
+    _solve,
+    _wasted_cycles,
+    as_variant,
+    saturation_rate,
+    tokens_per_step,
+    tokens_second_moment,
+)
+
+Array = jax.Array
+
+QUANTILES = (0.5, 0.9, 0.99)
+"""The percentiles :meth:`sdbayes.Posterior.predict` reports, as fractions."""
+
+POISSON = 1.0
+"""``arrival_cv2`` of Poisson arrivals (``vllm bench serve``'s default, and the
+simulator's); evenly spaced arrivals (GuideLLM's constant rate) have 0, vLLM's gamma
+arrivals ``1 / burstiness``."""
+
+SHAPE_SD = 0.05
+"""Relative error of a percentile's ratio to the mean where no fit has measured it: about
+the tail model's error against the simulator up to 70% of saturation (``bench/tails.py``)."""
+
+CALIBRATION_POINTS = 5
+"""Fewest fitted points with a measured percentile for a fit to measure the tail model's
+error on it (:func:`sdbayes.posterior.tail_errors`)."""
+
+_LIGHT = 2.0 / 3.0  # Var(time-averaged others) / B of an infinite-server queue, fixed lives
+
+
+class Spread(NamedTuple):
+    """What a request's metrics are made of at one operating point, each of its shape [s]."""
+
+    latency: Array  # mean end-to-end latency; +inf past saturation
+    prefill: Array  # the TTFT of a request admitted at once
+    idle: Array  # probability that an arrival finds the engine idle (no wait)
+    wait: Array  # mean wait for a step boundary of an arrival that finds it busy
+    wait_cv2: Array  # that wait's squared coefficient of variation
+    decode: Array  # mean time from first token to last
+    decode_var: Array  # its variance [s^2]: acceptance draws and load
+    output_len: Array  # tokens emitted [tokens]
+
+    @property
+    def ttft(self) -> Array:
+        """Mean time to first token, the model's :func:`sdbayes.ttft`."""
+        return self.prefill + (1.0 - self.idle) * self.wait
+
+    @property
+    def wait_var(self) -> Array:
+        """Variance of the wait for a step boundary over all arrivals [s^2]."""
+        busy = 1.0 - self.idle
+        return busy * self.wait**2 * (1.0 + self.wait_cv2) - (busy * self.wait) ** 2
+
+
+def spread(coef: Coefficients, *, k, alpha, output_len, rate=None, concurrency=None,
+           closed=None, arrival_cv2: ArrayLike = POISSON,
+           variant: str | Variant = "paper") -> Spread:
+    """The :class:`Spread` of an operating point, from one solve of the mean-value model.
+
+    Arguments as :func:`percentile` (``closed`` picks per point where both loads are given,
+    as in :func:`sdbayes.model.metrics`). Not jit-compiled itself.
+    """
+    variant = as_variant(variant)
+    d, total, others, stable, mean_wait = _solve(coef, k, alpha, output_len, rate,
+                                                 concurrency, variant, closed)
+    dtype = total.dtype
+    e = tokens_per_step(k, alpha)
+    var_x = tokens_second_moment(k, alpha, e) - e**2
+    g = jnp.asarray(output_len, dtype)
+    cycles = g / e + _wasted_cycles(k, alpha, e, variant.form)
+    cycles_var = g * var_x / e**3
+
+    finite = jnp.where(stable, total, 0.0)
+    others = jnp.asarray(others, dtype)
+    c2p = jnp.asarray(coef.c2p, dtype)
+    if rate is None:
+        throughput = jnp.asarray(concurrency, dtype) / jnp.where(stable, total, 1.0)
+    else:
+        throughput = jnp.asarray(rate, dtype)
+        if concurrency is not None:
+            closed = jnp.asarray(closed, bool)
+            throughput = jnp.where(closed, jnp.asarray(concurrency, dtype)
+                                   / jnp.where(stable, total, 1.0), throughput)
+    busy = -jnp.expm1(-others)
+    some = busy > 1e-12
+    wait = jnp.where(some, mean_wait / jnp.where(some, busy, 1.0), 0.0)
+    wait_cv2 = _residual_cv2(wait, throughput, c2p)
+
+    decode = finite - (d.independent.prefill + mean_wait)
+    tau = decode / cycles
+    marginal = _marginal_demand(coef, d, others, variant)
+    utilisation = jnp.clip(throughput * marginal, 0.0, 1.0 - 1e-6)
+    load_var = (jnp.asarray(arrival_cv2, dtype) * marginal**2 * others
+                * (_LIGHT + utilisation) / (1.0 - utilisation))
+    if rate is None:
+        load_var = jnp.zeros_like(load_var)
+    elif concurrency is not None:
+        load_var = jnp.where(closed, 0.0, load_var)
+    decode_var = tau**2 * cycles_var + load_var
+    return Spread(total, d.independent.prefill, 1.0 - busy, wait, wait_cv2,
+                  jnp.where(stable, decode, jnp.inf), decode_var, g)
+
+
+def _residual_cv2(wait, throughput, c2p):
+    """Squared CV of the wait for the end of the period in progress, whose mean is ``wait``.
+
+    A period is one decode step ``s`` plus ``c2p`` for each of the ``A ~ Poisson(m)``
+    requests admitted at its start, ``m = throughput * E[S]``. An arrival waits the residual
+    life ``R`` of its period: ``E[R] = E[S^2] / (2 E[S])``, ``E[R^2] = E[S^3] / (3 E[S])``.
+    Only the ratio is used; ``s`` is set so that ``E[R]`` is the model's mean wait.
+    """
+    stretch = jnp.maximum(1.0 - throughput * c2p, 1e-12)
+    s = 2.0 * wait * stretch  # the step without stalls, from the model's mean wait
+    m = throughput * s / stretch
+    s1 = s + c2p * m
+    s2 = c2p**2 * m + s1**2
+    s3 = (s**3 + 3.0 * s**2 * c2p * m + 3.0 * s * c2p**2 * (m + m**2)
+          + c2p**3 * (m + 3.0 * m**2 + m**3))
+    positive = s1 > 0
+    s1 = jnp.where(positive, s1, 1.0)
+    r1, r2 = s2 / (2.0 * s1), s3 / (3.0 * s1)
+    return jnp.where(positive, r2 / jnp.where(positive, r1, 1.0) ** 2 - 1.0, 1.0 / 3.0)
+
+
+def _gamma_quantile(mean, var, z):
+    """Quantile at standard-normal score ``z`` of a gamma with this mean and variance
+    (Wilson-Hilferty); the mean itself where the variance is 0, +inf where the mean is."""
+    finite = jnp.isfinite(mean) & (mean > 0)
+    m = jnp.where(finite, mean, 1.0)
+    shape = m**2 / jnp.maximum(jnp.where(finite, var, 0.0), 1e-12 * m**2)
+    cube = jnp.maximum(1.0 - 1.0 / (9.0 * shape) + z / (3.0 * jnp.sqrt(shape)), 0.0) ** 3
+    return jnp.where(finite, m * cube, mean)
+
+
+def quantile(s: Spread, q: ArrayLike, metric: str) -> Array:
+    """The ``q``-quantile [s] of ``metric`` ("e2e", "ttft" or "tpot") per request at the
+    operating point whose :class:`Spread` is ``s``; ``q`` in (0, 1), broadcasting."""
+    q = jnp.asarray(q, s.latency.dtype)
+    if metric == "e2e":
+        return _gamma_quantile(s.latency, s.decode_var + s.wait_var, ndtri(q))
+    if metric == "ttft":
+        busy = 1.0 - s.idle
+        waits = q > s.idle
+        p = jnp.clip((q - s.idle) / jnp.where(busy > 0, busy, 1.0), 1e-9, 1.0 - 1e-9)
+        tail = _gamma_quantile(s.wait, s.wait**2 * s.wait_cv2, ndtri(p))
+        first = s.prefill + jnp.where(waits, tail, 0.0)
+        return jnp.where(jnp.isfinite(s.latency), first, jnp.inf)
+    if metric == "tpot":
+        after_first = s.output_len - 1.0
+        several = after_first > 0
+        decode = _gamma_quantile(s.decode, s.decode_var, ndtri(q))
+        return jnp.where(several, decode / jnp.where(several, after_first, 1.0), 0.0)
+    raise ValueError(f"metric must be one of ('e2e', 'ttft', 'tpot'), got {metric!r}")
+
+
+@partial(jax.jit, static_argnames=("metric", "variant", "experts", "top_m"))
+def percentile(
+    coef: Coefficients,
+    *,
+    q: ArrayLike,
+    k: ArrayLike,
+    alpha: ArrayLike | PositionRates,
+    output_len: ArrayLike,
+    rate: ArrayLike | None = None,
+    concurrency: ArrayLike | None = None,
+    metric: str = "e2e",
+    arrival_cv2: ArrayLike = POISSON,
+    prompt_len: ArrayLike | None = None,
+    variant: str | Variant = "paper",
+    experts: int | None = None,
+    top_m: int | None = None,
+) -> Array:
+    """The ``q``-quantile over requests of end-to-end latency, TTFT or TPOT [s].
+
+    What makes one request slower than another at the same operating point: its own
+    acceptance draws, the load it meets and its wait for a step boundary (module
+    docstring). Every output token counts as emitted by a cycle; the output length is the
+    given one, not a distribution.
+
+    Args:
+      coef: cost coefficients [s].
+      q: the quantile, in (0, 1) (0.99 for p99), broadcasting with the point.
+      k, alpha, output_len, rate, concurrency, prompt_len, variant, experts, top_m: the
+        operating point, as for :func:`sdbayes.latency`.
+      metric: "e2e", "ttft" or "tpot" (static).
+      arrival_cv2: squared coefficient of variation of the inter-arrival times of an open
+        loop: 1 for Poisson arrivals (:data:`POISSON`), 0 for evenly spaced ones,
+        ``1 / burstiness`` for ``vllm bench serve``'s gamma arrivals.
+
+    Returns:
+      Seconds, the broadcast shape of the arguments; ``+inf`` past saturation.
+    """
+    del prompt_len
+    s = spread(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
+               concurrency=concurrency, arrival_cv2=arrival_cv2,
+               variant=as_variant(variant, experts, top_m))
+    return quantile(s, q, metric)
+
+
+_NEAR_SATURATION = 0.95  # of the saturation rate: where a finite run's tail shape is taken
+
+
+@partial(jax.jit, static_argnames="variant")
+def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, concurrency,
+             closed, arrival_cv2, variant: str | Variant = "paper") -> dict[str, tuple]:
+    """Each metric's quantiles relative to its mean, for scaling another model's means.
+
+    :meth:`sdbayes.Posterior.predict` multiplies the means of its observation model
+    (discrepancies, finite runs) by these. An open loop past 95% of saturation, which a
+    finite run can measure, takes its shape from 95%.
+
+    Args:
+      coef: coefficient draws, fields of shape [D, R].
+      q: quantiles, shape [Q].
+      k, alpha, output_len, rate, concurrency, closed, arrival_cv2: the rows, shape [R]
+        (``rate`` 0 on closed rows, ``concurrency`` 1 on open ones).
+      variant: model variant (static).
+
+    Returns:
+      ``{metric: (ratio, cv)}`` for "e2e", "ttft", "tpot": ``ratio`` of shape [Q, D, R],
+      the quantile over the mean (1 where the mean is 0), and ``cv`` of shape [D, R], the
+      metric's coefficient of variation over requests.
+    """
+    point = dict(k=k, alpha=alpha, output_len=output_len, variant=variant)
+    limit = _NEAR_SATURATION * saturation_rate(coef, **point)
+    s = spread(coef, rate=jnp.minimum(rate, limit), concurrency=concurrency, closed=closed,
+               arrival_cv2=arrival_cv2, **point)
+    qs = jnp.asarray(q)[:, None, None]
+    after_first = jnp.maximum(s.output_len - 1.0, 1.0)
+    means = {"e2e": (s.latency, s.decode_var + s.wait_var), "ttft": (s.ttft, s.wait_var),
+             "tpot": (s.decode / after_first, s.decode_var / after_first**2)}
+    out = {}
+    for metric, (mean, var) in means.items():
+        positive = mean > 0
+        safe = jnp.where(positive, mean, 1.0)
+        ratio = jnp.where(positive, quantile(s, qs, metric) / safe, 1.0)
+        out[metric] = (ratio, jnp.where(positive, jnp.sqrt(jnp.maximum(var, 0.0)) / safe, 0.0))
+    return out
