@@ -225,6 +225,13 @@ Output = Annotated[Path | None, typer.Option(
     "--output", help="Also write the table to this file: CSV, or JSON (a list of rows) for a "
                      ".json name.")]
 
+Quantile = Annotated[float | None, typer.Option(
+    help="Target this quantile over requests, in (0, 1) (0.99: the p99), not the mean.")]
+ArrivalCV2 = Annotated[float, typer.Option(
+    "--arrival-cv2", min=0, max=1e6,
+    help="Squared CV of the gaps between arrivals, for --quantile: 1 Poisson (vllm bench "
+         "serve), 0 evenly spaced (GuideLLM's constant rate), 1/burstiness.")]
+
 
 def _write_table(frame: pd.DataFrame, path: Path | None) -> None:
     """``frame`` written to ``path`` (CSV, or JSON records for ``.json``), replaced only
@@ -367,6 +374,8 @@ def plan(
     measured_k: MeasuredK = None,
     k: Annotated[str, typer.Option(help="Draft length(s), comma-separated.")] = "0,1,2,3,4,6,8",
     metric: str = "e2e",
+    quantile: Quantile = None,
+    arrival_cv2: ArrivalCV2 = 1.0,
     confidence: float = 0.95,
     traffic: Annotated[float | None, typer.Option(help="Target traffic [req/s].", min=0,
                                                   max=_MOST_RPS)] = None,
@@ -376,6 +385,9 @@ def plan(
 ) -> None:
     """Highest request rate one replica holds with P(metric <= SLO) >= confidence.
 
+    The metric is the mean over requests, or with --quantile a percentile (the p99 with
+    0.99).
+
     Example: sdbayes plan posterior.nc --slo-ms 2000 --alpha 0.7 --output-len 128 --traffic 50
     """
     if output is not None:
@@ -384,20 +396,29 @@ def plan(
     alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k, ks)
     post = _load(posterior, strict)
     plan = _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len, ks=ks,
-                      metric=metric, confidence=confidence, traffic=traffic, group=group)
-    _write_table(plan.assign(alpha=alpha, output_len=output_len, metric=metric, slo_ms=slo_ms,
+                      metric=metric, confidence=confidence, traffic=traffic, group=group,
+                      tail=dict(quantile=quantile, arrival_cv2=arrival_cv2))
+    _write_table(plan.assign(alpha=alpha, output_len=output_len,
+                             metric=_metric_label(metric, quantile), slo_ms=slo_ms,
                              confidence=confidence), output)
     _verdict(post, posterior)
 
 
+def _metric_label(metric: str, quantile: float | None) -> str:
+    """"e2e", or "p99 e2e" for a quantile over requests."""
+    return metric if quantile is None else f"p{100 * quantile:g} {metric}"
+
+
 def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
-               traffic=None, group=0) -> pd.DataFrame:
+               traffic=None, group=0, tail=None) -> pd.DataFrame:
     """Prints the capacity of each k; returns it as a table (``replicas`` empty where the
-    SLO cannot be met)."""
+    SLO cannot be met). ``tail``: :func:`sdbayes.max_rate`'s quantile and arrival_cv2."""
     from sdbayes.planning import max_rate, replicas_needed
 
+    tail = tail or {}
     capacity = max_rate(posterior, slo=slo_ms / 1e3, metric=metric, confidence=confidence,
-                        k=ks, alpha=alpha, output_len=output_len, group=group)
+                        k=ks, alpha=alpha, output_len=output_len, group=group, **tail)
+    metric = _metric_label(metric, tail.get("quantile"))
     if not capacity.feasible.any():
         raise ValueError(f"SLO of {slo_ms:g} ms on {metric} is infeasible at any rate: at zero "
                          f"load it is {1e3 * capacity.zero_load.min():.0f} ms at best "
@@ -434,12 +455,17 @@ def tune(
     risk: Annotated[str, typer.Option(help="mean, quantile or cvar over draws.")] = "mean",
     level: float = 0.95,
     metric: str = "e2e",
+    quantile: Quantile = None,
+    arrival_cv2: ArrivalCV2 = 1.0,
     k_max: int = 16,
     group: int = 0,
     output: Output = None,
     strict: Strict = False,
 ) -> None:
     """The best draft length for each request rate or batch size, under posterior risk.
+
+    The metric is the mean over requests, or with --quantile a percentile (the p99 with
+    0.99); --risk is over the posterior's draws of it.
 
     Example: sdbayes tune posterior.nc --rates 1,2,4,8 --alpha 0.7 --output-len 128 --risk cvar
     """
@@ -453,7 +479,8 @@ def tune(
             dict(batch_sizes=_floats(batch_sizes, "batch-sizes", whole=True, low=1,
                                           high=MOST["concurrency"])))
     schedule = _show_schedule(post, **load, alpha=alpha, output_len=output_len, risk=risk,
-                              level=level, metric=metric, k_max=k_max, group=group)
+                              level=level, metric=metric, k_max=k_max, group=group,
+                              tail=dict(quantile=quantile, arrival_cv2=arrival_cv2))
     _write_table(schedule.assign(alpha=alpha, output_len=output_len), output)
     if batch_sizes is not None:
         _show_speculative_config(post, schedule, group)
@@ -482,18 +509,21 @@ def _show_speculative_config(posterior, schedule: pd.DataFrame, group: int) -> N
 
 def _show_schedule(posterior, *, alpha, output_len, rates=None, batch_sizes=None,
                    risk="mean", level=0.95, metric="e2e", k_max=16,
-                   group=0) -> pd.DataFrame:
+                   group=0, tail=None) -> pd.DataFrame:
     """Prints the best k of each request rate (or batch size, a closed loop of that many
-    in flight); returns the table."""
+    in flight); returns the table. ``tail``: :func:`sdbayes.tune_k`'s quantile and
+    arrival_cv2."""
     from sdbayes.tuning import tune_k
 
+    tail = tail or {}
     by_rate = batch_sizes is None
     load = dict(rate=rates) if by_rate else dict(concurrency=batch_sizes)
     choice = tune_k(posterior, **load, alpha=alpha, output_len=output_len, risk=risk,
-                    level=level, metric=metric, k_max=k_max, group=group)
+                    level=level, metric=metric, k_max=k_max, group=group, **tail)
+    metric = _metric_label(metric, tail.get("quantile"))
     column, values = ("rate_rps", rates) if by_rate else ("batch_size", batch_sizes.astype(int))
     shown = pd.DataFrame({column: values, "k": choice.k,
-                          f"{risk}_{metric}_ms": 1e3 * choice.objective,
+                          f"{risk}_{metric.replace(' ', '_')}_ms": 1e3 * choice.objective,
                           "stable": choice.feasible})
     console.print(_table(f"Schedule k*({'rate' if by_rate else 'batch size'}), "
                          f"{risk} of {metric}", shown))

@@ -377,7 +377,8 @@ def tokens_second_moment(k, alpha, e):
         positions, weights, survival = _position_terms(k, alpha.rates)
         weighted = jnp.sum(positions * weights * survival, axis=-1)
     else:
-        alpha = jnp.asarray(alpha, e.dtype)
+        alpha = jnp.broadcast_to(jnp.asarray(alpha, e.dtype), e.shape)
+        k = jnp.broadcast_to(jnp.asarray(k, e.dtype), e.shape)
         _, slope = jax.jvp(lambda a: tokens_per_step(k, a), (alpha,), (jnp.ones_like(alpha),))
         weighted = alpha * slope
     return e + 2.0 * weighted

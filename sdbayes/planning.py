@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from sdbayes import tails
 from sdbayes.model import (
     Coefficients,
     Metrics,
@@ -43,12 +44,21 @@ METRICS = ("e2e", "ttft", "tpot")
 """Metrics a plan or a tuning can target: mean end-to-end latency, TTFT and TPOT [s]."""
 
 def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=None,
-                 concurrency=None, variant: str | Variant = "paper") -> Array:
-    """One of :data:`METRICS` [s] from the one model solve (:func:`sdbayes.model.metrics`).
+                 concurrency=None, variant: str | Variant = "paper", quantile=None,
+                 arrival_cv2=tails.POISSON) -> Array:
+    """One of :data:`METRICS` [s]: its mean from the one model solve
+    (:func:`sdbayes.model.metrics`), or with ``quantile`` its quantile over requests
+    (:func:`sdbayes.tails.percentile`, arrivals of squared CV ``arrival_cv2``).
 
     Arguments as :func:`sdbayes.latency`; not jit-compiled itself (it runs in its caller's
     trace).
     """
+    if quantile is not None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        s = tails.spread(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
+                         concurrency=concurrency, arrival_cv2=arrival_cv2, variant=variant)
+        return tails.quantile(s, quantile, metric)
     return select_metric(metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
                                  concurrency=concurrency, variant=variant), metric)
 
@@ -60,7 +70,7 @@ def select_metric(m: Metrics, metric: str) -> Array:
     return {"e2e": m.latency, "ttft": m.ttft, "tpot": m.tpot}[metric]
 
 
-@partial(jax.jit, static_argnames=("metric", "variant"))
+@partial(jax.jit, static_argnames=("metric", "variant", "quantile"))
 def rate_at_slo(
     coef: Coefficients,
     *,
@@ -70,12 +80,14 @@ def rate_at_slo(
     output_len: ArrayLike,
     metric: str = "e2e",
     variant: str | Variant = "paper",
+    quantile: float | None = None,
+    arrival_cv2: ArrayLike = tails.POISSON,
 ) -> Array:
-    """Highest open-loop arrival rate [req/s] at which the mean ``metric`` is at most ``slo``.
+    """Highest open-loop arrival rate [req/s] at which ``metric`` is at most ``slo``: its
+    mean, or with ``quantile`` (0.99 for p99) that quantile over requests.
 
-    For the paper's end-to-end latency this is the closed form ``(1 - C1/SLO) / C2``; for
-    the other metrics and variants a bisection up to :func:`sdbayes.saturation_rate`
-    through the model.
+    For the paper's mean end-to-end latency this is the closed form ``(1 - C1/SLO) / C2``;
+    otherwise a bisection up to :func:`sdbayes.saturation_rate` through the model.
 
     Args:
       coef: cost coefficients [s], fields of any shape broadcasting with the point.
@@ -83,12 +95,14 @@ def rate_at_slo(
       k, alpha, output_len: the operating point, as for :func:`sdbayes.latency`.
       metric: one of :data:`METRICS`.
       variant: model variant.
+      quantile: None for the mean, else in (0, 1) (static).
+      arrival_cv2: squared CV of the inter-arrival times (:func:`sdbayes.tails.percentile`).
 
     Returns:
       Rates [req/s] of the broadcast shape; 0 where the SLO is not met even at zero load.
     """
     point = dict(k=k, alpha=alpha, output_len=output_len, variant=variant)
-    if metric == "e2e" and as_variant(variant) == Variant("paper"):
+    if metric == "e2e" and quantile is None and as_variant(variant) == Variant("paper"):
         d = demands(coef, **point)
         c2 = d.dependent.total
         return jnp.maximum((1.0 - d.independent.total / jnp.asarray(slo, c2.dtype)) / c2, 0.0)
@@ -96,7 +110,8 @@ def rate_at_slo(
     slo = jnp.asarray(slo, limit.dtype)
     saturation = jnp.broadcast_to(limit, jnp.broadcast_shapes(limit.shape, slo.shape))
     return increasing_root(
-        lambda rate: metric_value(coef, metric, rate=rate, **point) - slo,
+        lambda rate: metric_value(coef, metric, rate=rate, quantile=quantile,
+                                  arrival_cv2=arrival_cv2, **point) - slo,
         jnp.zeros_like(saturation), saturation)
 
 
@@ -244,20 +259,29 @@ def max_rate(
     prompt_len: ArrayLike | None = None,
     group: str | int = 0,
     variant: str | Variant | None = None,
+    quantile: float | None = None,
+    arrival_cv2: float = 1.0,
 ) -> Capacity:
-    """Highest request rate one replica holds with ``P(mean metric <= slo) >= confidence``.
+    """Highest request rate one replica holds with ``P(metric <= slo) >= confidence``.
+
+    The metric is the mean over requests, or with ``quantile`` that quantile over requests
+    ("P(p99 e2e <= SLO) >= 95%" is ``quantile=0.99, confidence=0.95``; the tail model of
+    :mod:`sdbayes.tails`).
 
     Args:
       source: a :class:`~sdbayes.Posterior` (its draws of ``group``), or ``Coefficients``
         whose fields are draws of shape [n_draws] (or scalars: a point estimate).
       slo: the target for the metric [s], > 0.
-      metric: one of :data:`METRICS` (p99 needs a tail model: use the simulator).
+      metric: one of :data:`METRICS`.
       confidence: the probability, over the posterior, that the SLO holds, in (0, 1).
       k, alpha, output_len: the operating point; arrays broadcast (e.g. ``k`` a grid of
         draft lengths to compare).
       prompt_len: accepted for symmetry with the model functions; does not enter.
       group: which fitted group of a posterior.
       variant: model variant for plain coefficients (a posterior knows its own).
+      quantile: None (the mean) or the quantile over requests, in (0, 1).
+      arrival_cv2: squared coefficient of variation of the inter-arrival times: 1 for
+        Poisson arrivals, 0 for evenly spaced ones (only the quantiles depend on it).
 
     Returns:
       A :class:`Capacity` of the broadcast shape of the operating point.
@@ -270,17 +294,27 @@ def max_rate(
     check_point(k=k, alpha=alpha, output_len=output_len)
     if not np.all(np.asarray(slo) > 0):
         raise ValueError(f"slo must be > 0 seconds, got {slo}")
+    if quantile is not None and not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    if not (math.isfinite(arrival_cv2) and arrival_cv2 >= 0):
+        raise ValueError(f"arrival_cv2 must be finite and >= 0, got {arrival_cv2}")
     coef, variant = coefficient_draws(source, group, variant)
     n_draws = coef.c1p.shape[0]
+    tail = dict(quantile=None if quantile is None else float(quantile),
+                arrival_cv2=float(arrival_cv2))
+    # A fit that measured the tail model's error on its points' percentiles corrects it.
+    bias = (source.tail_error(metric, quantile)[0]
+            if quantile is not None and isinstance(source, Posterior) else 0.0)
+    slo = np.asarray(slo, float) * math.exp(-bias)
     index = order_statistic_index(n_draws, confidence)
     shape = np.broadcast_shapes(np.shape(k), np.shape(alpha), np.shape(output_len),
                                 np.shape(slo))
     point = {name: jnp.asarray(np.broadcast_to(value, shape), float)[..., None]
              for name, value in dict(k=k, alpha=alpha, output_len=output_len).items()}
     per_draw = rate_at_slo(coef, slo=jnp.asarray(np.broadcast_to(slo, shape), float)[..., None],
-                           metric=metric, variant=variant, **point)  # [..., D]
-    idle = metric_value(coef, metric, rate=jnp.zeros(()), variant=variant, **point)
+                           metric=metric, variant=variant, **tail, **point)  # [..., D]
+    idle = metric_value(coef, metric, rate=jnp.zeros(()), variant=variant, **tail, **point)
     rate = np.sort(np.asarray(per_draw), axis=-1)[..., index]
-    zero_load = np.sort(np.asarray(idle), axis=-1)[..., n_draws - 1 - index]
+    zero_load = np.sort(np.asarray(idle), axis=-1)[..., n_draws - 1 - index] * math.exp(bias)
     return Capacity(rate=rate, feasible=rate > 0, zero_load=zero_load,
                     per_draw=np.moveaxis(np.asarray(per_draw), -1, 0))

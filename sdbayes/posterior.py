@@ -251,9 +251,8 @@ class Posterior:
                 self._draws(name)[:, None], tau_q, predicted.sensitivity)))
         shape_noise = np.asarray(jax.random.normal(key_tail, (len(tails.QUANTILES),)
                                                    + noise.shape))
-        errors = self.idata.attrs.get("sdbayes_tail_errors")
         out = _percentiles(out, percentiles, rows, arrays, grid, variant, noise, shape_noise,
-                           (lo, hi), json.loads(errors) if errors else None)
+                           (lo, hi), self.tail_error)
         closed = arrays.closed
         point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
                      variant=variant)
@@ -274,6 +273,14 @@ class Posterior:
         out["p_saturated"] = (~np.isfinite(np.asarray(predicted.e2e))).mean(axis=0)
         out["saturated"] = out["p_saturated"] >= 0.5
         return out
+
+    def tail_error(self, metric: str, q: float) -> tuple[float, float]:
+        """``(bias, sd)`` of the log of the tail model's ``q``-quantile of ``metric`` over
+        its ratio to the mean, as the fit measured them on its points' percentiles
+        (:func:`tail_errors`); ``(0, SHAPE_SD)`` where it measured none."""
+        errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
+        bias, sd = errors.get(f"{metric}_p{100 * q:g}", (0.0, tails.SHAPE_SD))
+        return float(bias), float(sd)
 
     @property
     def variant_choice(self) -> tuple[str, pd.DataFrame] | None:
@@ -401,14 +408,14 @@ def _effective_loads(rows: Coefficients, arrays, variant) -> observation.Effecti
 
 def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, grid, variant,
                  noise: np.ndarray, shape_noise: np.ndarray, interval: tuple[float, float],
-                 errors: dict | None) -> pd.DataFrame:
+                 tail_error) -> pd.DataFrame:
     """Add p50/p90/p99 of each metric over requests: each draw's mean times the tail
     model's quantile-to-mean ratio at the row (:func:`sdbayes.tails.relative`), times
     ``exp(bias)`` where the fit measured the tail model's error (:func:`tail_errors`).
 
     A measured percentile varies as the measured mean does (the same ``noise`` draw, so
     the fitted relative error), by the tail model's own error (``shape_noise`` [Q, D, R]
-    times its fitted sd, or :data:`sdbayes.tails.SHAPE_SD`) and, over ``n_requests``
+    times its sd, ``tail_error(metric, q)``) and, over ``n_requests``
     requests, by its sampling error, ``sqrt(q (1 - q) / n) / f(x_q)`` with the density
     ``f`` taken as normal's.
     """
@@ -427,8 +434,8 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
     for metric, (mean, spread) in means.items():
         ratio, cv = (np.asarray(a) for a in shapes[metric])
         for j, (q, r) in enumerate(zip(tails.QUANTILES, ratio, strict=True)):
-            name = f"{metric}_p{round(100 * q)}"
-            bias, shape_sd = (errors or {}).get(name, (0.0, tails.SHAPE_SD))
+            name = f"{metric}_p{100 * q:g}"
+            bias, shape_sd = tail_error(metric, q)
             x = mean * r * np.exp(bias)  # [D, R]
             density = NormalDist().pdf(NormalDist().inv_cdf(q))
             sampling = np.sqrt(q * (1 - q) / n) * cv / (density * r)  # relative, [D, R]
@@ -453,7 +460,7 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, list[fl
     predictive intervals by ``sd``. Not a likelihood term: the coefficients do not learn
     from percentiles.
     """
-    columns = [f"e2e_p{round(100 * q)}" for q in tails.QUANTILES]
+    columns = [f"e2e_p{100 * q:g}" for q in tails.QUANTILES]
     measured = [c for c in columns if f"{c}_s" in points
                 and points[f"{c}_s"].notna().sum() >= tails.CALIBRATION_POINTS]
     if not measured:

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from sdbayes import tails
 from sdbayes.model import Coefficients, PositionRates, Variant, goodput, metrics
 from sdbayes.planning import check_point, coefficient_draws, metric_value, select_metric
 
@@ -94,8 +95,11 @@ def risk_objective(
     level: float = 0.95,
     metric: str = "e2e",
     variant: str | Variant = "paper",
+    quantile: float | None = None,
+    arrival_cv2: ArrayLike = tails.POISSON,
 ) -> Array:
-    """Risk over posterior draws of a mean metric [s] at each operating point.
+    """Risk over posterior draws of a metric [s] at each operating point: its mean over
+    requests, or with ``quantile`` that quantile over requests (:mod:`sdbayes.tails`).
 
     Args:
       coef: coefficient draws [s], fields of shape [D].
@@ -104,25 +108,32 @@ def risk_objective(
       risk: one of :data:`RISKS`; level: its level.
       metric: ``"e2e"``, ``"ttft"`` or ``"tpot"``.
       variant: model variant.
+      quantile: None for the mean, else in (0, 1); arrival_cv2: squared CV of the
+        inter-arrival times (:func:`sdbayes.tails.percentile`).
 
     Returns:
       The risk [s], shape [...]; ``+inf`` where (enough) draws are saturated.
     """
     return _risk_and_pressure(coef, k, alpha=alpha, output_len=output_len, rate=rate,
                               concurrency=concurrency, risk=risk, level=level, metric=metric,
-                              variant=variant)[0]
+                              variant=variant, quantile=quantile, arrival_cv2=arrival_cv2)[0]
 
 
 def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, level, metric,
-                       variant):
-    """The risk, and how close the load is to saturation, both of shape [...], from one solve.
+                       variant, quantile=None, arrival_cv2=tails.POISSON):
+    """The risk, and how close the load is to saturation, both of shape [...].
 
     The pressure is the draws' mean of rate * C2 (0 in a closed loop): where the risk is
     infinite, the tuner steps towards lower pressure.
     """
-    m = metrics(coef, k=_expand(k), alpha=_expand(alpha), output_len=_expand(output_len),
-                rate=_expand(rate), concurrency=_expand(concurrency), variant=variant)
-    value = risk_measure(select_metric(m, metric), risk, level)
+    point = dict(k=_expand(k), alpha=_expand(alpha), output_len=_expand(output_len),
+                 rate=_expand(rate), concurrency=_expand(concurrency), variant=variant)
+    m = metrics(coef, **point)
+    per_draw = select_metric(m, metric)
+    if quantile is not None:
+        per_draw = tails.quantile(tails.spread(coef, arrival_cv2=arrival_cv2, **point),
+                                  quantile, metric)
+    value = risk_measure(per_draw, risk, level)
     if rate is None:
         return value, jnp.zeros(value.shape)
     return value, (_expand(rate) * m.dependent).mean(axis=-1)
@@ -187,7 +198,7 @@ class KChoice(NamedTuple):
     feasible: Array
 
 
-@partial(jax.jit, static_argnames=("risk", "level", "metric", "k_max", "variant"))
+@partial(jax.jit, static_argnames=("risk", "level", "metric", "k_max", "variant", "quantile"))
 def optimal_k(
     coef: Coefficients,
     *,
@@ -200,6 +211,8 @@ def optimal_k(
     metric: str = "e2e",
     k_max: int = 16,
     variant: str | Variant = "paper",
+    quantile: float | None = None,
+    arrival_cv2: ArrayLike = tails.POISSON,
 ) -> KChoice:
     """The draft length minimising the risk of a metric over posterior draws.
 
@@ -214,6 +227,7 @@ def optimal_k(
       metric: ``"e2e"``, ``"ttft"`` or ``"tpot"``.
       k_max: the largest draft length considered.
       variant: model variant.
+      quantile, arrival_cv2: as for :func:`risk_objective`.
 
     Returns:
       :class:`KChoice` with arrays of shape [...].
@@ -223,7 +237,7 @@ def optimal_k(
                                  np.shape(alpha.rates)[:-1] if isinstance(alpha, PositionRates)
                                  else np.shape(alpha))
     point = dict(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency,
-                 metric=metric, variant=variant)
+                 metric=metric, variant=variant, quantile=quantile, arrival_cv2=arrival_cv2)
     median = Coefficients(*(jnp.median(jnp.asarray(f, float), keepdims=True)
                             for f in coef))
 
@@ -262,6 +276,8 @@ def tune_k(
     prompt_len: ArrayLike | None = None,
     group: str | int = 0,
     variant: str | Variant | None = None,
+    quantile: float | None = None,
+    arrival_cv2: float = 1.0,
 ) -> KChoice:
     """Best draft length for each operating point under posterior risk.
 
@@ -277,6 +293,8 @@ def tune_k(
       k_max: largest draft length considered.
       prompt_len: accepted for symmetry; does not enter.
       group, variant: as for :func:`sdbayes.max_rate`.
+      quantile: None to tune the mean metric, else its quantile over requests in (0, 1)
+        (0.99: the p99); arrival_cv2: 1 for Poisson arrivals, 0 for evenly spaced ones.
 
     Returns:
       :class:`KChoice` of NumPy arrays of the operating points' broadcast shape.
@@ -292,10 +310,16 @@ def tune_k(
     if not (isinstance(k_max, int) and k_max >= 1):
         raise ValueError(f"k_max must be a whole number >= 1, got {k_max!r}")
     check_point(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency)
+    if quantile is not None and not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    if not (np.isfinite(arrival_cv2) and arrival_cv2 >= 0):
+        raise ValueError(f"arrival_cv2 must be finite and >= 0, got {arrival_cv2}")
     coef, variant = coefficient_draws(source, group, variant)
     result = optimal_k(coef, alpha=alpha, output_len=output_len, rate=rate,
                        concurrency=concurrency, risk=risk, level=level, metric=metric,
-                       k_max=k_max, variant=variant)
+                       k_max=k_max, variant=variant,
+                       quantile=None if quantile is None else float(quantile),
+                       arrival_cv2=float(arrival_cv2))
     return KChoice(*(np.asarray(x) for x in result))
 
 

@@ -72,6 +72,7 @@ def serving_detailed():
     assert row["e2e_mean_s"] == pytest.approx(latency.mean(), rel=1e-12)
     assert row["e2e_p90_s"] == pytest.approx(np.percentile(latency, 90), rel=1e-12)
     assert row["request_rate"] == data["request_rate"] and row["steady"]
+    assert row["arrival_cv2"] == 1 / data["burstiness"]  # gamma gaps of that shape
     assert row["n_requests"] == data["completed"] and row["errored_requests"] == 0
     assert row["prompt_len"] == data["total_input_tokens"] / data["completed"]
     assert row["ttft_mean_s"] == pytest.approx(data["mean_ttft_ms"] / 1e3)

@@ -1,0 +1,144 @@
+"""The tail model: percentiles against the simulator, their limits, gradients, and their
+use in prediction, planning and tuning."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+import sdbayes as sb
+from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
+from sdbayes.tails import QUANTILES, percentile
+
+POSTERIOR = Path(__file__).resolve().parents[1] / "calibration" / "example_posterior.nc"
+STUDY = Path(__file__).resolve().parents[2] / "shared" / "data" / "speculators-qwen3-8b"
+G = 128
+
+
+@pytest.mark.parametrize("k, alpha", [(0, 0.0), (4, 0.8), (8, 0.6)])
+@pytest.mark.parametrize("load", [0.1, 0.3])
+def test_percentiles_follow_the_simulator(k, alpha, load):
+    """bench/tails.py over k 0..8 and 10-30% of saturation: every e2e and TPOT percentile
+    within 3% of 30,000 simulated requests; 18,000 requests here put the p99's own
+    sampling error near 1%, so 5% is a margin, not a fit."""
+    point = dict(k=k, alpha=alpha, output_len=G)
+    rate = load * float(sb.saturation_rate(COEF, **point))
+    trace = sb.simulate(COEF, rate=rate, n_requests=20_000, seed=3, prompt_len=512, **point)
+    steady = trace.iloc[2_000:]
+    simulated = {"e2e": steady["e2e_s"], "tpot": (steady["e2e_s"] - steady["ttft_s"]) / (G - 1)}
+    for metric, values in simulated.items():
+        model = np.asarray(percentile(COEF, q=np.array(QUANTILES), rate=rate, metric=metric,
+                                      variant="stepped", **point))
+        np.testing.assert_allclose(model, np.percentile(values, [50, 90, 99]), rtol=0.05,
+                                   err_msg=metric)
+
+
+def test_limits():
+    point = dict(k=4, alpha=0.7, output_len=G)
+    saturation = float(sb.saturation_rate(COEF, **point))
+    p99 = [float(percentile(COEF, q=0.99, rate=0.6 * saturation, arrival_cv2=cv2, **point))
+           for cv2 in (0.0, 1.0, 2.0)]
+    assert p99[0] < p99[1] < p99[2]  # burstier arrivals, longer tails
+    mean = float(sb.latency(COEF, rate=0.6 * saturation, **point))
+    assert p99[0] > mean  # acceptance draws alone spread requests
+    assert float(percentile(COEF, q=0.99, rate=1.01 * saturation, **point)) == np.inf
+    # No SD, one request at a time: every request takes the same steps and never waits.
+    alone = dict(k=0, alpha=0.0, output_len=G, concurrency=1)
+    np.testing.assert_allclose(
+        [float(percentile(COEF, q=q, metric=m, **alone)) for m in ("e2e", "ttft", "tpot")
+         for q in QUANTILES],
+        np.repeat([float(f(COEF, **alone)) for f in (sb.latency, sb.ttft, sb.tpot)], 3),
+        rtol=1e-5)
+    q = [float(percentile(COEF, q=q, metric="ttft", rate=0.3 * saturation, **point))
+         for q in QUANTILES]
+    assert COEF.c1p <= q[0] < q[1] < q[2]
+
+
+def test_percentiles_are_differentiable_in_k_alpha_and_rate():
+    def p99(k, alpha, rate):
+        return percentile(COEF, q=0.99, k=k, alpha=alpha, rate=rate, output_len=G)
+
+    grads = jax.grad(p99, argnums=(0, 1, 2))(3.5, 0.7, 4.0)
+    assert all(np.isfinite(g) for g in grads)
+    assert grads[1] < 0 < grads[2]  # better acceptance shortens it, more load lengthens it
+
+
+def test_predict_reports_ordered_percentiles_with_intervals():
+    post = sb.load_posterior(POSTERIOR)
+    grid = pd.DataFrame({"k": [0, 4, 4], "acceptance": [0.0, 0.7, 0.7], "output_len": G,
+                         "request_rate": [2.0, 2.0, 6.0], "n_requests": [500, 500, 500]})
+    out = post.predict(grid)
+    for metric in ("e2e", "ttft", "tpot"):
+        p = out[[f"{metric}_p{round(100 * q)}_pred_s" for q in QUANTILES]].to_numpy()
+        assert np.all(np.diff(p, axis=1) > 0), metric
+        for q in ("50", "90", "99"):
+            name = f"{metric}_p{q}"
+            assert (out[f"{name}_lower_s"] <= out[f"{name}_pred_s"]).all()
+            assert (out[f"{name}_pred_s"] <= out[f"{name}_upper_s"]).all()
+            # The measured percentile's interval holds the credible one's and more.
+            assert (out[f"{name}_pi_lower_s"] < out[f"{name}_lower_s"]).all()
+            assert (out[f"{name}_pi_upper_s"] > out[f"{name}_upper_s"]).all()
+    assert (out["e2e_p99_pred_s"] > out["e2e_pred_s"]).all()
+
+
+def test_tail_errors_measure_the_shape_not_the_mean():
+    """Points whose measured p99 / mean is 10% above the model's, whatever their means'
+    own errors, give a bias of log 1.1 and no spread."""
+    post = sb.load_posterior(POSTERIOR)
+    grid = pd.DataFrame({"k": [0, 2, 4, 4, 8, 8], "acceptance": [0, 0.6, 0.7, 0.8, 0.7, 0.8],
+                         "output_len": G, "request_rate": [1.0, 2, 3, 4, 5, 6],
+                         "prompt_len": 512.0, "hardware": "GPU-80GB (simulated)",
+                         "verifier": "Qwen3-8B", "drafter": "eagle3-qwen3-8b",
+                         "method": "eagle3"})
+    grid.loc[grid["k"] == 0, ["drafter", "method"]] = ["", "none"]
+    predicted = post.predict(grid)
+    off = np.array([0.9, 1.05, 1.2, 1.0, 0.95, 1.1])  # the means' errors
+    points = grid.assign(e2e_mean_s=predicted["e2e_median_s"] * off,
+                         e2e_p99_s=predicted["e2e_p99_pred_s"] * off * 1.1)
+    errors = sb.posterior.tail_errors(post, points)
+    assert set(errors) == {"e2e_p99"}  # too few of the others measured
+    bias, sd = errors["e2e_p99"]
+    assert bias == pytest.approx(np.log(1.1), abs=0.01) and sd < 0.01
+    post.idata.attrs["sdbayes_tail_errors"] = json.dumps(errors)
+    again = post.predict(grid)
+    np.testing.assert_allclose(again["e2e_p99_pred_s"], predicted["e2e_p99_pred_s"] * 1.1,
+                               rtol=0.01)
+    assert post.tail_error("e2e", 0.9) == (0.0, sb.tails.SHAPE_SD)
+
+
+def test_planning_and_tuning_on_a_tail():
+    point = dict(k=4.0, alpha=0.7, output_len=128.0)
+    mean = sb.max_rate(COEF, slo=2.0, **point)
+    p99 = sb.max_rate(COEF, slo=2.0, quantile=0.99, **point)
+    assert 0 < p99.rate < mean.rate
+    # A point estimate's planned rate puts its p99 at the SLO.
+    at = float(percentile(COEF, q=0.99, rate=float(p99.rate), **point))
+    assert at == pytest.approx(2.0, rel=1e-4)
+    even = sb.max_rate(COEF, slo=2.0, quantile=0.99, arrival_cv2=0.0, **point)
+    assert even.rate > p99.rate  # evenly spaced arrivals queue less
+    with pytest.raises(ValueError, match="quantile must lie in"):
+        sb.max_rate(COEF, slo=2.0, quantile=1.0, **point)
+    # The p99 spreads more at long drafts: its best k is no longer than the mean's.
+    rates = np.array([1.0, 4.0])
+    by_mean = sb.tune_k(COEF, rate=rates, alpha=0.7, output_len=128)
+    by_p99 = sb.tune_k(COEF, rate=rates, alpha=0.7, output_len=128, quantile=0.99)
+    assert np.all(by_p99.k <= by_mean.k) and np.all(by_p99.objective > by_mean.objective)
+
+
+@pytest.mark.skipif(not STUDY.is_dir(), reason="needs ../shared/data")
+def test_guidellm_constant_rates_are_evenly_spaced():
+    points = sb.read_guidellm(next(STUDY.glob("*.json")), hardware="GPU-80GB",
+                              verifier="Qwen3-8B", drafter="eagle3", method="eagle3")
+    open_loop = points["request_rate"].notna()
+    assert (points.loc[open_loop, "arrival_cv2"] == 0).all() and open_loop.sum() >= 5
+    assert points.loc[~open_loop, "arrival_cv2"].isna().all()
+
+
+def test_aggregate_measures_the_arrivals():
+    trace = sb.simulate(COEF, k=2, alpha=0.7, output_len=64, prompt_len=64, rate=3.0,
+                        n_requests=4000, seed=0)
+    cv2 = float(sb.aggregate(trace)["arrival_cv2"].iloc[0])
+    assert cv2 == pytest.approx(1.0, abs=0.1)  # Poisson: sd of the estimate ~0.03
