@@ -28,8 +28,12 @@ coefficient set pooled over alpha and k, as in the paper, and a discrepancy per 
 ``sb.fit(..., variant="auto")`` does), and a plain least-squares fit of the paper's
 six-coefficient form to log latency (the paper's method; its 90% interval is the fit's
 residual spread, +-1.645 sd in log space; steady means, +inf past saturation). sdbayes's
-point prediction is the posterior median of the mean. ``--quick`` uses fewer draws. No
-method here predicts percentiles yet, so there is no p99 column.
+point prediction is the posterior median of the mean. ``--quick`` uses fewer draws.
+
+The p99 of e2e: sdbayes's ``e2e_p99_pred_s`` and its 90% predictive interval (the tail
+model of ``sdbayes.tails``, corrected by the error the fit measured on its training points'
+percentiles), beside a baseline for every method: its predicted mean times the training
+points' average (geometric) p99/mean, with an interval from that ratio's spread.
 
 A reference row, "floor", is no method: for each load rank (the synchronous points, then
 each rank of the constant-rate points) a cubic surface in (alpha, log k), 10 coefficients,

@@ -302,10 +302,6 @@ def max_rate(
     n_draws = coef.c1p.shape[0]
     tail = dict(quantile=None if quantile is None else float(quantile),
                 arrival_cv2=float(arrival_cv2))
-    # A fit that measured the tail model's error on its points' percentiles corrects it.
-    bias = (source.tail_error(metric, quantile)[0]
-            if quantile is not None and isinstance(source, Posterior) else 0.0)
-    slo = np.asarray(slo, float) * math.exp(-bias)
     index = order_statistic_index(n_draws, confidence)
     shape = np.broadcast_shapes(np.shape(k), np.shape(alpha), np.shape(output_len),
                                 np.shape(slo))
@@ -315,6 +311,6 @@ def max_rate(
                            metric=metric, variant=variant, **tail, **point)  # [..., D]
     idle = metric_value(coef, metric, rate=jnp.zeros(()), variant=variant, **tail, **point)
     rate = np.sort(np.asarray(per_draw), axis=-1)[..., index]
-    zero_load = np.sort(np.asarray(idle), axis=-1)[..., n_draws - 1 - index] * math.exp(bias)
+    zero_load = np.sort(np.asarray(idle), axis=-1)[..., n_draws - 1 - index]
     return Capacity(rate=rate, feasible=rate > 0, zero_load=zero_load,
                     per_draw=np.moveaxis(np.asarray(per_draw), -1, 0))

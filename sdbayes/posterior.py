@@ -274,13 +274,12 @@ class Posterior:
         out["saturated"] = out["p_saturated"] >= 0.5
         return out
 
-    def tail_error(self, metric: str, q: float) -> tuple[float, float]:
-        """``(bias, sd)`` of the log of the tail model's ``q``-quantile of ``metric`` over
-        its ratio to the mean, as the fit measured them on its points' percentiles
-        (:func:`tail_errors`); ``(0, SHAPE_SD)`` where it measured none."""
+    def tail_error(self, metric: str, q: float) -> float:
+        """The sd of the log of the tail model's ``q``-quantile of ``metric`` relative to
+        the mean, as the fit measured it on its points' percentiles (:func:`tail_errors`);
+        :data:`sdbayes.tails.SHAPE_SD` where it measured none."""
         errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
-        bias, sd = errors.get(f"{metric}_p{100 * q:g}", (0.0, tails.SHAPE_SD))
-        return float(bias), float(sd)
+        return float(errors.get(f"{metric}_p{100 * q:g}", tails.SHAPE_SD))
 
     @property
     def variant_choice(self) -> tuple[str, pd.DataFrame] | None:
@@ -410,8 +409,7 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
                  noise: np.ndarray, shape_noise: np.ndarray, interval: tuple[float, float],
                  tail_error) -> pd.DataFrame:
     """Add p50/p90/p99 of each metric over requests: each draw's mean times the tail
-    model's quantile-to-mean ratio at the row (:func:`sdbayes.tails.relative`), times
-    ``exp(bias)`` where the fit measured the tail model's error (:func:`tail_errors`).
+    model's quantile-to-mean ratio at the row (:func:`sdbayes.tails.relative`).
 
     A measured percentile varies as the measured mean does (the same ``noise`` draw, so
     the fitted relative error), by the tail model's own error (``shape_noise`` [Q, D, R]
@@ -435,8 +433,8 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
         ratio, cv = (np.asarray(a) for a in shapes[metric])
         for j, (q, r) in enumerate(zip(tails.QUANTILES, ratio, strict=True)):
             name = f"{metric}_p{100 * q:g}"
-            bias, shape_sd = tail_error(metric, q)
-            x = mean * r * np.exp(bias)  # [D, R]
+            shape_sd = tail_error(metric, q)
+            x = mean * r  # [D, R]
             density = NormalDist().pdf(NormalDist().inv_cdf(q))
             sampling = np.sqrt(q * (1 - q) / n) * cv / (density * r)  # relative, [D, R]
             sd = np.sqrt(spread**2 + np.nan_to_num(sampling) ** 2)
@@ -451,14 +449,16 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
     return pd.concat([out, pd.DataFrame(columns, index=out.index)], axis=1)
 
 
-def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, list[float]]:
+def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     """The tail model's error on fitted points that measured percentiles: for each column
-    ``e2e_p50_s``... with at least :data:`sdbayes.tails.CALIBRATION_POINTS` values,
-    ``[bias, sd]`` of ``log(measured percentile / measured mean) - log(predicted ones)``,
-    keyed ``"e2e_p50"``...; the error of the shape, with the mean's own error taken out.
-    :meth:`Posterior.predict` scales its percentiles by ``exp(bias)`` and widens their
-    predictive intervals by ``sd``. Not a likelihood term: the coefficients do not learn
-    from percentiles.
+    ``e2e_p50_s``... with at least :data:`sdbayes.tails.CALIBRATION_POINTS` values, the sd of
+    ``log(measured percentile / measured mean) - log(predicted ones)``, keyed
+    ``"e2e_p50"``...: the error of the shape, with the mean's own error taken out.
+    :meth:`Posterior.predict` widens its percentiles' predictive intervals by it. Its
+    average is not used to shift the percentiles: measured on the study's sweeps, it helped
+    on unseen curves and hurt at higher loads, and it does not carry over to arrivals
+    spaced otherwise than the fitted ones'. Not a likelihood term: the coefficients do not
+    learn from percentiles.
     """
     columns = [f"e2e_p{100 * q:g}" for q in tails.QUANTILES]
     measured = [c for c in columns if f"{c}_s" in points
@@ -473,7 +473,7 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, list[fl
         log_error = log_error.to_numpy(float)
         log_error = log_error[np.isfinite(log_error)]
         if log_error.size >= tails.CALIBRATION_POINTS:
-            errors[name] = [float(np.median(log_error)), float(log_error.std(ddof=1))]
+            errors[name] = float(log_error.std(ddof=1))
     return errors
 
 

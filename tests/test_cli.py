@@ -153,6 +153,31 @@ def test_tune_prints_a_schedule(workdir):
     assert "Schedule" in result.output
 
 
+def test_plan_and_tune_on_a_percentile(workdir):
+    """--quantile plans on the p99 over requests: the library's rate, below the mean's."""
+    import json
+
+    from sdbayes.planning import max_rate
+
+    plan = workdir / "p99.json"
+    result = run("plan", workdir / "post.nc", "--slo-ms", 2000, "--alpha", 0.7,
+                 "--output-len", 128, "--k", "0,4", "--quantile", 0.99, "--arrival-cv2", 0,
+                 "--output", plan)
+    assert result.exit_code == 0, result.output
+    assert "p99 e2e <= 2000 ms" in result.output
+    rows = json.loads(plan.read_text())
+    posterior = sb.load_posterior(workdir / "post.nc")
+    tail = max_rate(posterior, slo=2.0, k=np.array([0, 4]), alpha=0.7, output_len=128,
+                    quantile=0.99, arrival_cv2=0.0)
+    mean = max_rate(posterior, slo=2.0, k=np.array([0, 4]), alpha=0.7, output_len=128)
+    assert [row["max_rate_rps"] for row in rows] == pytest.approx(list(tail.rate))
+    assert all(row["metric"] == "p99 e2e" for row in rows) and np.all(tail.rate < mean.rate)
+    result = run("tune", workdir / "post.nc", "--rates", "1,4", "--alpha", 0.8,
+                 "--output-len", 128, "--quantile", 0.99)
+    assert result.exit_code == 0, result.output
+    assert "mean_p99_e2e_ms" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (("plan", "{post}", "--slo-ms", 100, "--alpha", 0.7, "--output-len", 128),
      "infeasible at any rate"),
@@ -192,6 +217,8 @@ def test_tune_prints_a_schedule(workdir):
       "--confidence", 2), "--confidence must lie in (0, 1)"),
     (("tune", "{post}", "--rates", "1", "--alpha", 0.8, "--output-len", 128, "--k-max", 0),
      "--k-max must be a whole number"),
+    (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128,
+      "--quantile", 99), "--quantile must lie in (0, 1)"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(workdir, args, message):
     bad = pd.read_csv(workdir / "p00.csv")
