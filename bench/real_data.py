@@ -30,9 +30,10 @@ six-coefficient form to log latency (the paper's method; its 90% interval is the
 residual spread, +-1.645 sd in log space; steady means, +inf past saturation). sdbayes's
 point prediction is the posterior median of the mean. ``--quick`` uses fewer draws.
 
-The p99 of e2e: sdbayes's ``e2e_p99_pred_s`` and its 90% predictive interval (the tail
-model of ``sdbayes.tails``, corrected by the error the fit measured on its training points'
-percentiles), beside a baseline for every method: its predicted mean times the training
+The p99 over requests of e2e (main table) and of TTFT and TPOT (a second table):
+sdbayes's ``{metric}_p99_pred_s`` and its 90% predictive interval (the tail model of
+``sdbayes.tails``, its interval widened by the error the fit measured on its training
+points' percentiles), beside a baseline: the method's predicted mean times the training
 points' average (geometric) p99/mean, with an interval from that ratio's spread.
 
 A reference row, "floor", is no method: for each load rank (the synchronous points, then
@@ -58,6 +59,7 @@ import sdbayes as sb
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 Z90 = 1.645
+TAILS = ("e2e", "ttft", "tpot")  # metrics whose p99 is scored
 
 
 def studies() -> dict[str, Path]:
@@ -161,28 +163,39 @@ def bayes_fits(train, test, variants, quick):
     predictions = {}
     for variant, posterior in fits.items():
         out = posterior.predict(test)
-        predictions[variant] = pd.DataFrame({
-            "pred": out["e2e_median_s"].to_numpy(),
-            "lower": out["e2e_pi_lower_s"].to_numpy(),
-            "upper": out["e2e_pi_upper_s"].to_numpy(),
-            "p99": out["e2e_p99_pred_s"].to_numpy(),
-            "p99_lower": out["e2e_p99_pi_lower_s"].to_numpy(),
-            "p99_upper": out["e2e_p99_pi_upper_s"].to_numpy()}, index=test.index)
+        columns = {"pred": "e2e_median_s", "lower": "e2e_pi_lower_s",
+                   "upper": "e2e_pi_upper_s"}
+        for m in TAILS:
+            columns.update({f"{m}_mean": f"{m}_median_s", f"{m}_p99": f"{m}_p99_pred_s",
+                            f"{m}_p99_lower": f"{m}_p99_pi_lower_s",
+                            f"{m}_p99_upper": f"{m}_p99_pi_upper_s"})
+        predictions[variant] = pd.DataFrame({name: out[column].to_numpy()
+                                             for name, column in columns.items()},
+                                            index=test.index)
     predictions["auto"] = predictions[chosen]
     return predictions, chosen
 
 
 def with_baseline(train: pd.DataFrame, predicted: pd.DataFrame) -> pd.DataFrame:
-    """The p99 baseline: the method's predicted mean times the training points' average
-    p99/mean ratio (geometric), its 90% interval from that ratio's spread."""
-    log_ratio = np.log(train["e2e_p99_s"] / train["e2e_mean_s"])
-    base = predicted["pred"] * np.exp(log_ratio.mean())
-    half = Z90 * log_ratio.std(ddof=1)
-    return predicted.assign(base99=base, base99_lower=base * np.exp(-half),
-                            base99_upper=base * np.exp(half))
+    """The p99 baseline of each metric: the method's predicted mean of it (of e2e where it
+    predicts no other) times the training points' average p99/mean ratio (geometric), its
+    90% interval from that ratio's spread."""
+    predicted = predicted.copy()
+    for m in TAILS:
+        log_ratio = np.log(train[f"{m}_p99_s"] / train[f"{m}_mean_s"]).dropna()
+        mean = predicted.get(f"{m}_mean", predicted["pred"] if m == "e2e" else None)
+        if mean is None or log_ratio.size < 2:
+            continue
+        base = mean * np.exp(log_ratio.mean())
+        half = Z90 * log_ratio.std(ddof=1)
+        predicted[f"{m}_base99"] = base
+        predicted[f"{m}_base99_lower"] = base * np.exp(-half)
+        predicted[f"{m}_base99_upper"] = base * np.exp(half)
+    return predicted
 
 
 def _errors(predicted, lower, upper, measured):
+    """MAPE, coverage of the 90% interval and count of not-finite predictions."""
     finite = np.isfinite(predicted)
     mape = np.mean(np.abs(predicted[finite] / measured[finite] - 1))
     covered = (np.mean((lower <= measured) & (measured <= upper)) if lower.notna().all()
@@ -193,18 +206,18 @@ def _errors(predicted, lower, upper, measured):
 def score(points: pd.DataFrame, name: str, label: str, method: str, part: pd.DataFrame):
     mean = _errors(part["pred"], part["lower"], part["upper"],
                    points.loc[part.index, "e2e_mean_s"])
-    p99 = points.loc[part.index, "e2e_p99_s"]
-    tail = (_errors(part["p99"], part["p99_lower"], part["p99_upper"], p99)
-            if "p99" in part else (np.nan, np.nan, 0))
-    base = (_errors(part["base99"], part["base99_lower"], part["base99_upper"], p99)
-            if "base99" in part else (np.nan, np.nan, 0))
-    return {
-        "split": label, "method": method,
-        "MAPE": mean[0], "90% PI coverage": mean[1], "not finite": mean[2],
-        "p99 MAPE": tail[0], "p99 coverage": tail[1],
-        "baseline p99 MAPE": base[0], "baseline coverage": base[1],
-        "points": len(part), "block": name,
-    }
+    row = {"split": label, "method": method,
+           "MAPE": mean[0], "90% PI coverage": mean[1], "not finite": mean[2]}
+    for m in TAILS:
+        measured = points.loc[part.index, f"{m}_p99_s"]
+        tail, base = ((_errors(part[c], part[f"{c}_lower"], part[f"{c}_upper"], measured)
+                       if c in part else (np.nan, np.nan, 0))
+                      for c in (f"{m}_p99", f"{m}_base99"))
+        prefix = "" if m == "e2e" else f"{m} "
+        row.update({f"{prefix}p99 MAPE": tail[0], f"{prefix}p99 coverage": tail[1],
+                    f"{prefix}baseline p99 MAPE": base[0],
+                    f"{prefix}baseline coverage": base[1]})
+    return {**row, "points": len(part), "block": name}
 
 
 def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool) -> None:
@@ -240,7 +253,14 @@ def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool) -
     table = pd.DataFrame(rows)  # each split's rows, then its rows by rank, each by method
     table = table.assign(sub=table["split"] != table["block"]).sort_values(
         ["block", "sub", "split", "method"]).drop(columns=["block", "sub"])
-    print(table.to_string(index=False, float_format=lambda x: f"{x:.1%}", na_rep="-"))
+    others = [c for c in table if c.startswith(("ttft ", "tpot "))]
+    print(table.drop(columns=others).to_string(index=False, float_format=lambda x: f"{x:.1%}",
+                                               na_rep="-"))
+    print("  p99 of TTFT and TPOT (per request), sdbayes only:")
+    tails_table = table[table["method"].str.startswith("sdbayes")
+                        & ~table["split"].str.startswith(" ")]
+    print(tails_table[["split", "method", *others]].to_string(
+        index=False, float_format=lambda x: f"{x:.1%}", na_rep="-"))
     print("  convergence over the 5 fits of each variant (2 chains): worst R-hat, lowest "
           "ESS, divergent transitions in all, mean leapfrog steps a draw")
     for variant, fits in CONVERGENCE.items():

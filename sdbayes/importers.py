@@ -187,6 +187,15 @@ def _get(obj, *keys):
     return obj
 
 
+def _has(obj, *keys) -> bool:
+    """Whether a field is present and not null."""
+    try:
+        _get(obj, *keys)
+    except _Malformed:
+        return False
+    return True
+
+
 def _count(obj, *keys) -> int:
     """A field that counts something: a whole number, at least 0."""
     value = _number(obj, *keys)
@@ -252,9 +261,6 @@ def _point(metrics: dict, strategy: dict, duration: float | None = None) -> dict
     row = dict(
         e2e_mean_s=latency("mean"),
         e2e_se_s=latency("std_dev") / math.sqrt(count),
-        e2e_p50_s=latency("median"),
-        e2e_p90_s=latency("percentiles", "p90"),
-        e2e_p99_s=latency("percentiles", "p99"),
         ttft_mean_s=_number(metrics, "time_to_first_token_ms", "successful", "mean") / 1e3,
         tpot_mean_s=_number(metrics, "inter_token_latency_ms", "successful", "mean") / 1e3,
         prompt_len=_number(metrics, "prompt_token_count", "successful", "mean"),
@@ -271,6 +277,14 @@ def _point(metrics: dict, strategy: dict, duration: float | None = None) -> dict
         source = "time_to_first_token_ms" if name == "ttft" else "inter_token_latency_ms"
         row[f"{name}_se_s"] = _number(metrics, source, "successful", "std_dev") / 1e3 / \
             math.sqrt(count)
+    for name, source, scale in (("e2e", "request_latency", 1.0),
+                                ("ttft", "time_to_first_token_ms", 1e-3),
+                                ("tpot", "inter_token_latency_ms", 1e-3)):
+        for q, keys in ((50, ("median",)), (90, ("percentiles", "p90")),
+                        (99, ("percentiles", "p99"))):
+            where = (source, "successful", *keys)
+            if name == "e2e" or _has(metrics, *where):  # e2e's are required, as before
+                row[f"{name}_p{q}_s"] = _number(metrics, *where) * scale
     if kind == "synchronous":
         row["concurrency"] = 1
     elif kind == "concurrent":
@@ -484,9 +498,14 @@ def _vllm_row(data: dict, completed: int, where: str) -> dict:
         throughput_rps=_number(data, "request_throughput"),
         **_end_to_end(data, completed, output_len, where),
     )
-    for name, key in (("ttft", "ttft"), ("tpot", "tpot")):
-        if f"mean_{key}_ms" in data:
-            row[f"{name}_mean_s"] = _number(data, f"mean_{key}_ms") / 1e3
+    for name in ("ttft", "tpot"):
+        if f"mean_{name}_ms" in data:
+            row[f"{name}_mean_s"] = _number(data, f"mean_{name}_ms") / 1e3
+        if f"median_{name}_ms" in data:
+            row[f"{name}_p50_s"] = _number(data, f"median_{name}_ms") / 1e3
+        for q in ("90", "99"):  # those of vLLM's --metric-percentiles that the schema keeps
+            if f"p{q}_{name}_ms" in data:
+                row[f"{name}_p{q}_s"] = _number(data, f"p{q}_{name}_ms") / 1e3
     duration = _number(data, "duration") if data.get("duration") is not None else 0.0
     if duration > 0:
         row["duration_s"] = duration

@@ -451,25 +451,28 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
 
 def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     """The tail model's error on fitted points that measured percentiles: for each column
-    ``e2e_p50_s``... with at least :data:`sdbayes.tails.CALIBRATION_POINTS` values, the sd of
-    ``log(measured percentile / measured mean) - log(predicted ones)``, keyed
-    ``"e2e_p50"``...: the error of the shape, with the mean's own error taken out.
+    ``e2e_p50_s``, ``ttft_p99_s``... with at least :data:`sdbayes.tails.CALIBRATION_POINTS`
+    values beside their metric's mean, the sd of ``log(measured percentile / measured
+    mean) - log(predicted ones)``, keyed ``"e2e_p50"``...: the error of the shape, with the
+    mean's own error taken out.
     :meth:`Posterior.predict` widens its percentiles' predictive intervals by it. Its
     average is not used to shift the percentiles: measured on the study's sweeps, it helped
     on unseen curves and hurt at higher loads, and it does not carry over to arrivals
     spaced otherwise than the fitted ones'. Not a likelihood term: the coefficients do not
     learn from percentiles.
     """
-    columns = [f"e2e_p{100 * q:g}" for q in tails.QUANTILES]
-    measured = [c for c in columns if f"{c}_s" in points
-                and points[f"{c}_s"].notna().sum() >= tails.CALIBRATION_POINTS]
+    columns = [(m, f"{m}_p{100 * q:g}") for m in ("e2e", "ttft", "tpot")
+               for q in tails.QUANTILES]
+    measured = [(m, c) for m, c in columns if f"{c}_s" in points and f"{m}_mean_s" in points
+                and (points[f"{c}_s"].notna() & points[f"{m}_mean_s"].notna()).sum()
+                >= tails.CALIBRATION_POINTS]
     if not measured:
         return {}
     predicted = posterior.predict(points)
     errors = {}
-    for name in measured:
-        log_error = (np.log(points[f"{name}_s"] / points["e2e_mean_s"])
-                     - np.log(predicted[f"{name}_pred_s"] / predicted["e2e_median_s"]))
+    for metric, name in measured:
+        log_error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"])
+                     - np.log(predicted[f"{name}_pred_s"] / predicted[f"{metric}_median_s"]))
         log_error = log_error.to_numpy(float)
         log_error = log_error[np.isfinite(log_error)]
         if log_error.size >= tails.CALIBRATION_POINTS:

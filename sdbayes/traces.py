@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import NamedTuple
 
@@ -55,6 +56,10 @@ _CONFIG = (
     Column("acceptance", "float", low=0.0, high=1.0, doc="per-token acceptance probability"),
 )
 
+PERCENTILES = (50, 90, 99)
+"""The percentiles over requests the schema keeps, of e2e, TTFT and TPOT
+(``e2e_p99_s``...)."""
+
 OPERATING_POINT_COLUMNS: tuple[Column, ...] = _CONFIG + (
     _positive("prompt_len", required=True, doc="mean prompt length [tokens]"),
     _positive("output_len", required=True, doc="mean output length [tokens]"),
@@ -64,9 +69,10 @@ OPERATING_POINT_COLUMNS: tuple[Column, ...] = _CONFIG + (
     _nonnegative("ttft_se_s"),
     _nonnegative("tpot_mean_s", doc="mean time per output token after the first [s]"),
     _nonnegative("tpot_se_s"),
-    _positive("e2e_p50_s"),
-    _positive("e2e_p90_s"),
-    _positive("e2e_p99_s"),
+    *(_positive(f"{m}_p{q}_s", doc=f"{q}th percentile of {m} over requests [s]")
+      for m in ("e2e", "ttft") for q in PERCENTILES),
+    *(_nonnegative(f"tpot_p{q}_s", doc=f"{q}th percentile of per-request TPOT [s]")
+      for q in PERCENTILES),
     _nonnegative("throughput_rps", doc="completed requests per second"),
     Column("n_requests", "int", low=1, doc="requests behind the means"),
     Column("steady", "bool", doc="false for saturated points, kept but not fitted"),
@@ -399,7 +405,8 @@ def _check_rows(df: pd.DataFrame, kind: str, report) -> None:
     if kind == "operating_point":
         report(np.flatnonzero(sd & df["acceptance"].isna().to_numpy(bool)).tolist(),
                "acceptance", "missing where k > 0")
-        for low, high in (("e2e_p50_s", "e2e_p90_s"), ("e2e_p90_s", "e2e_p99_s")):
+        for low, high in ((f"{m}_p{a}_s", f"{m}_p{b}_s") for m in ("e2e", "ttft", "tpot")
+                          for a, b in pairwise(PERCENTILES)):
             if low in df.columns and high in df.columns:
                 bad = (df[low] > df[high]).fillna(False).to_numpy(bool)
                 report(np.flatnonzero(bad).tolist(), high, f"smaller than {low}")
@@ -467,16 +474,15 @@ def aggregate(per_request: pd.DataFrame, source: str = "<table>") -> pd.DataFram
             e2e_se_s=_standard_error(e2e),
             ttft_mean_s=ttft.mean(),
             ttft_se_s=_standard_error(ttft),
-            e2e_p50_s=np.percentile(e2e, 50),
-            e2e_p90_s=np.percentile(e2e, 90),
-            e2e_p99_s=np.percentile(e2e, 99),
+            **_percentiles("e2e", e2e), **_percentiles("ttft", ttft),
             throughput_rps=_throughput(group["arrival_s"].to_numpy(float), e2e),
             steady=True,
         )
         several = out > 1
         if several.any():
             per_token = (e2e[several] - ttft[several]) / (out[several] - 1)
-            row.update(tpot_mean_s=per_token.mean(), tpot_se_s=_standard_error(per_token))
+            row.update(tpot_mean_s=per_token.mean(), tpot_se_s=_standard_error(per_token),
+                       **_percentiles("tpot", per_token))
         gaps = np.diff(group["arrival_s"].to_numpy(float))
         if pd.notna(row["request_rate"]) and gaps.size >= 2 and gaps.mean() > 0:
             row["arrival_cv2"] = gaps.var() / gaps.mean() ** 2
@@ -488,6 +494,11 @@ def aggregate(per_request: pd.DataFrame, source: str = "<table>") -> pd.DataFram
                 row[name] = group[name].iloc[0]
         rows.append(row)
     return validate(pd.DataFrame(rows), source=f"aggregate({source})")
+
+
+def _percentiles(metric: str, values: np.ndarray) -> dict[str, float]:
+    return {f"{metric}_p{q}_s": float(v)
+            for q, v in zip(PERCENTILES, np.percentile(values, PERCENTILES), strict=True)}
 
 
 _BATCHES = 20

@@ -59,6 +59,10 @@ def guidellm_concurrent():
     count = benchmark["metrics"]["request_latency"]["successful"]["count"]
     assert row["throughput_rps"] == pytest.approx(count / benchmark["duration"])
     assert row["e2e_mean_s"] == benchmark["metrics"]["request_latency"]["successful"]["mean"]
+    for name, source in (("ttft", "time_to_first_token_ms"), ("tpot", "inter_token_latency_ms")):
+        stats = benchmark["metrics"][source]["successful"]
+        assert row[f"{name}_p50_s"] == pytest.approx(stats["median"] / 1e3)
+        assert row[f"{name}_p99_s"] == pytest.approx(stats["percentiles"]["p99"] / 1e3)
 
 
 def serving_detailed():
@@ -90,6 +94,9 @@ def bench_serve():
         (data["mean_ttft_ms"] + data["mean_tpot_ms"] * (output_len - 1)) / 1e3)
     assert row["concurrency"] == data["max_concurrency"] and row["steady"]
     assert math.isnan(row.get("e2e_se_s", math.nan))  # unknown, not made up
+    assert row["ttft_p50_s"] == data["median_ttft_ms"] / 1e3
+    assert row["tpot_p99_s"] == data["p99_tpot_ms"] / 1e3
+    assert math.isnan(row.get("tpot_p90_s", math.nan))  # not among its --metric-percentiles
 
 
 def bench_serve_speculative():

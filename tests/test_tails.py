@@ -142,5 +142,8 @@ def test_guidellm_constant_rates_are_evenly_spaced():
 def test_aggregate_measures_the_arrivals():
     trace = sb.simulate(COEF, k=2, alpha=0.7, output_len=64, prompt_len=64, rate=3.0,
                         n_requests=4000, seed=0)
-    cv2 = float(sb.aggregate(trace)["arrival_cv2"].iloc[0])
-    assert cv2 == pytest.approx(1.0, abs=0.1)  # Poisson: sd of the estimate ~0.03
+    point = sb.aggregate(trace).iloc[0]
+    assert point["arrival_cv2"] == pytest.approx(1.0, abs=0.1)  # Poisson: sd ~0.03
+    per_token = (trace["e2e_s"] - trace["ttft_s"]) / (trace["output_len"] - 1)
+    for metric, values in (("ttft", trace["ttft_s"]), ("tpot", per_token)):
+        assert point[f"{metric}_p90_s"] == pytest.approx(np.percentile(values, 90))
