@@ -5,8 +5,9 @@
 Times jit-compiled `sb.latency` over n_points operating points (random k, alpha, rate), and
 `jax.grad` of their summed latency with respect to k (a tuning step), after compilation.
 Then the same for an MoE verifier (128 experts, top-8, expert terms added to the example
-coefficients), whose latency is a fixed point (grid scan and bisection). Prints the device,
-the figures, and the ratios gradient / value and MoE / dense.
+coefficients), whose latency is a fixed point (grid scan and bisection); and the p99 of
+e2e over requests of the tail model (``sdbayes.tails.percentile``). Prints the device, the
+figures, and the ratios gradient / value, MoE / dense and p99 / mean.
 """
 
 import sys
@@ -52,6 +53,13 @@ def main(n: int = 10_000_000) -> None:
         print(f"{name:5s} d latency / dk: {t_grad * 1e3:9.2f} ms  {n / t_grad:14,.0f} points/s  "
               f"({t_grad / t_value:.1f}x the value)")
     print(f"MoE / dense latency: {times['MoE'] / times['dense']:.0f}x")
+
+    def p99(k, a, r):
+        return sb.tails.percentile(COEF, q=0.99, k=k, alpha=a, output_len=128.0, rate=r)
+
+    t_tail = best_of(jax.jit(p99), k, alpha, rate)
+    print(f"dense p99 (sdbayes.tails): {t_tail * 1e3:9.2f} ms  {n / t_tail:14,.0f} points/s  "
+          f"({t_tail / times['dense']:.1f}x the mean latency)")
 
 
 if __name__ == "__main__":
