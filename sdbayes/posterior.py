@@ -178,7 +178,8 @@ class Posterior:
         with replacing(path) as temporary:
             self.idata.to_netcdf(str(temporary))
 
-    def predict(self, points: pd.DataFrame, ci: float = 0.9, seed: int = 0) -> pd.DataFrame:
+    def predict(self, points: pd.DataFrame, ci: float = 0.9, seed: int = 0,
+                percentiles: bool = True) -> pd.DataFrame:
         """Posterior prediction for a grid of operating points: the fitted observation
         model (:mod:`sdbayes.observation`) run again on new rows.
 
@@ -197,6 +198,8 @@ class Posterior:
           points: the operating points, a table of shape [n rows].
           ci: mass of the central intervals.
           seed: for the predictive noise, new configurations' and new groups' draws.
+          percentiles: also predict p50/p90/p99 over requests (below); False skips them
+          and their cost.
 
         Returns:
           The input columns plus, for metric m in e2e, ttft, tpot: ``m_pred_s`` (posterior
@@ -209,7 +212,13 @@ class Posterior:
           speedup_upper`` over k = 0 at the same load; ``saturation_rate_pred, _lower,
           _upper`` [req/s]; ``p_saturated``, the posterior probability that a steady load
           is past saturation, and ``saturated``, true where it is more likely than not (the
-          median is then +inf; a mean is +inf where any draw is saturated).
+          median is then +inf; a mean is +inf where any draw is saturated). With
+          ``percentiles``, for m in e2e, ttft, tpot and p in 50, 90, 99, the p-th
+          percentile of m over requests (:mod:`sdbayes.tails`): ``m_pP_pred_s`` (posterior
+          median), ``m_pP_lower_s, m_pP_upper_s`` (credible interval) and ``m_pP_pi_lower_s,
+          m_pP_pi_upper_s`` (predictive interval of a measured percentile, over the row's
+          ``n_requests`` where given). An open loop's arrivals are Poisson unless the row
+          gives ``arrival_cv2`` (0 for evenly spaced ones).
         """
         if not 0 < ci < 1:
             raise ValueError(f"ci must lie in (0, 1), got {ci}")
@@ -231,7 +240,7 @@ class Posterior:
         tau_q = self._draws("tau_q")[:, None]
         lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
         out = points.reset_index(drop=True).copy()
-        percentiles = {}  # metric -> (draws of its mean, the spread of a measured one) [D, R]
+        means = {}  # metric -> (draws of its mean, the spread of a measured one) [D, R]
         for metric in ("e2e", "ttft", "tpot"):
             x = np.asarray(predicted.mean(metric))
             name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
@@ -243,16 +252,17 @@ class Posterior:
                 noisy = np.where(finite, x, 1.0) * np.exp(np.where(finite, spread, 0.0) * noise)
             measured = np.where(finite, noisy, np.inf)
             out[f"{metric}_pred_s"] = x.mean(axis=0)
-            out[f"{metric}_median_s"] = _quantiles(x, 0.5, 0.5)[0]
-            out[f"{metric}_lower_s"], out[f"{metric}_upper_s"] = _quantiles(x, lo, hi)
+            (out[f"{metric}_median_s"], out[f"{metric}_lower_s"],
+             out[f"{metric}_upper_s"]) = _quantiles(x, 0.5, lo, hi)
             out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)
             # A percentile's own sampling error replaces the row's standard error of a mean.
-            percentiles[metric] = (x, np.asarray(observation.spread(
+            means[metric] = (x, np.asarray(observation.spread(
                 self._draws(name)[:, None], tau_q, predicted.sensitivity)))
-        shape_noise = np.asarray(jax.random.normal(key_tail, (len(tails.QUANTILES),)
-                                                   + noise.shape))
-        out = _percentiles(out, percentiles, rows, arrays, grid, variant, noise, shape_noise,
-                           (lo, hi), self.tail_error)
+        if percentiles:
+            shape_noise = np.asarray(jax.random.normal(key_tail, (len(tails.QUANTILES),)
+                                                       + noise.shape))
+            out = _percentiles(out, means, rows, arrays, grid, variant, noise, shape_noise,
+                               (lo, hi), self.tail_error)
         closed = arrays.closed
         point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
                      variant=variant)
@@ -298,21 +308,25 @@ class Posterior:
         return None if stored is None else [tuple(key) for key in json.loads(stored)]
 
     def _load_error(self, group: np.ndarray, key) -> observation.LoadError | None:
-        """Each row's draws of its group's discrepancy in load, a fresh one for a group
-        the fit has not seen (weights [D, R, LOAD_BASIS])."""
+        """Each row's draws of its group's discrepancy in load; rows of groups the fit has
+        not seen share one fresh draw, as they share one draw of the coefficients
+        (weights [D, R, LOAD_BASIS])."""
         if "load_weights" not in self.idata.posterior:
             return None
         seen = (group >= 0)[None, :, None]
         weights = self._draws("load_weights")[:, np.maximum(group, 0)]  # [D, R, LOAD_BASIS]
-        # A fresh group's weights from the prior they were fitted under: Student-t, or
-        # standard normal in files written before (no sdbayes_load_df).
-        fresh = np.asarray(observation.sample_load_weights(key, weights.shape)
-                           if "sdbayes_load_df" in self.idata.attrs
-                           else jax.random.normal(key, weights.shape))
+        if not seen.all():
+            # Weights from the prior they were fitted under: Student-t, or standard normal
+            # in files written before (no sdbayes_load_df).
+            shape = (weights.shape[0], 1, weights.shape[2])
+            fresh = np.asarray(observation.sample_load_weights(key, shape)
+                               if "sdbayes_load_df" in self.idata.attrs
+                               else jax.random.normal(key, shape))
+            weights = np.where(seen, weights, fresh)
         offset = (self._draws("load_offset")[:, np.maximum(group, 0)]
                   if "load_offset" in self.idata.posterior else 0.0)
         # A new group's discrepancy keeps its level: no coefficients of its own took it.
-        return observation.LoadError(np.where(seen, weights, fresh),
+        return observation.LoadError(weights,
                                      self._draws("load_scale")[:, None],
                                      np.where(seen, offset, 0.0))
 
@@ -442,8 +456,8 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
             with np.errstate(over="ignore"):
                 error = sd * noise + shape_sd * shape_noise[j]
                 measured = np.where(finite, np.where(finite, x, 1.0) * np.exp(error), np.inf)
-            columns[f"{name}_pred_s"] = _quantiles(x, 0.5, 0.5)[0]
-            columns[f"{name}_lower_s"], columns[f"{name}_upper_s"] = _quantiles(x, *interval)
+            (columns[f"{name}_pred_s"], columns[f"{name}_lower_s"],
+             columns[f"{name}_upper_s"]) = _quantiles(x, 0.5, *interval)
             columns[f"{name}_pi_lower_s"], columns[f"{name}_pi_upper_s"] = _quantiles(
                 measured, *interval)
     return pd.concat([out, pd.DataFrame(columns, index=out.index)], axis=1)
@@ -480,10 +494,9 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     return errors
 
 
-def _quantiles(x: np.ndarray, lo: float, hi: float):
-    """Equal-tailed interval over draws (axis 0); +inf draws stay +inf, never NaN."""
-    q = np.quantile(x, [lo, hi], axis=0, method="inverted_cdf")
-    return q[0], q[1]
+def _quantiles(x: np.ndarray, *probs: float) -> tuple[np.ndarray, ...]:
+    """Quantiles over draws (axis 0), one array each; +inf draws stay +inf, never NaN."""
+    return tuple(np.quantile(x, probs, axis=0, method="inverted_cdf"))
 
 
 def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:
