@@ -82,6 +82,9 @@ def test_predict_reports_ordered_percentiles_with_intervals():
             assert (out[f"{name}_pi_lower_s"] < out[f"{name}_lower_s"]).all()
             assert (out[f"{name}_pi_upper_s"] > out[f"{name}_upper_s"]).all()
     assert (out["e2e_p99_pred_s"] > out["e2e_pred_s"]).all()
+    means_only = post.predict(grid, percentiles=False)
+    assert not any("_p99_" in c for c in means_only)
+    pd.testing.assert_series_equal(means_only["e2e_median_s"], out["e2e_median_s"])
 
 
 def test_tail_errors_measure_the_shape_not_the_mean():
