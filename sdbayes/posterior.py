@@ -19,11 +19,14 @@ from sdbayes import observation, tails
 from sdbayes.calibrate import coefficient_names
 from sdbayes.files import replacing
 from sdbayes.model import Coefficients, Variant, demands, saturation_rate, speedup
-from sdbayes.traces import TraceError, group_labels, to_points
+from sdbayes.traces import Points, TraceError, group_labels, to_points
 
 _RHAT_LIMIT = 1.01
 _RHAT_MIXED = 1.05  # above it chains plainly disagree; below, a short fit's R-hat is noisy
 _ESS_PER_CHAIN = 100
+# Prediction works through its grid in chunks of at most this many draws x rows, so that
+# each of its [draws, rows] arrays stays near 16 MB whatever the grid's size.
+_PREDICT_CELLS = 2_000_000
 _IDENTIFIED_SD_RATIO = 0.5  # posterior sd of log c over prior sd above this: not learned
 
 
@@ -222,11 +225,35 @@ class Posterior:
         """
         if not 0 < ci < 1:
             raise ValueError(f"ci must lie in (0, 1), got {ci}")
+        points = points.reset_index(drop=True)
+        # Groups and configurations are resolved over the whole grid (a k = 0 row joins
+        # the SD group of its table), then the rows are predicted in chunks.
         grid = self._grid(points)
         arrays, _ = to_points(grid, self.groups, self.configs)
-        key_group, key_config, key_load, key_noise, key_tail = jax.random.split(
-            jax.random.key(seed), 5)
         resolved = self._new_group_rows(grid, arrays)
+        keys = jax.random.split(jax.random.key(seed), 5)
+        size = max(1, _PREDICT_CELLS // self._draws("c1p").shape[0])
+        if len(points) <= size:
+            return self._predict(points, grid, arrays, resolved, ci, keys, percentiles)
+
+        def chunk_keys(i):  # a new group's draws are shared by all its rows: same keys
+            group, config, load, noise, tail = keys
+            return (group, jax.random.fold_in(config, i), load, jax.random.fold_in(noise, i),
+                    jax.random.fold_in(tail, i))
+
+        parts = []
+        for i, start in enumerate(range(0, len(points), size)):
+            rows = slice(start, start + size)
+            parts.append(self._predict(points.iloc[rows], grid.iloc[rows],
+                                       Points(*(field[rows] for field in arrays)),
+                                       resolved[rows], ci, chunk_keys(i), percentiles))
+        return pd.concat(parts, ignore_index=True)
+
+    def _predict(self, points: pd.DataFrame, grid: pd.DataFrame, arrays: Points,
+                 resolved: np.ndarray, ci: float, keys, percentiles: bool) -> pd.DataFrame:
+        """:meth:`predict` of rows whose groups are resolved, up to :data:`_PREDICT_CELLS`
+        draws x rows."""
+        key_group, key_config, key_load, key_noise, key_tail = keys
         coef = self._coefficients_for(arrays.group, resolved, key_group)  # [D, R]
         rows = self._configured(coef, arrays.config, key_config)
         variant = self.variant
