@@ -227,6 +227,9 @@ Output = Annotated[Path | None, typer.Option(
 
 Quantile = Annotated[float | None, typer.Option(
     help="Target this quantile over requests, in (0, 1) (0.99: the p99), not the mean.")]
+OutputLenSD = Annotated[float, typer.Option(
+    "--output-len-sd", min=0, max=1e8,
+    help="Standard deviation of the output lengths [tokens], for --quantile; 0: all equal.")]
 ArrivalCV2 = Annotated[float, typer.Option(
     "--arrival-cv2", min=0, max=1e6,
     help="Squared CV of the gaps between arrivals, for --quantile: 1 Poisson (vllm bench "
@@ -376,6 +379,7 @@ def plan(
     metric: str = "e2e",
     quantile: Quantile = None,
     arrival_cv2: ArrivalCV2 = 1.0,
+    output_len_sd: OutputLenSD = 0.0,
     confidence: float = 0.95,
     traffic: Annotated[float | None, typer.Option(help="Target traffic [req/s].", min=0,
                                                   max=_MOST_RPS)] = None,
@@ -397,7 +401,8 @@ def plan(
     post = _load(posterior, strict)
     plan = _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len, ks=ks,
                       metric=metric, confidence=confidence, traffic=traffic, group=group,
-                      tail=dict(quantile=quantile, arrival_cv2=arrival_cv2))
+                      tail=dict(quantile=quantile, arrival_cv2=arrival_cv2,
+                                output_len_sd=output_len_sd))
     _write_table(plan.assign(alpha=alpha, output_len=output_len,
                              metric=_metric_label(metric, quantile), slo_ms=slo_ms,
                              confidence=confidence), output)
@@ -412,7 +417,8 @@ def _metric_label(metric: str, quantile: float | None) -> str:
 def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
                traffic=None, group=0, tail=None) -> pd.DataFrame:
     """Prints the capacity of each k; returns it as a table (``replicas`` empty where the
-    SLO cannot be met). ``tail``: :func:`sdbayes.max_rate`'s quantile and arrival_cv2."""
+    SLO cannot be met). ``tail``: :func:`sdbayes.max_rate`'s quantile, arrival_cv2 and
+    output_len_sd."""
     from sdbayes.planning import max_rate, replicas_needed
 
     tail = tail or {}
@@ -457,6 +463,7 @@ def tune(
     metric: str = "e2e",
     quantile: Quantile = None,
     arrival_cv2: ArrivalCV2 = 1.0,
+    output_len_sd: OutputLenSD = 0.0,
     k_max: int = 16,
     group: int = 0,
     output: Output = None,
@@ -480,7 +487,8 @@ def tune(
                                           high=MOST["concurrency"])))
     schedule = _show_schedule(post, **load, alpha=alpha, output_len=output_len, risk=risk,
                               level=level, metric=metric, k_max=k_max, group=group,
-                              tail=dict(quantile=quantile, arrival_cv2=arrival_cv2))
+                              tail=dict(quantile=quantile, arrival_cv2=arrival_cv2,
+                                        output_len_sd=output_len_sd))
     _write_table(schedule.assign(alpha=alpha, output_len=output_len), output)
     if batch_sizes is not None:
         _show_speculative_config(post, schedule, group)
@@ -511,8 +519,8 @@ def _show_schedule(posterior, *, alpha, output_len, rates=None, batch_sizes=None
                    risk="mean", level=0.95, metric="e2e", k_max=16,
                    group=0, tail=None) -> pd.DataFrame:
     """Prints the best k of each request rate (or batch size, a closed loop of that many
-    in flight); returns the table. ``tail``: :func:`sdbayes.tune_k`'s quantile and
-    arrival_cv2."""
+    in flight); returns the table. ``tail``: :func:`sdbayes.tune_k`'s quantile,
+    arrival_cv2 and output_len_sd."""
     from sdbayes.tuning import tune_k
 
     tail = tail or {}

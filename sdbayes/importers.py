@@ -277,6 +277,8 @@ def _point(metrics: dict, strategy: dict, duration: float | None = None) -> dict
         source = "time_to_first_token_ms" if name == "ttft" else "inter_token_latency_ms"
         row[f"{name}_se_s"] = _number(metrics, source, "successful", "std_dev") / 1e3 / \
             math.sqrt(count)
+    if _has(metrics, "output_token_count", "successful", "std_dev"):
+        row["output_len_sd"] = _number(metrics, "output_token_count", "successful", "std_dev")
     for name, source, scale in (("e2e", "request_latency", 1.0),
                                 ("ttft", "time_to_first_token_ms", 1e-3),
                                 ("tpot", "inter_token_latency_ms", 1e-3)):
@@ -506,6 +508,12 @@ def _vllm_row(data: dict, completed: int, where: str) -> dict:
         for q in ("90", "99"):  # those of vLLM's --metric-percentiles that the schema keeps
             if f"p{q}_{name}_ms" in data:
                 row[f"{name}_p{q}_s"] = _number(data, f"p{q}_{name}_ms") / 1e3
+    if isinstance(data.get("output_lens"), list) and data["output_lens"]:
+        errors = data.get("errors") or [""] * len(data["output_lens"])
+        lengths = [float(n) for n, error in zip(data["output_lens"], errors, strict=True)
+                   if not error and isinstance(n, int | float)]
+        if lengths:
+            row["output_len_sd"] = float(np.std(lengths))
     duration = _number(data, "duration") if data.get("duration") is not None else 0.0
     if duration > 0:
         row["duration_s"] = duration

@@ -45,10 +45,10 @@ METRICS = ("e2e", "ttft", "tpot")
 
 def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=None,
                  concurrency=None, variant: str | Variant = "paper", quantile=None,
-                 arrival_cv2=tails.POISSON) -> Array:
+                 arrival_cv2=tails.POISSON, output_len_sd=0.0) -> Array:
     """One of :data:`METRICS` [s]: its mean from the one model solve
     (:func:`sdbayes.model.metrics`), or with ``quantile`` its quantile over requests
-    (:func:`sdbayes.tails.percentile`, arrivals of squared CV ``arrival_cv2``).
+    (:func:`sdbayes.tails.percentile`, with ``arrival_cv2`` and ``output_len_sd``).
 
     Arguments as :func:`sdbayes.latency`; not jit-compiled itself (it runs in its caller's
     trace).
@@ -57,7 +57,8 @@ def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         s = tails.spread(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
-                         concurrency=concurrency, arrival_cv2=arrival_cv2, variant=variant)
+                         concurrency=concurrency, arrival_cv2=arrival_cv2,
+                         output_len_sd=output_len_sd, variant=variant)
         return tails.quantile(s, quantile, metric)
     return select_metric(metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
                                  concurrency=concurrency, variant=variant), metric)
@@ -82,6 +83,7 @@ def rate_at_slo(
     variant: str | Variant = "paper",
     quantile: float | None = None,
     arrival_cv2: ArrayLike = tails.POISSON,
+    output_len_sd: ArrayLike = 0.0,
 ) -> Array:
     """Highest open-loop arrival rate [req/s] at which ``metric`` is at most ``slo``: its
     mean, or with ``quantile`` (0.99 for p99) that quantile over requests.
@@ -96,7 +98,8 @@ def rate_at_slo(
       metric: one of :data:`METRICS`.
       variant: model variant.
       quantile: None for the mean, else in (0, 1) (static).
-      arrival_cv2: squared CV of the inter-arrival times (:func:`sdbayes.tails.percentile`).
+      arrival_cv2, output_len_sd: the arrivals' squared CV and the output lengths' sd
+        [tokens], for a quantile (:func:`sdbayes.tails.percentile`).
 
     Returns:
       Rates [req/s] of the broadcast shape; 0 where the SLO is not met even at zero load.
@@ -111,7 +114,8 @@ def rate_at_slo(
     saturation = jnp.broadcast_to(limit, jnp.broadcast_shapes(limit.shape, slo.shape))
     return increasing_root(
         lambda rate: metric_value(coef, metric, rate=rate, quantile=quantile,
-                                  arrival_cv2=arrival_cv2, **point) - slo,
+                                  arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
+                                  **point) - slo,
         jnp.zeros_like(saturation), saturation)
 
 
@@ -235,6 +239,18 @@ def check_point(**values) -> None:
             raise ValueError(f"{name} must be finite and {bound}, got {value}")
 
 
+def tail_settings(quantile: float | None, arrival_cv2: float, output_len_sd: float) -> dict:
+    """The tail model's settings of :func:`max_rate` and :func:`sdbayes.tune_k`, checked
+    (ValueError naming the first bad one) and as the floats their jit-compiled kernels take."""
+    if quantile is not None and not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    for name, value in (("arrival_cv2", arrival_cv2), ("output_len_sd", output_len_sd)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return dict(quantile=None if quantile is None else float(quantile),
+                arrival_cv2=float(arrival_cv2), output_len_sd=float(output_len_sd))
+
+
 def order_statistic_index(n_draws: int, confidence: float) -> int:
     """Index into ascending draws of the value that ``confidence`` of them are at or above.
 
@@ -261,6 +277,7 @@ def max_rate(
     variant: str | Variant | None = None,
     quantile: float | None = None,
     arrival_cv2: float = 1.0,
+    output_len_sd: float = 0.0,
 ) -> Capacity:
     """Highest request rate one replica holds with ``P(metric <= slo) >= confidence``.
 
@@ -282,6 +299,7 @@ def max_rate(
       quantile: None (the mean) or the quantile over requests, in (0, 1).
       arrival_cv2: squared coefficient of variation of the inter-arrival times: 1 for
         Poisson arrivals, 0 for evenly spaced ones (only the quantiles depend on it).
+      output_len_sd: standard deviation of the output lengths [tokens] (quantiles only).
 
     Returns:
       A :class:`Capacity` of the broadcast shape of the operating point.
@@ -294,14 +312,9 @@ def max_rate(
     check_point(k=k, alpha=alpha, output_len=output_len)
     if not np.all(np.asarray(slo) > 0):
         raise ValueError(f"slo must be > 0 seconds, got {slo}")
-    if quantile is not None and not 0 < quantile < 1:
-        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
-    if not (math.isfinite(arrival_cv2) and arrival_cv2 >= 0):
-        raise ValueError(f"arrival_cv2 must be finite and >= 0, got {arrival_cv2}")
+    tail = tail_settings(quantile, arrival_cv2, output_len_sd)
     coef, variant = coefficient_draws(source, group, variant)
     n_draws = coef.c1p.shape[0]
-    tail = dict(quantile=None if quantile is None else float(quantile),
-                arrival_cv2=float(arrival_cv2))
     index = order_statistic_index(n_draws, confidence)
     shape = np.broadcast_shapes(np.shape(k), np.shape(alpha), np.shape(output_len),
                                 np.shape(slo))

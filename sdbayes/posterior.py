@@ -221,7 +221,8 @@ class Posterior:
           median), ``m_pP_lower_s, m_pP_upper_s`` (credible interval) and ``m_pP_pi_lower_s,
           m_pP_pi_upper_s`` (predictive interval of a measured percentile, over the row's
           ``n_requests`` where given). An open loop's arrivals are Poisson unless the row
-          gives ``arrival_cv2`` (0 for evenly spaced ones).
+          gives ``arrival_cv2`` (0 for evenly spaced ones); every request emits
+          ``output_len`` tokens unless the row gives their spread, ``output_len_sd``.
         """
         if not 0 < ci < 1:
             raise ValueError(f"ci must lie in (0, 1), got {ci}")
@@ -463,12 +464,12 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
             return np.full(len(grid), np.nan)
         return grid[name].astype("Float64").to_numpy(float, na_value=np.nan)
 
-    cv2, n = column("arrival_cv2"), column("n_requests")
+    cv2, n, lengths = column("arrival_cv2"), column("n_requests"), column("output_len_sd")
     shapes = tails.relative(rows, np.array(tails.QUANTILES), k=arrays.k, alpha=arrays.alpha,
                             output_len=arrays.output_len, rate=arrays.rate,
                             concurrency=arrays.concurrency, closed=arrays.closed,
                             arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2),
-                            variant=variant)
+                            output_len_sd=np.nan_to_num(lengths), variant=variant)
     columns = {}
     for metric, (mean, spread) in means.items():
         ratio, cv = (np.asarray(a) for a in shapes[metric])

@@ -1,14 +1,17 @@
 """Percentiles of per-request end-to-end latency, TTFT and TPOT: the tail model.
 
 The mean-value model (:mod:`sdbayes.model`) gives each metric's mean. A request is slower
-than the mean for three reasons, each with a variance taken from the same solve:
+than the mean for these reasons, each with a variance taken from the same solve:
 
 1. **Its acceptance draws.** A request that emits ``g`` tokens needs a random number of SD
    cycles ``C``, each emitting ``X`` tokens (``1 +`` drafts accepted before the first
    rejection). By renewal theory ``Var C = g * Var X / E^3`` with ``E = E[X]``: at
    ``alpha = 0.7`` and ``g = 128``, 3% of the decode time at ``k = 1``, 12% at ``k = 8``.
    The decode time is ``D = tau * C`` with ``tau`` the mean cycle time at the load.
-2. **The load it meets.** Under an open loop the others in flight fluctuate about their
+2. **Its output length**, where lengths vary (``output_len_sd``, the sd about the mean
+   ``g``): ``C`` grows by ``sd / E`` per request. It widens e2e; TPOT, per token, keeps
+   only the acceptance and load terms, taken at the mean length.
+3. **The load it meets.** Under an open loop the others in flight fluctuate about their
    mean ``B``; a request's latency grows by ``C2`` (the marginal demand) per other over its
    life. Their time average over a life has variance
    ``a2 * B * (2/3 + rho) / (1 - rho)``, ``rho = rate * C2`` the utilisation and ``a2`` the
@@ -17,7 +20,7 @@ than the mean for three reasons, each with a variance taken from the same solve:
    for an infinite-server queue with fixed lives at light load, and growth as
    ``1 / (1 - rho)`` as in heavy traffic. The ``rho`` between was measured on the simulator
    (``bench/tails.py``). A closed loop holds its load: no such term.
-3. **The step boundary it waits for** before its prefill: none with probability
+4. **The step boundary it waits for** before its prefill: none with probability
    ``exp(-B)`` (the engine is idle), else the rest of a period that holds one decode step
    and the admission stalls (``c2p``) of the requests that arrived during the period
    before: the residual life of that period, whose first two moments give the wait's
@@ -89,8 +92,9 @@ class Spread(NamedTuple):
     wait: Array  # mean wait for a step boundary of an arrival that finds it busy
     wait_cv2: Array  # that wait's squared coefficient of variation
     decode: Array  # mean time from first token to last
-    decode_var: Array  # its variance [s^2]: acceptance draws and load
-    output_len: Array  # tokens emitted [tokens]
+    decode_var: Array  # its variance [s^2] at the mean output length: acceptance and load
+    length_var: Array  # what the spread of output lengths adds to it [s^2]
+    output_len: Array  # mean tokens emitted [tokens]
 
     @property
     def ttft(self) -> Array:
@@ -105,7 +109,7 @@ class Spread(NamedTuple):
 
 
 def spread(coef: Coefficients, *, k, alpha, output_len, rate=None, concurrency=None,
-           closed=None, arrival_cv2: ArrayLike = POISSON,
+           closed=None, arrival_cv2: ArrayLike = POISSON, output_len_sd: ArrayLike = 0.0,
            variant: str | Variant = "paper") -> Spread:
     """The :class:`Spread` of an operating point, from one solve of the mean-value model.
 
@@ -114,8 +118,8 @@ def spread(coef: Coefficients, *, k, alpha, output_len, rate=None, concurrency=N
     """
     variant = as_variant(variant)
     # One shape for every argument: the draws' axes meet the points' explicitly.
-    given = [x for x in (k, output_len, rate, concurrency, closed, arrival_cv2, *coef)
-             if x is not None]
+    given = [x for x in (k, output_len, rate, concurrency, closed, arrival_cv2, output_len_sd,
+                         *coef) if x is not None]
     if not isinstance(alpha, PositionRates):
         given.append(alpha)
     shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in given))
@@ -124,8 +128,9 @@ def spread(coef: Coefficients, *, k, alpha, output_len, rate=None, concurrency=N
         return None if x is None else jnp.broadcast_to(x, shape)
 
     coef = Coefficients(*(full(f) for f in coef))
-    k, output_len, rate, concurrency, closed, arrival_cv2 = (
-        full(x) for x in (k, output_len, rate, concurrency, closed, arrival_cv2))
+    k, output_len, rate, concurrency, closed, arrival_cv2, output_len_sd = (
+        full(x) for x in (k, output_len, rate, concurrency, closed, arrival_cv2,
+                          output_len_sd))
     if not isinstance(alpha, PositionRates):
         alpha = full(alpha)
     d, total, others, stable, mean_wait = _solve(coef, k, alpha, output_len, rate,
@@ -164,8 +169,9 @@ def spread(coef: Coefficients, *, k, alpha, output_len, rate=None, concurrency=N
     elif concurrency is not None:
         load_var = jnp.where(closed, 0.0, load_var)
     decode_var = tau**2 * cycles_var + load_var
+    length_var = (tau * jnp.asarray(output_len_sd, dtype) / e) ** 2  # C ~ g / E per request
     return Spread(total, d.independent.prefill, 1.0 - busy, wait, wait_cv2,
-                  jnp.where(stable, decode, jnp.inf), decode_var, g)
+                  jnp.where(stable, decode, jnp.inf), decode_var, length_var, g)
 
 
 def _residual_cv2(wait, throughput, c2p):
@@ -204,7 +210,7 @@ def quantile(s: Spread, q: ArrayLike, metric: str) -> Array:
     operating point whose :class:`Spread` is ``s``; ``q`` in (0, 1), broadcasting."""
     q = jnp.asarray(q, s.latency.dtype)
     if metric == "e2e":
-        return _gamma_quantile(s.latency, s.decode_var + s.wait_var, ndtri(q))
+        return _gamma_quantile(s.latency, s.decode_var + s.length_var + s.wait_var, ndtri(q))
     if metric == "ttft":
         busy = 1.0 - s.idle
         waits = q > s.idle
@@ -232,6 +238,7 @@ def percentile(
     concurrency: ArrayLike | None = None,
     metric: str = "e2e",
     arrival_cv2: ArrayLike = POISSON,
+    output_len_sd: ArrayLike = 0.0,
     prompt_len: ArrayLike | None = None,
     variant: str | Variant = "paper",
     experts: int | None = None,
@@ -240,9 +247,8 @@ def percentile(
     """The ``q``-quantile over requests of end-to-end latency, TTFT or TPOT [s].
 
     What makes one request slower than another at the same operating point: its own
-    acceptance draws, the load it meets and its wait for a step boundary (module
-    docstring). Every output token counts as emitted by a cycle; the output length is the
-    given one, not a distribution.
+    acceptance draws, its output length, the load it meets and its wait for a step
+    boundary (module docstring). Every output token counts as emitted by a cycle.
 
     Args:
       coef: cost coefficients [s].
@@ -253,13 +259,16 @@ def percentile(
       arrival_cv2: squared coefficient of variation of the inter-arrival times of an open
         loop: 1 for Poisson arrivals (:data:`POISSON`), 0 for evenly spaced ones,
         ``1 / burstiness`` for ``vllm bench serve``'s gamma arrivals.
+      output_len_sd: standard deviation of the requests' output lengths [tokens] about
+        ``output_len``, their mean; 0 when every request emits the same number (``vllm
+        bench serve --random-output-len`` with ``--ignore-eos``). It widens e2e, not TPOT.
 
     Returns:
       Seconds, the broadcast shape of the arguments; ``+inf`` past saturation.
     """
     del prompt_len
     s = spread(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
-               concurrency=concurrency, arrival_cv2=arrival_cv2,
+               concurrency=concurrency, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                variant=as_variant(variant, experts, top_m))
     return quantile(s, q, metric)
 
@@ -269,7 +278,8 @@ _NEAR_SATURATION = 0.95  # of the saturation rate: where a finite run's tail sha
 
 @partial(jax.jit, static_argnames="variant")
 def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, concurrency,
-             closed, arrival_cv2, variant: str | Variant = "paper") -> dict[str, tuple]:
+             closed, arrival_cv2, output_len_sd,
+             variant: str | Variant = "paper") -> dict[str, tuple]:
     """Each metric's quantiles relative to its mean, for scaling another model's means.
 
     :meth:`sdbayes.Posterior.predict` multiplies the means of its observation model
@@ -279,7 +289,8 @@ def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, co
     Args:
       coef: coefficient draws, fields of shape [D, R].
       q: quantiles, shape [Q].
-      k, alpha, output_len, rate, concurrency, closed, arrival_cv2: the rows, shape [R]
+      k, alpha, output_len, rate, concurrency, closed, arrival_cv2, output_len_sd: the
+        rows, shape [R]
         (``rate`` 0 on closed rows, ``concurrency`` 1 on open ones).
       variant: model variant (static).
 
@@ -291,11 +302,13 @@ def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, co
     point = dict(k=k, alpha=alpha, output_len=output_len, variant=variant)
     limit = _NEAR_SATURATION * saturation_rate(coef, **point)
     s = spread(coef, rate=jnp.minimum(jnp.broadcast_to(rate, limit.shape), limit),
-               concurrency=concurrency, closed=closed, arrival_cv2=arrival_cv2, **point)
+               concurrency=concurrency, closed=closed, arrival_cv2=arrival_cv2,
+               output_len_sd=output_len_sd, **point)
     qs = jnp.asarray(q)[:, None, None]
     leading = Spread(*(f[None] for f in s))  # [1, D, R], against the quantiles [Q, 1, 1]
     after_first = jnp.maximum(s.output_len - 1.0, 1.0)
-    means = {"e2e": (s.latency, s.decode_var + s.wait_var), "ttft": (s.ttft, s.wait_var),
+    means = {"e2e": (s.latency, s.decode_var + s.length_var + s.wait_var),
+             "ttft": (s.ttft, s.wait_var),
              "tpot": (s.decode / after_first, s.decode_var / after_first**2)}
     out = {}
     for metric, (mean, var) in means.items():

@@ -63,6 +63,8 @@ PERCENTILES = (50, 90, 99)
 OPERATING_POINT_COLUMNS: tuple[Column, ...] = _CONFIG + (
     _positive("prompt_len", required=True, doc="mean prompt length [tokens]"),
     _positive("output_len", required=True, doc="mean output length [tokens]"),
+    _nonnegative("output_len_sd", doc="standard deviation of the requests' output lengths "
+                 "[tokens]; 0 (the default) when all emit output_len"),
     _positive("e2e_mean_s", required=True, doc="mean end-to-end latency [s]"),
     _nonnegative("e2e_se_s", doc="standard error of e2e_mean_s [s]"),
     _positive("ttft_mean_s", doc="mean time to first token [s]"),
@@ -469,6 +471,7 @@ def aggregate(per_request: pd.DataFrame, source: str = "<table>") -> pd.DataFram
         row.update(
             prompt_len=group["prompt_len"].mean(),
             output_len=out.mean(),
+            output_len_sd=out.std(),
             n_requests=n,
             e2e_mean_s=e2e.mean(),
             e2e_se_s=_standard_error(e2e),

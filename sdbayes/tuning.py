@@ -33,7 +33,13 @@ from jax.typing import ArrayLike
 
 from sdbayes import tails
 from sdbayes.model import Coefficients, PositionRates, Variant, goodput, metrics
-from sdbayes.planning import check_point, coefficient_draws, metric_value, select_metric
+from sdbayes.planning import (
+    check_point,
+    coefficient_draws,
+    metric_value,
+    select_metric,
+    tail_settings,
+)
 
 Array = jax.Array
 
@@ -97,6 +103,7 @@ def risk_objective(
     variant: str | Variant = "paper",
     quantile: float | None = None,
     arrival_cv2: ArrayLike = tails.POISSON,
+    output_len_sd: ArrayLike = 0.0,
 ) -> Array:
     """Risk over posterior draws of a metric [s] at each operating point: its mean over
     requests, or with ``quantile`` that quantile over requests (:mod:`sdbayes.tails`).
@@ -108,19 +115,20 @@ def risk_objective(
       risk: one of :data:`RISKS`; level: its level.
       metric: ``"e2e"``, ``"ttft"`` or ``"tpot"``.
       variant: model variant.
-      quantile: None for the mean, else in (0, 1); arrival_cv2: squared CV of the
-        inter-arrival times (:func:`sdbayes.tails.percentile`).
+      quantile: None for the mean, else in (0, 1); arrival_cv2, output_len_sd: the
+        arrivals' squared CV and the output lengths' sd (:func:`sdbayes.tails.percentile`).
 
     Returns:
       The risk [s], shape [...]; ``+inf`` where (enough) draws are saturated.
     """
     return _risk_and_pressure(coef, k, alpha=alpha, output_len=output_len, rate=rate,
                               concurrency=concurrency, risk=risk, level=level, metric=metric,
-                              variant=variant, quantile=quantile, arrival_cv2=arrival_cv2)[0]
+                              variant=variant, quantile=quantile, arrival_cv2=arrival_cv2,
+                              output_len_sd=output_len_sd)[0]
 
 
 def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, level, metric,
-                       variant, quantile=None, arrival_cv2=tails.POISSON):
+                       variant, quantile=None, arrival_cv2=tails.POISSON, output_len_sd=0.0):
     """The risk, and how close the load is to saturation, both of shape [...].
 
     The pressure is the draws' mean of rate * C2 (0 in a closed loop): where the risk is
@@ -131,8 +139,8 @@ def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, l
     m = metrics(coef, **point)
     per_draw = select_metric(m, metric)
     if quantile is not None:
-        per_draw = tails.quantile(tails.spread(coef, arrival_cv2=arrival_cv2, **point),
-                                  quantile, metric)
+        s = tails.spread(coef, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd, **point)
+        per_draw = tails.quantile(s, quantile, metric)
     value = risk_measure(per_draw, risk, level)
     if rate is None:
         return value, jnp.zeros(value.shape)
@@ -213,6 +221,7 @@ def optimal_k(
     variant: str | Variant = "paper",
     quantile: float | None = None,
     arrival_cv2: ArrayLike = tails.POISSON,
+    output_len_sd: ArrayLike = 0.0,
 ) -> KChoice:
     """The draft length minimising the risk of a metric over posterior draws.
 
@@ -227,7 +236,7 @@ def optimal_k(
       metric: ``"e2e"``, ``"ttft"`` or ``"tpot"``.
       k_max: the largest draft length considered.
       variant: model variant.
-      quantile, arrival_cv2: as for :func:`risk_objective`.
+      quantile, arrival_cv2, output_len_sd: as for :func:`risk_objective`.
 
     Returns:
       :class:`KChoice` with arrays of shape [...].
@@ -237,7 +246,8 @@ def optimal_k(
                                  np.shape(alpha.rates)[:-1] if isinstance(alpha, PositionRates)
                                  else np.shape(alpha))
     point = dict(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency,
-                 metric=metric, variant=variant, quantile=quantile, arrival_cv2=arrival_cv2)
+                 metric=metric, variant=variant, quantile=quantile, arrival_cv2=arrival_cv2,
+                 output_len_sd=output_len_sd)
     median = Coefficients(*(jnp.median(jnp.asarray(f, float), keepdims=True)
                             for f in coef))
 
@@ -278,6 +288,7 @@ def tune_k(
     variant: str | Variant | None = None,
     quantile: float | None = None,
     arrival_cv2: float = 1.0,
+    output_len_sd: float = 0.0,
 ) -> KChoice:
     """Best draft length for each operating point under posterior risk.
 
@@ -294,7 +305,8 @@ def tune_k(
       prompt_len: accepted for symmetry; does not enter.
       group, variant: as for :func:`sdbayes.max_rate`.
       quantile: None to tune the mean metric, else its quantile over requests in (0, 1)
-        (0.99: the p99); arrival_cv2: 1 for Poisson arrivals, 0 for evenly spaced ones.
+        (0.99: the p99); arrival_cv2: 1 for Poisson arrivals, 0 for evenly spaced ones;
+        output_len_sd: the output lengths' sd [tokens].
 
     Returns:
       :class:`KChoice` of NumPy arrays of the operating points' broadcast shape.
@@ -310,16 +322,11 @@ def tune_k(
     if not (isinstance(k_max, int) and k_max >= 1):
         raise ValueError(f"k_max must be a whole number >= 1, got {k_max!r}")
     check_point(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency)
-    if quantile is not None and not 0 < quantile < 1:
-        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
-    if not (np.isfinite(arrival_cv2) and arrival_cv2 >= 0):
-        raise ValueError(f"arrival_cv2 must be finite and >= 0, got {arrival_cv2}")
+    tail = tail_settings(quantile, arrival_cv2, output_len_sd)
     coef, variant = coefficient_draws(source, group, variant)
     result = optimal_k(coef, alpha=alpha, output_len=output_len, rate=rate,
                        concurrency=concurrency, risk=risk, level=level, metric=metric,
-                       k_max=k_max, variant=variant,
-                       quantile=None if quantile is None else float(quantile),
-                       arrival_cv2=float(arrival_cv2))
+                       k_max=k_max, variant=variant, **tail)
     return KChoice(*(np.asarray(x) for x in result))
 
 

@@ -59,6 +59,8 @@ def guidellm_concurrent():
     count = benchmark["metrics"]["request_latency"]["successful"]["count"]
     assert row["throughput_rps"] == pytest.approx(count / benchmark["duration"])
     assert row["e2e_mean_s"] == benchmark["metrics"]["request_latency"]["successful"]["mean"]
+    lengths = benchmark["metrics"]["output_token_count"]["successful"]
+    assert row["output_len_sd"] == lengths["std_dev"]
     for name, source in (("ttft", "time_to_first_token_ms"), ("tpot", "inter_token_latency_ms")):
         stats = benchmark["metrics"][source]["successful"]
         assert row[f"{name}_p50_s"] == pytest.approx(stats["median"] / 1e3)
@@ -77,6 +79,7 @@ def serving_detailed():
     assert row["e2e_p90_s"] == pytest.approx(np.percentile(latency, 90), rel=1e-12)
     assert row["request_rate"] == data["request_rate"] and row["steady"]
     assert row["arrival_cv2"] == 1 / data["burstiness"]  # gamma gaps of that shape
+    assert row["output_len_sd"] == pytest.approx(np.std(data["output_lens"]))
     assert row["n_requests"] == data["completed"] and row["errored_requests"] == 0
     assert row["prompt_len"] == data["total_input_tokens"] / data["completed"]
     assert row["ttft_mean_s"] == pytest.approx(data["mean_ttft_ms"] / 1e3)
