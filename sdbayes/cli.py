@@ -414,6 +414,25 @@ def _metric_label(metric: str, quantile: float | None) -> str:
     return metric if quantile is None else f"p{100 * quantile:g} {metric}"
 
 
+def _profile_on_ray(configs, sweeps, out: Path, address, retries: int) -> None:
+    """`profile --executor ray`: every (config, k) a Ray task; the gathered points."""
+    from sdbayes.fleet import check_names, run_fleet
+
+    check_names([path.stem for path in configs])
+    try:
+        report = run_fleet(sweeps, out, address=address, retries=retries)
+    except ImportError:
+        raise ValueError("--executor ray needs Ray: pip install 'sdbayes[cluster]'") from None
+    console.print(f"{len(report.done)} configurations run, {len(report.skipped)} already "
+                  f"finished, {len(report.points)} points in {out / 'points.csv'}")
+    for name, why in report.failed.items():
+        errors.print(f"failed: {name}: {why}", markup=False, highlight=False)
+    if report.failed:
+        errors.print(f"{len(report.failed)} configurations failed after their retries; rerun "
+                     "the same command to retry them", markup=False, highlight=False)
+        raise typer.Exit(1)
+
+
 def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
                traffic=None, group=0, tail=None) -> pd.DataFrame:
     """Prints the capacity of each k; returns it as a table (``replicas`` empty where the
@@ -660,31 +679,53 @@ def import_(
 @app.command()
 @_bad_input_exits_2
 def profile(
-    config: Annotated[Path, typer.Argument(help="Sweep config (TOML); see profiling/.")],
+    configs: Annotated[list[Path], typer.Argument(
+        help="Sweep config(s) (TOML); see profiling/. Several need --executor ray.")],
     out: Annotated[Path, typer.Option(help="Output folder; rerun with it to resume.")] = Path(
         "sweep"),
     dry_run: Annotated[bool, typer.Option(help="Print the server commands and points, "
                                           "run nothing.")] = False,
+    executor: Annotated[str, typer.Option(
+        help="local: one server at a time on this host; ray: each (config, k) a Ray task "
+             "on the cluster's GPUs (pip install 'sdbayes[cluster]').")] = "local",
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address (ray://head:10001, auto); default: start a local one.")
+    ] = None,
+    retries: Annotated[int, typer.Option(min=0, max=100,
+                                         help="Ray: reruns of a failed (config, k).")] = 2,
 ) -> None:
-    """Profile a vLLM server: for each k start `vllm serve`, run every load, write traces.
+    """Profile vLLM servers: for each k start `vllm serve`, run every load, write traces.
 
-    Writes raw/ (per point), logs/ (server output), requests.csv and points.csv under --out.
-    A rerun skips finished points and retries failed ones; exit code 1 if any failed.
+    Writes raw/ (per point), logs/ (server output), requests.csv and points.csv under --out
+    (with --executor ray, per config and k under --out/<config name>/k<k>/, and every
+    point gathered in --out). A rerun skips finished points and retries failed ones; exit
+    code 1 if any failed.
     Example: sdbayes profile profiling/example-sweep.toml --out sweep-h100
+    Example: sdbayes profile h100.toml a100.toml --executor ray --address auto --out fleet
     """
     import shlex
     from itertools import groupby
 
     from sdbayes.sweep import read_sweep_config, run_sweep
 
-    sweep = read_sweep_config(config)
+    if executor not in ("local", "ray"):
+        raise ValueError(f"--executor must be local or ray, got {executor!r}")
+    sweeps = {path.stem: read_sweep_config(path) for path in configs}
     if dry_run:
-        for k, points in groupby(sweep.points, key=lambda p: p.k):
-            console.print(shlex.join(sweep.server_command(k)), markup=False, highlight=False,
-                          soft_wrap=True)
-            for point in points:
-                console.print(f"  {point.name}: {point.n_prompts} requests")
+        for name, sweep in sweeps.items():
+            for k, points in groupby(sweep.points, key=lambda p: p.k):
+                console.print(f"{name}: " + shlex.join(sweep.server_command(k)), markup=False,
+                              highlight=False, soft_wrap=True)
+                for point in points:
+                    console.print(f"  {point.name}: {point.n_prompts} requests")
         return
+    if executor == "ray":
+        _profile_on_ray(configs, sweeps, out, address, retries)
+        return
+    if len(configs) != 1:
+        raise ValueError(f"{len(configs)} sweep configs: the local executor takes one; "
+                         "give --executor ray to profile several")
+    sweep = sweeps[configs[0].stem]
     report = run_sweep(sweep, out)
     if not report.points.empty:
         shown = report.points[["point", "acceptance", "n_requests", "errored_requests"]].copy()

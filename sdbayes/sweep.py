@@ -98,6 +98,8 @@ class SweepConfig:
     startup_timeout_s: float = 900.0
     request_timeout_s: float = 600.0
     acceptance: float | None = None  # forced acceptance; default: from /metrics
+    gpus: int = 1  # GPUs one server uses (its tensor-parallel size): what a Ray task asks
+    gpu_kind: str = ""  # a Ray custom resource, "gpu_kind:<this>", the task asks for too
 
     @property
     def url(self) -> str:
@@ -115,7 +117,7 @@ class SweepConfig:
 # --- config ----------------------------------------------------------------------------
 
 _KEYS = {
-    "server": {"model", "command", "args", "port", "startup_timeout_s"},
+    "server": {"model", "command", "args", "port", "startup_timeout_s", "gpus", "gpu_kind"},
     "speculative": None,  # method, model, and anything vLLM's --speculative-config takes
     "sweep": {"k", "request_rates", "concurrency", "prompt_len", "output_len", "n_prompts",
               "seed", "request_timeout_s", "acceptance"},
@@ -129,7 +131,8 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
     Tables and keys (defaults in brackets)::
 
         [server]       model (required), command [["vllm", "serve"]], args [[]],
-                       port [8000], startup_timeout_s [900]
+                       port [8000], startup_timeout_s [900], and for a Ray fleet
+                       (:mod:`sdbayes.fleet`) gpus [1] and gpu_kind ["": any]
         [speculative]  method (required when some k > 0), model (the drafter, if any),
                        and any other --speculative-config keys, passed as they are
         [sweep]        k (list, required), request_rates (list [req/s]) and/or
@@ -205,6 +208,8 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
         request_timeout_s=float(get("sweep", "request_timeout_s", _positive, 600.0,
                                     "seconds > 0")),
         acceptance=None if acceptance is None else float(acceptance),
+        gpus=get("server", "gpus", _whole(1), 1, "a whole number >= 1"),
+        gpu_kind=get("server", "gpu_kind", _text, "", "a name"),
     )
 
 
@@ -263,7 +268,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
     out = Path(out)
     (out / "raw").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
-    done = {p.name for p in config.points if _finished(out, p) is not None}
+    done = {p.name for p in config.points if finished_record(out, p) is not None}
     todo = [p for p in config.points if p.name not in done]
     if todo and shutil.which(config.command[0]) is None:
         # One line now rather than one failed point for each of them.
@@ -293,7 +298,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
                        failed=failed)
 
 
-def _finished(out: Path, point: Point) -> dict | None:
+def finished_record(out: str | Path, point: Point) -> dict | None:
     """The raw record of ``point`` in ``out`` if it finished there, else None."""
     path = out / "raw" / f"{point.name}.json"
     if not path.is_file():
@@ -575,7 +580,7 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
     out = Path(out)
     rows, points = [], []
     for point in config.points:
-        record = _finished(out, point)
+        record = finished_record(out, point)
         if record is None:
             continue
         requests = pd.DataFrame(record["requests"])
