@@ -414,25 +414,6 @@ def _metric_label(metric: str, quantile: float | None) -> str:
     return metric if quantile is None else f"p{100 * quantile:g} {metric}"
 
 
-def _profile_on_ray(configs, sweeps, out: Path, address, retries: int) -> None:
-    """`profile --executor ray`: every (config, k) a Ray task; the gathered points."""
-    from sdbayes.fleet import check_names, run_fleet
-
-    check_names([path.stem for path in configs])
-    try:
-        report = run_fleet(sweeps, out, address=address, retries=retries)
-    except ImportError:
-        raise ValueError("--executor ray needs Ray: pip install 'sdbayes[cluster]'") from None
-    console.print(f"{len(report.done)} configurations run, {len(report.skipped)} already "
-                  f"finished, {len(report.points)} points in {out / 'points.csv'}")
-    for name, why in report.failed.items():
-        errors.print(f"failed: {name}: {why}", markup=False, highlight=False)
-    if report.failed:
-        errors.print(f"{len(report.failed)} configurations failed after their retries; rerun "
-                     "the same command to retry them", markup=False, highlight=False)
-        raise typer.Exit(1)
-
-
 def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confidence=0.95,
                traffic=None, group=0, tail=None) -> pd.DataFrame:
     """Prints the capacity of each k; returns it as a table (``replicas`` empty where the
@@ -733,11 +714,30 @@ def profile(
             shown[f"{name}_ms"] = 1e3 * report.points[f"{name}_mean_s"]
         console.print(_table(f"Operating points in {out / 'points.csv'}", shown))
     console.print(f"{len(report.ran)} points run, {len(report.skipped)} already finished")
-    for name, why in report.failed.items():
+    _exit_on_failures(report.failed, "points failed")
+
+
+def _profile_on_ray(configs, sweeps, out: Path, address, retries: int) -> None:
+    """`profile --executor ray`: every (config, k) a Ray task; the gathered points."""
+    from sdbayes.fleet import check_names, run_fleet
+
+    check_names([path.stem for path in configs])
+    try:
+        report = run_fleet(sweeps, out, address=address, retries=retries)
+    except ImportError:
+        raise ValueError("--executor ray needs Ray: pip install 'sdbayes[cluster]'") from None
+    console.print(f"{len(report.done)} configurations run, {len(report.skipped)} already "
+                  f"finished, {len(report.points)} points in {out / 'points.csv'}")
+    _exit_on_failures(report.failed, "configurations failed after their retries")
+
+
+def _exit_on_failures(failed: dict[str, str], what: str) -> None:
+    """One line on stderr per failure and how to retry; exit code 1 if any."""
+    for name, why in failed.items():
         errors.print(f"failed: {name}: {why}", markup=False, highlight=False)
-    if report.failed:
-        errors.print(f"{len(report.failed)} points failed; rerun the same command to retry "
-                     "them", markup=False, highlight=False)
+    if failed:
+        errors.print(f"{len(failed)} {what}; rerun the same command to retry them",
+                     markup=False, highlight=False)
         raise typer.Exit(1)
 
 
