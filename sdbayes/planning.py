@@ -239,6 +239,12 @@ def check_point(**values) -> None:
             raise ValueError(f"{name} must be finite and {bound}, got {value}")
 
 
+def arrival_excess(source) -> float:
+    """The load's excess dispersion a posterior fitted (``Posterior.arrival_excess``), to
+    add to ``arrival_cv2``; 0 for plain coefficients."""
+    return source.arrival_excess if isinstance(source, Posterior) else 0.0
+
+
 def tail_settings(quantile: float | None, arrival_cv2: float, output_len_sd: float) -> dict:
     """The tail model's settings of :func:`max_rate` and :func:`sdbayes.tune_k`, checked
     (ValueError naming the first bad one) and as the floats their jit-compiled kernels take."""
@@ -298,7 +304,8 @@ def max_rate(
       variant: model variant for plain coefficients (a posterior knows its own).
       quantile: None (the mean) or the quantile over requests, in (0, 1).
       arrival_cv2: squared coefficient of variation of the inter-arrival times: 1 for
-        Poisson arrivals, 0 for evenly spaced ones (only the quantiles depend on it).
+        Poisson arrivals, 0 for evenly spaced ones (only the quantiles depend on it); a
+        posterior adds the excess its fit measured (``Posterior.arrival_excess``).
       output_len_sd: standard deviation of the output lengths [tokens] (quantiles only).
 
     Returns:
@@ -312,7 +319,7 @@ def max_rate(
     check_point(k=k, alpha=alpha, output_len=output_len)
     if not np.all(np.asarray(slo) > 0):
         raise ValueError(f"slo must be > 0 seconds, got {slo}")
-    tail = tail_settings(quantile, arrival_cv2, output_len_sd)
+    tail = tail_settings(quantile, arrival_cv2 + arrival_excess(source), output_len_sd)
     coef, variant = coefficient_draws(source, group, variant)
     n_draws = coef.c1p.shape[0]
     index = order_statistic_index(n_draws, confidence)

@@ -182,7 +182,7 @@ class Posterior:
             self.idata.to_netcdf(str(temporary))
 
     def predict(self, points: pd.DataFrame, ci: float = 0.9, seed: int = 0,
-                percentiles: bool = True) -> pd.DataFrame:
+                percentiles: bool = True, arrival_excess: float | None = None) -> pd.DataFrame:
         """Posterior prediction for a grid of operating points: the fitted observation
         model (:mod:`sdbayes.observation`) run again on new rows.
 
@@ -203,6 +203,8 @@ class Posterior:
           seed: for the predictive noise, new configurations' and new groups' draws.
           percentiles: also predict p50/p90/p99 over requests (below); False skips them
           and their cost.
+          arrival_excess: added to every row's ``arrival_cv2`` for the percentiles; by
+          default the fit's own (:attr:`arrival_excess`).
 
         Returns:
           The input columns plus, for metric m in e2e, ttft, tpot: ``m_pred_s`` (posterior
@@ -234,8 +236,10 @@ class Posterior:
         resolved = self._new_group_rows(grid, arrays)
         keys = jax.random.split(jax.random.key(seed), 5)
         size = max(1, _PREDICT_CELLS // self._draws("c1p").shape[0])
+        excess = self.arrival_excess if arrival_excess is None else float(arrival_excess)
+        tail = dict(percentiles=percentiles, excess=excess)
         if len(points) <= size:
-            return self._predict(points, grid, arrays, resolved, ci, keys, percentiles)
+            return self._predict(points, grid, arrays, resolved, ci, keys, **tail)
 
         def chunk_keys(i):  # a new group's draws are shared by all its rows: same keys
             group, config, load, noise, tail = keys
@@ -247,11 +251,12 @@ class Posterior:
             rows = slice(start, start + size)
             parts.append(self._predict(points.iloc[rows], grid.iloc[rows],
                                        Points(*(field[rows] for field in arrays)),
-                                       resolved[rows], ci, chunk_keys(i), percentiles))
+                                       resolved[rows], ci, chunk_keys(i), **tail))
         return pd.concat(parts, ignore_index=True)
 
     def _predict(self, points: pd.DataFrame, grid: pd.DataFrame, arrays: Points,
-                 resolved: np.ndarray, ci: float, keys, percentiles: bool) -> pd.DataFrame:
+                 resolved: np.ndarray, ci: float, keys, percentiles: bool,
+                 excess: float) -> pd.DataFrame:
         """:meth:`predict` of rows whose groups are resolved, up to :data:`_PREDICT_CELLS`
         draws x rows."""
         key_group, key_config, key_load, key_noise, key_tail = keys
@@ -290,7 +295,7 @@ class Posterior:
             shape_noise = np.asarray(jax.random.normal(key_tail, (len(tails.QUANTILES),)
                                                        + noise.shape))
             out = _percentiles(out, means, rows, arrays, grid, variant, noise, shape_noise,
-                               (lo, hi), self.tail_error)
+                               (lo, hi), self.tail_error, excess)
         closed = arrays.closed
         point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
                      variant=variant)
@@ -311,6 +316,13 @@ class Posterior:
         out["p_saturated"] = (~np.isfinite(np.asarray(predicted.e2e))).mean(axis=0)
         out["saturated"] = out["p_saturated"] >= 0.5
         return out
+
+    @property
+    def arrival_excess(self) -> float:
+        """What the fit found the server's load to fluctuate beyond its arrivals' spacing,
+        in units of ``arrival_cv2`` (:func:`tail_errors`); 0 where it measured nothing."""
+        errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
+        return float(errors.get("arrival_excess", 0.0))
 
     def tail_error(self, metric: str, q: float) -> float:
         """The sd of the log of the tail model's ``q``-quantile of ``metric`` relative to
@@ -449,7 +461,7 @@ def _effective_loads(rows: Coefficients, arrays, variant) -> observation.Effecti
 
 def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, grid, variant,
                  noise: np.ndarray, shape_noise: np.ndarray, interval: tuple[float, float],
-                 tail_error) -> pd.DataFrame:
+                 tail_error, excess: float) -> pd.DataFrame:
     """Add p50/p90/p99 of each metric over requests: each draw's mean times the tail
     model's quantile-to-mean ratio at the row (:func:`sdbayes.tails.relative`).
 
@@ -468,7 +480,7 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
     shapes = tails.relative(rows, np.array(tails.QUANTILES), k=arrays.k, alpha=arrays.alpha,
                             output_len=arrays.output_len, rate=arrays.rate,
                             concurrency=arrays.concurrency, closed=arrays.closed,
-                            arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2),
+                            arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2) + excess,
                             output_len_sd=np.nan_to_num(lengths), variant=variant)
     columns = {}
     for metric, (mean, spread) in means.items():
@@ -492,16 +504,25 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
 
 
 def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
-    """The tail model's error on fitted points that measured percentiles: for each column
-    ``e2e_p50_s``, ``ttft_p99_s``... with at least :data:`sdbayes.tails.CALIBRATION_POINTS`
-    values beside their metric's mean, the sd of ``log(measured percentile / measured
-    mean) - log(predicted ones)``, keyed ``"e2e_p50"``...: the error of the shape, with the
-    mean's own error taken out.
-    :meth:`Posterior.predict` widens its percentiles' predictive intervals by it. Its
-    average is not used to shift the percentiles: measured on the study's sweeps, it helped
-    on unseen curves and hurt at higher loads, and it does not carry over to arrivals
-    spaced otherwise than the fitted ones'. Not a likelihood term: the coefficients do not
-    learn from percentiles.
+    """Calibrate the tail model on fitted points that measured percentiles.
+
+    First the load's excess dispersion: where at least
+    :data:`sdbayes.tails.CALIBRATION_POINTS` open loops measured e2e percentiles, the
+    ``arrival_excess`` (from :data:`sdbayes.tails.EXCESS_GRID`) added to every row's
+    ``arrival_cv2`` that brings the predicted p50/p90/p99-to-mean ratios closest to the
+    measured ones (least squares in log). A server sees its load fluctuate more than the
+    client's spacing says (the study's "constant" GuideLLM rates behave as about 0.2-0.5,
+    not 0); a simulator's Poisson arrivals need none. Then, for each column ``e2e_p50_s``,
+    ``ttft_p99_s``... with that many values beside their metric's mean, the sd of
+    ``log(measured percentile / measured mean) - log(predicted ones)``, keyed ``"e2e_p50"``:
+    the error of the shape, with the mean's own error taken out.
+
+    :meth:`Posterior.predict` and :func:`sdbayes.max_rate` add the excess; predict widens
+    its percentiles' predictive intervals by the sds. Not a likelihood term: the
+    coefficients do not learn from percentiles.
+
+    Returns:
+      ``{"arrival_excess": float, "e2e_p99": sd, ...}``.
     """
     columns = [(m, f"{m}_p{100 * q:g}") for m in ("e2e", "ttft", "tpot")
                for q in tails.QUANTILES]
@@ -510,16 +531,40 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
                 >= tails.CALIBRATION_POINTS]
     if not measured:
         return {}
-    predicted = posterior.predict(points)
-    errors = {}
+    excess = _arrival_excess(posterior, points, [c for m, c in measured if m == "e2e"])
+    predicted = posterior.predict(points, arrival_excess=excess)
+    errors = {"arrival_excess": excess}
     for metric, name in measured:
-        log_error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"])
-                     - np.log(predicted[f"{name}_pred_s"] / predicted[f"{metric}_median_s"]))
-        log_error = log_error.to_numpy(float)
-        log_error = log_error[np.isfinite(log_error)]
+        log_error = _log_shape_error(points, predicted, metric, name)
         if log_error.size >= tails.CALIBRATION_POINTS:
             errors[name] = float(log_error.std(ddof=1))
     return errors
+
+
+def _log_shape_error(points, predicted, metric: str, name: str) -> np.ndarray:
+    """log(measured percentile / mean) - log(predicted ones), where all are finite."""
+    error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"])
+             - np.log(predicted[f"{name}_pred_s"] / predicted[f"{metric}_median_s"]))
+    error = error.to_numpy(float)
+    return error[np.isfinite(error)]
+
+
+def _arrival_excess(posterior: Posterior, points: pd.DataFrame, names: list[str]) -> float:
+    """The :data:`sdbayes.tails.EXCESS_GRID` value that fits the open loops' measured e2e
+    percentiles best (:func:`tail_errors`); 0 with too few of them. The search predicts
+    with a thinned posterior (at most 100 draws): the ratios move little between draws."""
+    rows = points[points["request_rate"].notna()].reset_index(drop=True)
+    if not names or len(rows) < tails.CALIBRATION_POINTS:
+        return 0.0
+    draws = posterior.idata.posterior.sizes["draw"] * posterior.idata.posterior.sizes["chain"]
+    step = max(1, draws // 100)
+    thinned = Posterior(posterior.idata.sel(draw=slice(None, None, step)))
+    losses = []
+    for excess in tails.EXCESS_GRID:
+        predicted = thinned.predict(rows, arrival_excess=excess)
+        losses.append(sum(np.sum(_log_shape_error(rows, predicted, "e2e", name) ** 2)
+                          for name in names))
+    return float(tails.EXCESS_GRID[int(np.argmin(losses))])
 
 
 def _quantiles(x: np.ndarray, *probs: float) -> tuple[np.ndarray, ...]:

@@ -80,6 +80,10 @@ CALIBRATION_POINTS = 5
 """Fewest fitted points with a measured percentile for a fit to measure the tail model's
 error on it (:func:`sdbayes.posterior.tail_errors`)."""
 
+EXCESS_GRID = (0.0, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+"""The values of the load's excess dispersion a fit chooses among
+(:func:`sdbayes.posterior.tail_errors`)."""
+
 _LIGHT = 2.0 / 3.0  # Var(time-averaged others) / B of an infinite-server queue, fixed lives
 
 

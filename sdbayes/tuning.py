@@ -34,6 +34,7 @@ from jax.typing import ArrayLike
 from sdbayes import tails
 from sdbayes.model import Coefficients, PositionRates, Variant, goodput, metrics
 from sdbayes.planning import (
+    arrival_excess,
     check_point,
     coefficient_draws,
     metric_value,
@@ -322,7 +323,7 @@ def tune_k(
     if not (isinstance(k_max, int) and k_max >= 1):
         raise ValueError(f"k_max must be a whole number >= 1, got {k_max!r}")
     check_point(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency)
-    tail = tail_settings(quantile, arrival_cv2, output_len_sd)
+    tail = tail_settings(quantile, arrival_cv2 + arrival_excess(source), output_len_sd)
     coef, variant = coefficient_draws(source, group, variant)
     result = optimal_k(coef, alpha=alpha, output_len=output_len, rate=rate,
                        concurrency=concurrency, risk=risk, level=level, metric=metric,
