@@ -45,10 +45,11 @@ METRICS = ("e2e", "ttft", "tpot")
 
 def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=None,
                  concurrency=None, variant: str | Variant = "paper", quantile=None,
-                 arrival_cv2=tails.POISSON, output_len_sd=0.0) -> Array:
+                 arrival_cv2=tails.POISSON, output_len_sd=0.0, arrival_excess=0.0) -> Array:
     """One of :data:`METRICS` [s]: its mean from the one model solve
     (:func:`sdbayes.model.metrics`), or with ``quantile`` its quantile over requests
-    (:func:`sdbayes.tails.percentile`, with ``arrival_cv2`` and ``output_len_sd``).
+    (:func:`sdbayes.tails.percentile`, with ``arrival_cv2``, ``output_len_sd`` and
+    ``arrival_excess``).
 
     Arguments as :func:`sdbayes.latency`; not jit-compiled itself (it runs in its caller's
     trace).
@@ -58,7 +59,8 @@ def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         s = tails.spread(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
                          concurrency=concurrency, arrival_cv2=arrival_cv2,
-                         output_len_sd=output_len_sd, variant=variant)
+                         output_len_sd=output_len_sd, arrival_excess=arrival_excess,
+                         variant=variant)
         return tails.quantile(s, quantile, metric)
     return select_metric(metrics(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
                                  concurrency=concurrency, variant=variant), metric)
@@ -84,6 +86,7 @@ def rate_at_slo(
     quantile: float | None = None,
     arrival_cv2: ArrayLike = tails.POISSON,
     output_len_sd: ArrayLike = 0.0,
+    arrival_excess: ArrayLike = 0.0,
 ) -> Array:
     """Highest open-loop arrival rate [req/s] at which ``metric`` is at most ``slo``: its
     mean, or with ``quantile`` (0.99 for p99) that quantile over requests.
@@ -98,8 +101,9 @@ def rate_at_slo(
       metric: one of :data:`METRICS`.
       variant: model variant.
       quantile: None for the mean, else in (0, 1) (static).
-      arrival_cv2, output_len_sd: the arrivals' squared CV and the output lengths' sd
-        [tokens], for a quantile (:func:`sdbayes.tails.percentile`).
+      arrival_cv2, output_len_sd, arrival_excess: the arrivals' squared CV, the output
+        lengths' sd [tokens] and the load's excess dispersion, for a quantile
+        (:func:`sdbayes.tails.percentile`).
 
     Returns:
       Rates [req/s] of the broadcast shape; 0 where the SLO is not met even at zero load.
@@ -115,7 +119,7 @@ def rate_at_slo(
     return increasing_root(
         lambda rate: metric_value(coef, metric, rate=rate, quantile=quantile,
                                   arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
-                                  **point) - slo,
+                                  arrival_excess=arrival_excess, **point) - slo,
         jnp.zeros_like(saturation), saturation)
 
 
@@ -239,22 +243,21 @@ def check_point(**values) -> None:
             raise ValueError(f"{name} must be finite and {bound}, got {value}")
 
 
-def arrival_excess(source) -> float:
-    """The load's excess dispersion a posterior fitted (``Posterior.arrival_excess``), to
-    add to ``arrival_cv2``; 0 for plain coefficients."""
-    return source.arrival_excess if isinstance(source, Posterior) else 0.0
-
-
-def tail_settings(quantile: float | None, arrival_cv2: float, output_len_sd: float) -> dict:
+def tail_settings(source, quantile: float | None, arrival_cv2: float,
+                  output_len_sd: float) -> dict:
     """The tail model's settings of :func:`max_rate` and :func:`sdbayes.tune_k`, checked
-    (ValueError naming the first bad one) and as the floats their jit-compiled kernels take."""
+    (ValueError naming the first bad one), with the load's excess dispersion a posterior
+    ``source`` fitted (``Posterior.arrival_excess``; 0 for plain coefficients), as the
+    floats their jit-compiled kernels take."""
     if quantile is not None and not 0 < quantile < 1:
         raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
     for name, value in (("arrival_cv2", arrival_cv2), ("output_len_sd", output_len_sd)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    excess = source.arrival_excess if isinstance(source, Posterior) else 0.0
     return dict(quantile=None if quantile is None else float(quantile),
-                arrival_cv2=float(arrival_cv2), output_len_sd=float(output_len_sd))
+                arrival_cv2=float(arrival_cv2), output_len_sd=float(output_len_sd),
+                arrival_excess=float(excess))
 
 
 def order_statistic_index(n_draws: int, confidence: float) -> int:
@@ -304,8 +307,9 @@ def max_rate(
       variant: model variant for plain coefficients (a posterior knows its own).
       quantile: None (the mean) or the quantile over requests, in (0, 1).
       arrival_cv2: squared coefficient of variation of the inter-arrival times: 1 for
-        Poisson arrivals, 0 for evenly spaced ones (only the quantiles depend on it); a
-        posterior adds the excess its fit measured (``Posterior.arrival_excess``).
+        Poisson arrivals, 0 for evenly spaced ones (only the quantiles depend on it); with
+        a posterior, the load's excess dispersion its fit measured counts too
+        (``Posterior.arrival_excess``).
       output_len_sd: standard deviation of the output lengths [tokens] (quantiles only).
 
     Returns:
@@ -319,7 +323,7 @@ def max_rate(
     check_point(k=k, alpha=alpha, output_len=output_len)
     if not np.all(np.asarray(slo) > 0):
         raise ValueError(f"slo must be > 0 seconds, got {slo}")
-    tail = tail_settings(quantile, arrival_cv2 + arrival_excess(source), output_len_sd)
+    tail = tail_settings(source, quantile, arrival_cv2, output_len_sd)
     coef, variant = coefficient_draws(source, group, variant)
     n_draws = coef.c1p.shape[0]
     index = order_statistic_index(n_draws, confidence)

@@ -203,8 +203,9 @@ class Posterior:
           seed: for the predictive noise, new configurations' and new groups' draws.
           percentiles: also predict p50/p90/p99 over requests (below); False skips them
           and their cost.
-          arrival_excess: added to every row's ``arrival_cv2`` for the percentiles; by
-          default the fit's own (:attr:`arrival_excess`).
+          arrival_excess: the load's excess dispersion for the percentiles
+          (:func:`sdbayes.tails.percentile`); by default the fit's own
+          (:attr:`arrival_excess`).
 
         Returns:
           The input columns plus, for metric m in e2e, ttft, tpot: ``m_pred_s`` (posterior
@@ -319,8 +320,9 @@ class Posterior:
 
     @property
     def arrival_excess(self) -> float:
-        """What the fit found the server's load to fluctuate beyond its arrivals' spacing,
-        in units of ``arrival_cv2`` (:func:`tail_errors`); 0 where it measured nothing."""
+        """How much the fit found the server's load to fluctuate beyond its arrivals'
+        spacing (:func:`tail_errors`, :func:`sdbayes.tails.percentile`); 0 where it
+        measured nothing."""
         errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
         return float(errors.get("arrival_excess", 0.0))
 
@@ -480,8 +482,9 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
     shapes = tails.relative(rows, np.array(tails.QUANTILES), k=arrays.k, alpha=arrays.alpha,
                             output_len=arrays.output_len, rate=arrays.rate,
                             concurrency=arrays.concurrency, closed=arrays.closed,
-                            arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2) + excess,
-                            output_len_sd=np.nan_to_num(lengths), variant=variant)
+                            arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2),
+                            output_len_sd=np.nan_to_num(lengths), arrival_excess=excess,
+                            variant=variant)
     columns = {}
     for metric, (mean, spread) in means.items():
         ratio, cv = (np.asarray(a) for a in shapes[metric])
@@ -508,16 +511,17 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
 
     First the load's excess dispersion: where at least
     :data:`sdbayes.tails.CALIBRATION_POINTS` open loops measured e2e percentiles, the
-    ``arrival_excess`` (from :data:`sdbayes.tails.EXCESS_GRID`) added to every row's
-    ``arrival_cv2`` that brings the predicted p50/p90/p99-to-mean ratios closest to the
-    measured ones (least squares in log). A server sees its load fluctuate more than the
-    client's spacing says (the study's "constant" GuideLLM rates behave as about 0.2-0.5,
-    not 0); a simulator's Poisson arrivals need none. Then, for each column ``e2e_p50_s``,
-    ``ttft_p99_s``... with that many values beside their metric's mean, the sd of
-    ``log(measured percentile / measured mean) - log(predicted ones)``, keyed ``"e2e_p50"``:
-    the error of the shape, with the mean's own error taken out.
+    ``arrival_excess`` (from :data:`sdbayes.tails.EXCESS_GRID`; the tail model's term of
+    load fluctuations beyond the arrivals' spacing) that brings the predicted
+    p50/p90/p99-to-mean ratios closest to the measured ones (least squares in log). A
+    server sees its load fluctuate more than the client's spacing says (the study's
+    "constant" GuideLLM rates do not reach the server evenly spaced); a simulator's Poisson
+    arrivals need none. Then, for each column ``e2e_p50_s``, ``ttft_p99_s``... with that
+    many values beside their metric's mean, the sd of ``log(measured percentile / measured
+    mean) - log(predicted ones)``, keyed ``"e2e_p50"``: the error of the shape, with the
+    mean's own error taken out.
 
-    :meth:`Posterior.predict` and :func:`sdbayes.max_rate` add the excess; predict widens
+    :meth:`Posterior.predict` and :func:`sdbayes.max_rate` use the excess; predict widens
     its percentiles' predictive intervals by the sds. Not a likelihood term: the
     coefficients do not learn from percentiles.
 

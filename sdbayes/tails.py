@@ -19,7 +19,11 @@ than the mean for these reasons, each with a variance taken from the same solve:
    Poisson arrivals, 0 for evenly spaced ones). Its two limits are exact or standard: ``2/3 B``
    for an infinite-server queue with fixed lives at light load, and growth as
    ``1 / (1 - rho)`` as in heavy traffic. The ``rho`` between was measured on the simulator
-   (``bench/tails.py``). A closed loop holds its load: no such term.
+   (``bench/tails.py``). A closed loop holds its load: no such term. A fit calibrated on
+   measured percentiles adds ``arrival_excess * 2/3 * B * C2^2``: load fluctuations its
+   arrivals' spacing does not explain (client jitter, the engine's own scheduling), taken
+   at their light-traffic size, not amplified towards saturation, where an empirical term
+   should not be extrapolated.
 4. **The step boundary it waits for** before its prefill: none with probability
    ``exp(-B)`` (the engine is idle), else the rest of a period that holds one decode step
    and the admission stalls (``c2p``) of the requests that arrived during the period
@@ -114,7 +118,7 @@ class Spread(NamedTuple):
 
 def spread(coef: Coefficients, *, k, alpha, output_len, rate=None, concurrency=None,
            closed=None, arrival_cv2: ArrayLike = POISSON, output_len_sd: ArrayLike = 0.0,
-           variant: str | Variant = "paper") -> Spread:
+           arrival_excess: ArrayLike = 0.0, variant: str | Variant = "paper") -> Spread:
     """The :class:`Spread` of an operating point, from one solve of the mean-value model.
 
     Arguments as :func:`percentile` (``closed`` picks per point where both loads are given,
@@ -166,8 +170,9 @@ def spread(coef: Coefficients, *, k, alpha, output_len, rate=None, concurrency=N
     tau = decode / cycles
     marginal = _marginal_demand(coef, d, others, variant)
     utilisation = jnp.clip(throughput * marginal, 0.0, 1.0 - 1e-6)
-    load_var = (jnp.asarray(arrival_cv2, dtype) * marginal**2 * others
-                * (_LIGHT + utilisation) / (1.0 - utilisation))
+    load_var = marginal**2 * others * (
+        jnp.asarray(arrival_cv2, dtype) * (_LIGHT + utilisation) / (1.0 - utilisation)
+        + jnp.asarray(arrival_excess, dtype) * _LIGHT)
     if rate is None:
         load_var = jnp.zeros_like(load_var)
     elif concurrency is not None:
@@ -243,6 +248,7 @@ def percentile(
     metric: str = "e2e",
     arrival_cv2: ArrayLike = POISSON,
     output_len_sd: ArrayLike = 0.0,
+    arrival_excess: ArrayLike = 0.0,
     prompt_len: ArrayLike | None = None,
     variant: str | Variant = "paper",
     experts: int | None = None,
@@ -266,6 +272,8 @@ def percentile(
       output_len_sd: standard deviation of the requests' output lengths [tokens] about
         ``output_len``, their mean; 0 when every request emits the same number (``vllm
         bench serve --random-output-len`` with ``--ignore-eos``). It widens e2e, not TPOT.
+      arrival_excess: how much more the load fluctuates than the arrivals' spacing says,
+        as a fit measured it (:attr:`sdbayes.Posterior.arrival_excess`); 0 by default.
 
     Returns:
       Seconds, the broadcast shape of the arguments; ``+inf`` past saturation.
@@ -273,7 +281,7 @@ def percentile(
     del prompt_len
     s = spread(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
                concurrency=concurrency, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
-               variant=as_variant(variant, experts, top_m))
+               arrival_excess=arrival_excess, variant=as_variant(variant, experts, top_m))
     return quantile(s, q, metric)
 
 
@@ -282,7 +290,7 @@ _NEAR_SATURATION = 0.95  # of the saturation rate: where a finite run's tail sha
 
 @partial(jax.jit, static_argnames="variant")
 def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, concurrency,
-             closed, arrival_cv2, output_len_sd,
+             closed, arrival_cv2, output_len_sd, arrival_excess=0.0,
              variant: str | Variant = "paper") -> dict[str, tuple]:
     """Each metric's quantiles relative to its mean, for scaling another model's means.
 
@@ -294,7 +302,7 @@ def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, co
       coef: coefficient draws, fields of shape [D, R].
       q: quantiles, shape [Q].
       k, alpha, output_len, rate, concurrency, closed, arrival_cv2, output_len_sd: the
-        rows, shape [R]
+        rows, shape [R]; arrival_excess: a scalar (:func:`percentile`)
         (``rate`` 0 on closed rows, ``concurrency`` 1 on open ones).
       variant: model variant (static).
 
@@ -307,7 +315,7 @@ def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, co
     limit = _NEAR_SATURATION * saturation_rate(coef, **point)
     s = spread(coef, rate=jnp.minimum(jnp.broadcast_to(rate, limit.shape), limit),
                concurrency=concurrency, closed=closed, arrival_cv2=arrival_cv2,
-               output_len_sd=output_len_sd, **point)
+               output_len_sd=output_len_sd, arrival_excess=arrival_excess, **point)
     qs = jnp.asarray(q)[:, None, None]
     leading = Spread(*(f[None] for f in s))  # [1, D, R], against the quantiles [Q, 1, 1]
     after_first = jnp.maximum(s.output_len - 1.0, 1.0)

@@ -34,7 +34,6 @@ from jax.typing import ArrayLike
 from sdbayes import tails
 from sdbayes.model import Coefficients, PositionRates, Variant, goodput, metrics
 from sdbayes.planning import (
-    arrival_excess,
     check_point,
     coefficient_draws,
     metric_value,
@@ -105,6 +104,7 @@ def risk_objective(
     quantile: float | None = None,
     arrival_cv2: ArrayLike = tails.POISSON,
     output_len_sd: ArrayLike = 0.0,
+    arrival_excess: ArrayLike = 0.0,
 ) -> Array:
     """Risk over posterior draws of a metric [s] at each operating point: its mean over
     requests, or with ``quantile`` that quantile over requests (:mod:`sdbayes.tails`).
@@ -116,8 +116,9 @@ def risk_objective(
       risk: one of :data:`RISKS`; level: its level.
       metric: ``"e2e"``, ``"ttft"`` or ``"tpot"``.
       variant: model variant.
-      quantile: None for the mean, else in (0, 1); arrival_cv2, output_len_sd: the
-        arrivals' squared CV and the output lengths' sd (:func:`sdbayes.tails.percentile`).
+      quantile: None for the mean, else in (0, 1); arrival_cv2, output_len_sd,
+        arrival_excess: the arrivals' squared CV, the output lengths' sd and the load's
+        excess dispersion (:func:`sdbayes.tails.percentile`).
 
     Returns:
       The risk [s], shape [...]; ``+inf`` where (enough) draws are saturated.
@@ -125,11 +126,12 @@ def risk_objective(
     return _risk_and_pressure(coef, k, alpha=alpha, output_len=output_len, rate=rate,
                               concurrency=concurrency, risk=risk, level=level, metric=metric,
                               variant=variant, quantile=quantile, arrival_cv2=arrival_cv2,
-                              output_len_sd=output_len_sd)[0]
+                              output_len_sd=output_len_sd, arrival_excess=arrival_excess)[0]
 
 
 def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, level, metric,
-                       variant, quantile=None, arrival_cv2=tails.POISSON, output_len_sd=0.0):
+                       variant, quantile=None, arrival_cv2=tails.POISSON, output_len_sd=0.0,
+                       arrival_excess=0.0):
     """The risk, and how close the load is to saturation, both of shape [...].
 
     The pressure is the draws' mean of rate * C2 (0 in a closed loop): where the risk is
@@ -140,7 +142,8 @@ def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, l
     m = metrics(coef, **point)
     per_draw = select_metric(m, metric)
     if quantile is not None:
-        s = tails.spread(coef, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd, **point)
+        s = tails.spread(coef, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
+                         arrival_excess=arrival_excess, **point)
         per_draw = tails.quantile(s, quantile, metric)
     value = risk_measure(per_draw, risk, level)
     if rate is None:
@@ -223,6 +226,7 @@ def optimal_k(
     quantile: float | None = None,
     arrival_cv2: ArrayLike = tails.POISSON,
     output_len_sd: ArrayLike = 0.0,
+    arrival_excess: ArrayLike = 0.0,
 ) -> KChoice:
     """The draft length minimising the risk of a metric over posterior draws.
 
@@ -237,7 +241,7 @@ def optimal_k(
       metric: ``"e2e"``, ``"ttft"`` or ``"tpot"``.
       k_max: the largest draft length considered.
       variant: model variant.
-      quantile, arrival_cv2, output_len_sd: as for :func:`risk_objective`.
+      quantile, arrival_cv2, output_len_sd, arrival_excess: as for :func:`risk_objective`.
 
     Returns:
       :class:`KChoice` with arrays of shape [...].
@@ -248,7 +252,7 @@ def optimal_k(
                                  else np.shape(alpha))
     point = dict(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency,
                  metric=metric, variant=variant, quantile=quantile, arrival_cv2=arrival_cv2,
-                 output_len_sd=output_len_sd)
+                 output_len_sd=output_len_sd, arrival_excess=arrival_excess)
     median = Coefficients(*(jnp.median(jnp.asarray(f, float), keepdims=True)
                             for f in coef))
 
@@ -323,7 +327,7 @@ def tune_k(
     if not (isinstance(k_max, int) and k_max >= 1):
         raise ValueError(f"k_max must be a whole number >= 1, got {k_max!r}")
     check_point(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency)
-    tail = tail_settings(quantile, arrival_cv2 + arrival_excess(source), output_len_sd)
+    tail = tail_settings(source, quantile, arrival_cv2, output_len_sd)
     coef, variant = coefficient_draws(source, group, variant)
     result = optimal_k(coef, alpha=alpha, output_len=output_len, rate=rate,
                        concurrency=concurrency, risk=risk, level=level, metric=metric,
