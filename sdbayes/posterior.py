@@ -461,6 +461,25 @@ def _effective_loads(rows: Coefficients, arrays, variant) -> observation.Effecti
                                        c1_span=np.clip(c1_span, 0.02, 1.0))
 
 
+def _column(grid: pd.DataFrame, name: str) -> np.ndarray:
+    """A numeric column of the grid as floats, NaN where missing or absent."""
+    if name not in grid:
+        return np.full(len(grid), np.nan)
+    return grid[name].astype("Float64").to_numpy(float, na_value=np.nan)
+
+
+def _tail_shapes(rows: Coefficients, arrays, grid: pd.DataFrame, variant, excess: float):
+    """:func:`sdbayes.tails.relative` at the grid's rows, with their ``arrival_cv2``
+    (Poisson where not given) and ``output_len_sd`` (0 where not given)."""
+    cv2, lengths = _column(grid, "arrival_cv2"), _column(grid, "output_len_sd")
+    return tails.relative(rows, np.array(tails.QUANTILES), k=arrays.k, alpha=arrays.alpha,
+                          output_len=arrays.output_len, rate=arrays.rate,
+                          concurrency=arrays.concurrency, closed=arrays.closed,
+                          arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2),
+                          output_len_sd=np.nan_to_num(lengths), arrival_excess=excess,
+                          variant=variant)
+
+
 def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, grid, variant,
                  noise: np.ndarray, shape_noise: np.ndarray, interval: tuple[float, float],
                  tail_error, excess: float) -> pd.DataFrame:
@@ -473,18 +492,8 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
     requests, by its sampling error, ``sqrt(q (1 - q) / n) / f(x_q)`` with the density
     ``f`` taken as normal's.
     """
-    def column(name):
-        if name not in grid:
-            return np.full(len(grid), np.nan)
-        return grid[name].astype("Float64").to_numpy(float, na_value=np.nan)
-
-    cv2, n, lengths = column("arrival_cv2"), column("n_requests"), column("output_len_sd")
-    shapes = tails.relative(rows, np.array(tails.QUANTILES), k=arrays.k, alpha=arrays.alpha,
-                            output_len=arrays.output_len, rate=arrays.rate,
-                            concurrency=arrays.concurrency, closed=arrays.closed,
-                            arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2),
-                            output_len_sd=np.nan_to_num(lengths), arrival_excess=excess,
-                            variant=variant)
+    n = _column(grid, "n_requests")
+    shapes = _tail_shapes(rows, arrays, grid, variant, excess)
     columns = {}
     for metric, (mean, spread) in means.items():
         ratio, cv = (np.asarray(a) for a in shapes[metric])
@@ -555,19 +564,27 @@ def _log_shape_error(points, predicted, metric: str, name: str) -> np.ndarray:
 
 def _arrival_excess(posterior: Posterior, points: pd.DataFrame, names: list[str]) -> float:
     """The :data:`sdbayes.tails.EXCESS_GRID` value that fits the open loops' measured e2e
-    percentiles best (:func:`tail_errors`); 0 with too few of them. The search predicts
-    with a thinned posterior (at most 100 draws): the ratios move little between draws."""
-    rows = points[points["request_rate"].notna()].reset_index(drop=True)
-    if not names or len(rows) < tails.CALIBRATION_POINTS:
+    percentiles ``names`` ("e2e_p99"...) best (:func:`tail_errors`), by the draws' median
+    ratios of the tail model alone (no noise enters them); 0 with too few open loops."""
+    points = points.reset_index(drop=True)
+    open_loop = points["request_rate"].notna().to_numpy()
+    if not names or open_loop.sum() < tails.CALIBRATION_POINTS:
         return 0.0
-    draws = posterior.idata.posterior.sizes["draw"] * posterior.idata.posterior.sizes["chain"]
-    step = max(1, draws // 100)
-    thinned = Posterior(posterior.idata.sel(draw=slice(None, None, step)))
+    grid = posterior._grid(points)
+    arrays, _ = to_points(grid, posterior.groups, posterior.configs)
+    resolved = posterior._new_group_rows(grid, arrays)
+    key = jax.random.key(0)  # the fitted points' groups and configurations draw nothing
+    rows = posterior._configured(posterior._coefficients_for(arrays.group, resolved, key),
+                                 arrays.config, key)
+    which = [tails.QUANTILES.index(float(name.rsplit("_p", 1)[1]) / 100) for name in names]
+    measured = np.stack([np.log(points[f"{name}_s"] / points["e2e_mean_s"]).to_numpy(float)
+                         for name in names])[:, open_loop]  # [N, open rows]
     losses = []
     for excess in tails.EXCESS_GRID:
-        predicted = thinned.predict(rows, arrival_excess=excess)
-        losses.append(sum(np.sum(_log_shape_error(rows, predicted, "e2e", name) ** 2)
-                          for name in names))
+        ratio = np.asarray(_tail_shapes(rows, arrays, grid, posterior.variant,
+                                        excess)["e2e"][0])[which]  # [N, D, R]
+        error = measured - np.log(np.median(ratio, axis=1))[:, open_loop]
+        losses.append(np.sum(error[np.isfinite(error)] ** 2))
     return float(tails.EXCESS_GRID[int(np.argmin(losses))])
 
 
