@@ -1,33 +1,55 @@
-"""Profiling a fleet on Ray: a local Ray instance with fake GPUs, loopback servers."""
+"""Profiling a fleet on Ray: a local Ray instance with fake GPUs, loopback servers.
+
+Each test runs its scenario in a fresh Python process that starts its own Ray instance: the
+test session's worker never loads Ray beside JAX (two native runtimes in one process; in CI
+one of these workers died in an XLA compile after the Ray tests had run), and a crash or a
+hang becomes this test's failure, with Ray's output, instead of taking the worker down.
+"""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-ray = pytest.importorskip("ray")
+pytest.importorskip("ray")
 
 from sdbayes.fleet import run_fleet, units  # noqa: E402
 from sdbayes.sweep import read_sweep_config  # noqa: E402
 from tests.test_sweep import write_config  # noqa: E402
 
-# Ray starts its daemons by fork and exec; JAX, imported by the test session, warns at
-# every fork (from a hook, so it surfaces as an unraisable-exception warning). The
-# children exec at once and never touch JAX.
-pytestmark = [pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIO_TIMEOUT_S = 300
+"""A scenario takes 10-40 s; past this it hangs, and is killed with its Ray instance."""
+
+
+def in_fresh_process(scenario, tmp_path: Path) -> None:
+    """Run ``scenario(tmp_path)`` in a new Python process with a new local Ray instance (four
+    fake GPUs of kind ``loopback``; the loopback servers need none); fail with its output if
+    it fails, dies or outlives :data:`SCENARIO_TIMEOUT_S`."""
+    code = ("import sys, ray; from pathlib import Path; "
+            f"from tests.test_fleet import {scenario.__name__} as scenario; "
+            "ray.init(address='local', num_cpus=4, num_gpus=4, "
+            "resources={'gpu_kind:loopback': 4}, include_dashboard=False, "
+            "log_to_driver=False); "
+            "scenario(Path(sys.argv[1])); ray.shutdown()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path,
+                              env=env, capture_output=True, text=True,
+                              timeout=SCENARIO_TIMEOUT_S)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{scenario.__name__} hung past {SCENARIO_TIMEOUT_S} s:\n"
+                    f"{err.stdout}\n{err.stderr}")
+    assert done.returncode == 0, f"{scenario.__name__}:\n{done.stdout}\n{done.stderr}"
+
 
 KS = (0, 1, 2, 3)
 RATES = (20, 40)
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """Four fake GPUs of one kind; the loopback servers need none."""
-    ray.init(num_cpus=4, num_gpus=4, resources={"gpu_kind:loopback": 4},
-             include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def sweep_config(tmp_path, hardware="loopback", **options):
@@ -37,7 +59,7 @@ def sweep_config(tmp_path, hardware="loopback", **options):
     return read_sweep_config(path)
 
 
-def test_four_configurations_in_parallel_a_crash_retried_a_rerun_idle(tmp_path, cluster):
+def four_configurations_in_parallel_a_crash_retried_a_rerun_idle(tmp_path):
     """4 units (k = 0..3) run as Ray tasks at once; one server is SIGKILLed at its 30th
     request (the first to get there, once: the marker), its task fails and Ray runs it
     again, which measures only what was left. Every point ends up measured once, as a clean
@@ -71,7 +93,7 @@ def test_four_configurations_in_parallel_a_crash_retried_a_rerun_idle(tmp_path, 
     assert len(again.points) == len(points)
 
 
-def test_a_unit_that_keeps_failing_is_reported_and_the_others_finish(tmp_path, cluster):
+def a_unit_that_keeps_failing_is_reported_and_the_others_finish(tmp_path):
     """A server command that cannot start fails its unit on every try; Ray gives up after
     the retries and the report says why; a config that works is unaffected."""
     for name in ("a", "b"):
@@ -86,7 +108,7 @@ def test_a_unit_that_keeps_failing_is_reported_and_the_others_finish(tmp_path, c
     assert set(report.points["sweep"]) == {"good"}
 
 
-def test_the_command_profiles_several_configs_on_ray(tmp_path, cluster):
+def the_command_profiles_several_configs_on_ray(tmp_path):
     """`sdbayes profile a.toml b.toml --executor ray` gathers both; without Ray's executor
     several configs are refused in one line."""
     from typer.testing import CliRunner
@@ -116,3 +138,15 @@ def test_the_command_profiles_several_configs_on_ray(tmp_path, cluster):
                                       "ray", "--out", str(tmp_path / "other")])
     assert result.exit_code == EXIT_BAD_INPUT
     assert "sweep configs 'h100' and 'twin' both measure" in result.output
+
+
+def test_four_configurations_in_parallel_a_crash_retried_a_rerun_idle(tmp_path):
+    in_fresh_process(four_configurations_in_parallel_a_crash_retried_a_rerun_idle, tmp_path)
+
+
+def test_a_unit_that_keeps_failing_is_reported_and_the_others_finish(tmp_path):
+    in_fresh_process(a_unit_that_keeps_failing_is_reported_and_the_others_finish, tmp_path)
+
+
+def test_the_command_profiles_several_configs_on_ray(tmp_path):
+    in_fresh_process(the_command_profiles_several_configs_on_ray, tmp_path)
