@@ -1,6 +1,6 @@
 """Is capacity planned on a p99 SLO honest? Planned against measured rates on real sweeps.
 
-    python bench/tail_plan.py [--quick] [--size=8b ...] [--variant=paper]
+    python bench/tail_plan.py [--quick] [--size=8b ...] [--variant=paper] [--csv=plans.csv]
 
 For each study in ../shared/data (Qwen3 0.6B, 1.7B, 8B; 48 (alpha, k) curves of GuideLLM
 constant-rate points each), 4 folds of whole curves as in bench/real_data.py (b): fit on
@@ -77,6 +77,8 @@ def main() -> None:
     quick = "--quick" in sys.argv
     sizes = [a.split("=")[1] for a in sys.argv if a.startswith("--size=")]
     variant = next((a.split("=")[1] for a in sys.argv if a.startswith("--variant=")), "paper")
+    csv = next((a.split("=")[1] for a in sys.argv if a.startswith("--csv=")), None)
+    tables = []
     print(f"variant {variant}, {'2 x (300 + 300)' if quick else '2 x (1000 + 1000)'} draws; "
           "planned at 95% confidence against the measured crossing of the p99 SLO")
     for size, folder in studies().items():
@@ -84,6 +86,7 @@ def main() -> None:
             continue
         start = time.perf_counter()
         table = run_size(size, folder, variant, quick).dropna(subset=["measured"])
+        tables.append(table)
         print(f"\n== Qwen3-{size.upper()}: {len(table)} (curve, SLO) pairs, "
               f"{time.perf_counter() - start:.0f} s")
         for method in ("sdbayes", "baseline"):
@@ -92,6 +95,8 @@ def main() -> None:
                   f"|error| median {np.median(abs(error)):6.1%}, "
                   f"90th percentile {np.percentile(abs(error), 90):6.1%}   "
                   f"(mean error {error.mean():+.1%})")
+    if csv:
+        pd.concat(tables).to_csv(csv, index=False)
 
 
 if __name__ == "__main__":

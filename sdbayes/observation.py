@@ -182,15 +182,8 @@ def forward(coef: Coefficients, points, variant: str | Variant,
     m = metrics(coef, **point, rate=open_rate,
                 concurrency=jnp.where(closed, points.concurrency, 1.0), closed=closed,
                 variant=variant)
-    stable = jnp.isfinite(m.latency)
-    total = jnp.where(stable, m.latency, 1.0)
-    # d log L / d log C2 = (L - C1) / (L * (1 - rate * marginal)), marginal what one more
-    # request in flight adds: x / (1 - x) for the paper's open loop, growing without bound
-    # towards saturation; (L - C1) / L < 1 for a closed loop, which has no rate feeding
-    # back. (The stepped form's boundary waits, a few percent of L, are left out.)
-    rate, marginal, alone, total = jnp.broadcast_arrays(open_rate, m.marginal, m.alone, total)
-    room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
-    sensitivity = jnp.where(stable, (total - alone) / (total * room), 0.0)
+    sensitivity = steady_sensitivity(m, open_rate)
+    alone = jnp.broadcast_to(m.alone, jnp.shape(sensitivity))
     e2e, ttft, tpot = m.latency, m.ttft, m.tpot
     batch = jnp.shape(e2e)  # coefficient draws [...] by rows [n]: broadcast explicitly
 
@@ -220,20 +213,49 @@ def forward(coef: Coefficients, points, variant: str | Variant,
                            + others * marginal / latency * slope)
         e2e = jnp.where(run, latency, e2e)
         ttft = jnp.where(run, first, ttft)
-        tpot = jnp.where(run, _per_token(latency, first, output_len), tpot)
+        tpot = jnp.where(run, per_token(latency, first, output_len), tpot)
         sensitivity = jnp.where(run, run_sensitivity, sensitivity)
         alone = jnp.where(run, full.independent.total, alone)
     finite = jnp.isfinite(e2e)
-    share = jnp.clip(1.0 - alone / jnp.where(finite, e2e, 1.0), 0.0, 1.0)
+    share = load_share(e2e, alone)
     if load_error is not None:
-        # Held within a factor of e^3 either way: far from the data (a sampler's first
-        # steps, draws near saturation) a product of two large numbers would overflow.
-        shift = jnp.where(closed, 0.0, jnp.clip(
-            sensitivity * discrepancy_in_load(load_error, share), -3.0, 3.0))
+        shift = jnp.where(closed, 0.0, shift_in_load(load_error, sensitivity, share))
         # Double `where`: the product's untaken branch stays finite, its gradient 0.
         e2e = jnp.where(finite, jnp.where(finite, e2e, 1.0) * jnp.exp(shift), e2e)
-        tpot = jnp.where(finite, _per_token(e2e, ttft, wide(points.output_len)), tpot)
+        tpot = jnp.where(finite, per_token(e2e, ttft, wide(points.output_len)), tpot)
     return Observation(e2e, ttft, tpot, sensitivity, share)
+
+
+def steady_sensitivity(m, open_rate):
+    """``d log L / d log C2`` of the steady latency of :class:`sdbayes.model.Metrics`
+    ``m`` at open-loop arrival rates ``open_rate`` (0 for a closed loop); 0 where saturated.
+
+    It is ``(L - C1) / (L * (1 - rate * marginal))``, marginal what one more request in
+    flight adds: x / (1 - x) for the paper's open loop, growing without bound towards
+    saturation; (L - C1) / L < 1 for a closed loop, which has no rate feeding back. (The
+    stepped form's boundary waits, a few percent of L, are left out.)
+    """
+    stable = jnp.isfinite(m.latency)
+    rate, marginal, alone, total = jnp.broadcast_arrays(
+        jnp.asarray(open_rate), m.marginal, m.alone, jnp.where(stable, m.latency, 1.0))
+    room = jnp.where(stable, 1.0 - rate * marginal, 1.0)
+    return jnp.where(stable, (total - alone) / (total * room), 0.0)
+
+
+def load_share(latency, alone):
+    """The load-dependent share ``q = (L - C1) / L`` in [0, 1] of latencies ``L`` whose
+    load-independent part is ``alone`` (a placeholder where ``L`` is infinite)."""
+    finite = jnp.isfinite(latency)
+    return jnp.clip(1.0 - alone / jnp.where(finite, latency, 1.0), 0.0, 1.0)
+
+
+def shift_in_load(error: LoadError, sensitivity, share):
+    """The log latency's move by the discrepancy in load: ``sensitivity * eta(share)``.
+
+    Held within a factor of e^3 either way: far from the data (a sampler's first steps,
+    draws near saturation) a product of two large numbers would overflow.
+    """
+    return jnp.clip(sensitivity * discrepancy_in_load(error, share), -3.0, 3.0)
 
 
 LOAD_BASIS = 16
@@ -284,7 +306,8 @@ def discrepancy_in_load(error: LoadError, share):
     basis = load_basis(share)  # [..., n, M]; the others broadcast to it explicitly
     offset, weights = (jnp.broadcast_to(jnp.asarray(x), basis.shape)
                        for x in (error.offset, error.weights))
-    return jnp.asarray(error.scale) * jnp.sum((basis - offset) * weights, axis=-1)
+    total = jnp.sum((basis - offset) * weights, axis=-1)
+    return jnp.broadcast_to(jnp.asarray(error.scale), total.shape) * total
 
 
 def load_basis(share):
@@ -330,8 +353,8 @@ def load_offsets(anchor: Observation, points, n_groups: int) -> np.ndarray:
     return offsets
 
 
-def _per_token(latency, first, output_len):
-    """(L - TTFT) / (g - 1), 0 where g <= 1."""
+def per_token(latency, first, output_len):
+    """TPOT from latency and TTFT: (L - TTFT) / (g - 1), 0 where g <= 1."""
     after_first = jnp.asarray(output_len) - 1.0
     several = after_first > 0
     return jnp.where(several, (latency - first) / jnp.where(several, after_first, 1.0), 0.0)

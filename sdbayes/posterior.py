@@ -149,6 +149,28 @@ class Posterior:
         return Coefficients(**{name: self._draws(name)[:, index]
                                for name in self.coefficient_names})
 
+    def new_configuration(self, key: jax.Array, group: str | int = 0
+                          ) -> tuple[Coefficients, observation.LoadError | None]:
+        """Draws of what a configuration of ``group`` the fit has not measured (another k,
+        acceptance or lengths) costs: the group's coefficients, each draw scaled by a fresh
+        draw of the configurations' discrepancy (fields [n_draws]), and the group's fitted
+        discrepancy in load (weights and offset [n_draws, LOAD_BASIS], scale [n_draws]; None
+        for a posterior fitted without it). What :meth:`predict` draws for such a row, so
+        that a plan is as uncertain as a prediction of the curve it is about; ``key`` is a
+        JAX PRNG key.
+        """
+        coef = self.coefficients(group)
+        index = self.groups.index(group) if isinstance(group, str) else int(group)
+        config_key, load_key = jax.random.split(key)
+        one_row = (self._draws(self.coefficient_names[0]).shape[0], 1)
+        rows = self._configured(Coefficients(*(np.broadcast_to(np.reshape(f, (-1, 1)), one_row)
+                                               for f in coef)), np.array([-1]), config_key)
+        error = self._load_error(np.array([index]), load_key)
+        if error is not None:
+            error = observation.LoadError(error.weights[:, 0], error.scale[:, 0],
+                                          np.broadcast_to(error.offset, error.weights.shape)[:, 0])
+        return Coefficients(*(jnp.asarray(f)[:, 0] for f in rows)), error
+
     def summary(self, ci: float = 0.9) -> pd.DataFrame:
         """One row per group and coefficient: mean, sd, equal-tailed interval (``lower``,
         ``upper``), R-hat, ESS, and the ``unit`` of the values: seconds (``"s"``) for the
@@ -501,8 +523,7 @@ def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, gri
             name = f"{metric}_p{100 * q:g}"
             shape_sd = tail_error(metric, q)
             x = mean * r  # [D, R]
-            density = NormalDist().pdf(NormalDist().inv_cdf(q))
-            sampling = np.sqrt(q * (1 - q) / n) * cv / (density * r)  # relative, [D, R]
+            sampling = _sampling_sd(q, n, cv, r)  # relative, [D, R]
             sd = np.sqrt(spread**2 + np.nan_to_num(sampling) ** 2)
             finite = np.isfinite(x)
             with np.errstate(over="ignore"):
@@ -526,13 +547,13 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     server sees its load fluctuate more than the client's spacing says (the study's
     "constant" GuideLLM rates do not reach the server evenly spaced); a simulator's Poisson
     arrivals need none. Then, for each column ``e2e_p50_s``, ``ttft_p99_s``... with that
-    many values beside their metric's mean, the sd of ``log(measured percentile / measured
-    mean) - log(predicted ones)``, keyed ``"e2e_p50"``: the error of the shape, with the
-    mean's own error taken out.
+    many values beside their metric's mean, the sd of the tail model's own error, keyed
+    ``"e2e_p50"``: of ``log(measured percentile / measured mean) - log(predicted ratio)``,
+    less what the percentiles' sampling over ``n_requests`` explains (in variance; see
+    :func:`_sampling_sd`). It is what the model does not know about the truth: a plan
+    weighs it (:func:`sdbayes.planning.plan_draws`), a prediction adds the sampling back.
 
-    :meth:`Posterior.predict` and :func:`sdbayes.max_rate` use the excess; predict widens
-    its percentiles' predictive intervals by the sds. Not a likelihood term: the
-    coefficients do not learn from percentiles.
+    Not a likelihood term: the coefficients do not learn from percentiles.
 
     Returns:
       ``{"arrival_excess": float, "e2e_p99": sd, ...}``.
@@ -544,38 +565,54 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
                 >= tails.CALIBRATION_POINTS]
     if not measured:
         return {}
-    excess = _arrival_excess(posterior, points, [c for m, c in measured if m == "e2e"])
-    predicted = posterior.predict(points, arrival_excess=excess)
+    points = points.reset_index(drop=True)
+    rows, arrays, grid = _fitted_rows(posterior, points)
+    excess = _arrival_excess(posterior, points, [c for m, c in measured if m == "e2e"],
+                             rows, arrays, grid)
+    shapes = _tail_shapes(rows, arrays, grid, posterior.variant, excess)
+    n = _column(grid, "n_requests")
     errors = {"arrival_excess": excess}
     for metric, name in measured:
-        log_error = _log_shape_error(points, predicted, metric, name)
-        if log_error.size >= tails.CALIBRATION_POINTS:
-            errors[name] = float(log_error.std(ddof=1))
+        j = tails.QUANTILES.index(float(name.rsplit("_p", 1)[1]) / 100)
+        ratio, cv = (np.median(np.asarray(a)[j], axis=0) for a in shapes[metric])  # [R]
+        error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"]).to_numpy(float)
+                 - np.log(ratio))
+        sampling = np.nan_to_num(_sampling_sd(tails.QUANTILES[j], n, cv, ratio))
+        kept = np.isfinite(error)
+        if kept.sum() >= tails.CALIBRATION_POINTS:
+            variance = np.var(error[kept], ddof=1) - np.mean(sampling[kept] ** 2)
+            errors[name] = float(np.sqrt(max(variance, 0.0)))
     return errors
 
 
-def _log_shape_error(points, predicted, metric: str, name: str) -> np.ndarray:
-    """log(measured percentile / mean) - log(predicted ones), where all are finite."""
-    error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"])
-             - np.log(predicted[f"{name}_pred_s"] / predicted[f"{metric}_median_s"]))
-    error = error.to_numpy(float)
-    return error[np.isfinite(error)]
+def _sampling_sd(q: float, n, cv, ratio):
+    """The relative sampling sd of a ``q``-percentile over ``n`` requests whose metric has
+    coefficient of variation ``cv`` and percentile-to-mean ``ratio``:
+    ``sqrt(q (1 - q) / n) / (f(x_q) x_q)``, with the density ``f`` taken as normal's."""
+    density = NormalDist().pdf(NormalDist().inv_cdf(q))
+    return np.sqrt(q * (1 - q) / n) * cv / (density * ratio)
 
 
-def _arrival_excess(posterior: Posterior, points: pd.DataFrame, names: list[str]) -> float:
-    """The :data:`sdbayes.tails.EXCESS_GRID` value that fits the open loops' measured e2e
-    percentiles ``names`` ("e2e_p99"...) best (:func:`tail_errors`), by the draws' median
-    ratios of the tail model alone (no noise enters them); 0 with too few open loops."""
-    points = points.reset_index(drop=True)
-    open_loop = points["request_rate"].notna().to_numpy()
-    if not names or open_loop.sum() < tails.CALIBRATION_POINTS:
-        return 0.0
+def _fitted_rows(posterior: Posterior, points: pd.DataFrame):
+    """The fitted points' coefficient draws (their groups' and configurations'; fields
+    [D, R]), arrays and validated grid."""
     grid = posterior._grid(points)
     arrays, _ = to_points(grid, posterior.groups, posterior.configs)
     resolved = posterior._new_group_rows(grid, arrays)
     key = jax.random.key(0)  # the fitted points' groups and configurations draw nothing
     rows = posterior._configured(posterior._coefficients_for(arrays.group, resolved, key),
                                  arrays.config, key)
+    return rows, arrays, grid
+
+
+def _arrival_excess(posterior: Posterior, points: pd.DataFrame, names: list[str],
+                    rows: Coefficients, arrays, grid) -> float:
+    """The :data:`sdbayes.tails.EXCESS_GRID` value that fits the open loops' measured e2e
+    percentiles ``names`` ("e2e_p99"...) best (:func:`tail_errors`), by the draws' median
+    ratios of the tail model alone (no noise enters them); 0 with too few open loops."""
+    open_loop = points["request_rate"].notna().to_numpy()
+    if not names or open_loop.sum() < tails.CALIBRATION_POINTS:
+        return 0.0
     which = [tails.QUANTILES.index(float(name.rsplit("_p", 1)[1]) / 100) for name in names]
     measured = np.stack([np.log(points[f"{name}_s"] / points["e2e_mean_s"]).to_numpy(float)
                          for name in names])[:, open_loop]  # [N, open rows]
