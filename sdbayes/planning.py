@@ -237,7 +237,7 @@ def coefficient_draws(source, group: str | int = 0, variant: str | Variant | Non
       scalar fields count as one draw; their variant is ``variant`` or ``"paper"``.
     """
     if isinstance(source, Posterior):
-        if variant is not None and variant != source.variant:
+        if variant is not None and as_variant(variant) != as_variant(source.variant):
             raise ValueError(f"the posterior was fitted with variant {source.variant!r}, "
                              f"not {variant!r}")
         if source.diagnostics is not None and not source.diagnostics.trustworthy:

@@ -105,6 +105,15 @@ def test_an_slo_below_the_zero_load_latency_is_infeasible_at_any_rate():
         capacity.replicas(10.0)
 
 
+def test_a_posterior_takes_its_variant_as_a_record_or_a_name():
+    """``variant=sb.Variant("paper")`` and ``"paper"`` are the same form; another is refused."""
+    post = as_posterior(draws(50))
+    by_name = sb.max_rate(post, slo=2.0, variant="paper", **POINT).rate
+    assert sb.max_rate(post, slo=2.0, variant=sb.Variant("paper"), **POINT).rate == by_name
+    with pytest.raises(ValueError, match="fitted with variant 'paper'"):
+        sb.max_rate(post, slo=2.0, variant="stepped", **POINT)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(slo=0.0), "slo must be > 0"),
     (dict(slo=1.0, confidence=1.0), "confidence must lie in"),
