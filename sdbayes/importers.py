@@ -510,8 +510,9 @@ def _vllm_row(data: dict, completed: int, where: str) -> dict:
                 row[f"{name}_p{q}_s"] = _number(data, f"p{q}_{name}_ms") / 1e3
     if isinstance(data.get("output_lens"), list) and data["output_lens"]:
         errors = data.get("errors") or [""] * len(data["output_lens"])
-        lengths = [float(n) for n, error in zip(data["output_lens"], errors, strict=True)
-                   if not error and isinstance(n, int | float)]
+        lengths = [_token_count(n, f"output_lens[{i}]")
+                   for i, (n, error) in enumerate(zip(data["output_lens"], errors, strict=True))
+                   if not error]
         if lengths:
             row["output_len_sd"] = float(np.std(lengths))
     duration = _number(data, "duration") if data.get("duration") is not None else 0.0
@@ -578,6 +579,18 @@ def _end_to_end(data: dict, completed: int, output_len: float, where: str) -> di
                                 * max(output_len - 1.0, 0.0)) / 1e3)
     raise _Malformed("missing field 'mean_e2el_ms' (run vllm bench serve with "
                      "--percentile-metrics ttft,tpot,itl,e2el, or --save-detailed)")
+
+
+MAX_TOKENS = 10**9
+"""More tokens than any request holds: a larger count in a file is junk."""
+
+
+def _token_count(value, field: str) -> float:
+    """A per-request token count: a whole number in [0, :data:`MAX_TOKENS`]."""
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or not (0 <= value <= MAX_TOKENS and float(value).is_integer())):
+        raise _Malformed(f"field '{field}': {value!r} is not a token count")
+    return float(value)
 
 
 def _check_detailed(data: dict, completed: int, where: str) -> list[str]:

@@ -114,6 +114,10 @@ def test_failed_requests_are_counted_not_dropped(tmp_path):
     (lambda d: {**d, "mean_e2el_ms": "abc"}, "field 'mean_e2el_ms': not a number: 'abc'"),
     (lambda d: {**d, "completed": True}, "field 'completed': not a number: True"),
     (lambda d: {**d, "mean_ttft_ms": [1.0]}, "field 'mean_ttft_ms': not a number: [1.0]"),
+    (lambda d: {**d, "output_lens": [1e308] + d["output_lens"][1:]},
+     "field 'output_lens[0]': 1e+308 is not a token count"),
+    (lambda d: {**d, "output_lens": d["output_lens"][:3] + ["x"] + d["output_lens"][4:]},
+     "field 'output_lens[3]': 'x' is not a token count"),
 ])
 def test_malformed_results_are_named(tmp_path, change, message):
     path = write(tmp_path, change(result()))
