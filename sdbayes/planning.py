@@ -229,8 +229,11 @@ def replicas_needed(traffic: ArrayLike, rate: ArrayLike) -> np.ndarray:
     return np.ceil(traffic / np.asarray(rate) - 1e-12).astype(int)
 
 
-def coefficient_draws(source, group: str | int = 0, variant: str | Variant | None = None):
-    """Coefficient draws and model variant from a ``Posterior`` or plain ``Coefficients``.
+def coefficient_draws(source, group: str | int = 0, variant: str | Variant | None = None,
+                      stacklevel: int = 3):
+    """Coefficient draws and model variant from a ``Posterior`` or plain ``Coefficients``;
+    a warning about an untrustworthy fit points ``stacklevel`` frames up (the caller's
+    caller).
 
     Returns:
       (``Coefficients`` with fields of shape [n_draws], variant). Plain coefficients with
@@ -242,7 +245,7 @@ def coefficient_draws(source, group: str | int = 0, variant: str | Variant | Non
                              f"not {variant!r}")
         if source.diagnostics is not None and not source.diagnostics.trustworthy:
             warnings.warn(f"planning on a fit that is {source.diagnostics.verdict}",
-                          source.FitWarning, stacklevel=3)
+                          source.FitWarning, stacklevel=stacklevel)
         return source.coefficients(group), source.variant
     if isinstance(source, Coefficients):
         fields = jnp.broadcast_arrays(*(jnp.asarray(x, float) for x in source))
@@ -261,7 +264,7 @@ class PlanDraws(NamedTuple):
 
 def plan_draws(source, key: jax.Array, group: str | int = 0,
                variant: str | Variant | None = None, metric: str = "e2e",
-               quantile: float | None = None) -> PlanDraws:
+               quantile: float | None = None, stacklevel: int = 2) -> PlanDraws:
     """The draws of what a metric will be at a configuration a plan is about.
 
     From a :class:`~sdbayes.Posterior` these are what its predictions draw for a
@@ -272,9 +275,10 @@ def plan_draws(source, key: jax.Array, group: str | int = 0,
     new curve's latency as known to within their posterior, which it is not: on the
     source study's 0.6B sweeps, 70% of p99 plans at 95% confidence lay above the rate
     where the held-out curve's measured p99 crossed its SLO (bench/tail_plan.py).
-    Plain ``Coefficients`` are taken as they are.
+    Plain ``Coefficients`` are taken as they are. A warning about an untrustworthy fit
+    points ``stacklevel`` frames up from here (the caller).
     """
-    coef, variant = coefficient_draws(source, group, variant)
+    coef, variant = coefficient_draws(source, group, variant, stacklevel + 1)
     n_draws = coef.c1p.shape[0]
     if not isinstance(source, Posterior):
         return PlanDraws(coef, variant, None, np.zeros(n_draws))
@@ -387,7 +391,8 @@ def max_rate(
     if not np.all(np.asarray(slo) > 0):
         raise ValueError(f"slo must be > 0 seconds, got {slo}")
     tail = tail_settings(source, quantile, arrival_cv2, output_len_sd)
-    draws = plan_draws(source, jax.random.PRNGKey(seed), group, variant, metric, quantile)
+    draws = plan_draws(source, jax.random.PRNGKey(seed), group, variant, metric, quantile,
+                       stacklevel=3)
     n_draws = draws.coef.c1p.shape[0]
     index = order_statistic_index(n_draws, confidence)
     shape = np.broadcast_shapes(np.shape(k), np.shape(alpha), np.shape(output_len),

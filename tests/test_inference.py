@@ -131,8 +131,11 @@ def test_verdict_says_how_the_fit_stands():
 
 def test_planning_on_an_untrusted_fit_warns(fitted):
     untrusted = Posterior(fitted.idata, fitted.diagnostics._replace(problems=("3 divergent",)))
-    with pytest.warns(FitWarning, match="planning on a fit that is NOT TRUSTWORTHY: 3 diverg"):
-        sb.max_rate(untrusted, slo=2.0, k=4, alpha=0.8, output_len=128)
+    for plan, args in ((sb.max_rate, dict(slo=2.0, k=4)), (sb.tune_k, dict(rate=1.0))):
+        with pytest.warns(FitWarning, match="planning on a fit that is NOT TRUSTWORTHY: "
+                                            "3 diverg") as caught:
+            plan(untrusted, alpha=0.8, output_len=128, **args)
+        assert caught[0].filename == __file__  # it points at the call, not inside sdbayes
 
 
 @pytest.mark.parametrize("argument, message", [
