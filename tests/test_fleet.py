@@ -1,10 +1,9 @@
 """Profiling a fleet on Ray: a local Ray instance with fake GPUs, loopback servers.
 
-Each test runs its scenario in a fresh Python process that starts its own Ray instance: the
-test session's workers never load Ray beside JAX (with Ray's native runtime loaded, even by
-a bare import, a worker died twice in an XLA compile late in the run: in CI, and in a
-fresh clone here), and a crash or a hang becomes this test's failure, with Ray's output,
-instead of taking the worker down.
+Each test runs its scenario in a fresh Python process that starts its own Ray instance
+(never one left over): the test session's workers never load Ray's native runtime beside
+jaxlib's, and a crash or a hang becomes this test's failure, with Ray's output, instead of
+taking the worker down.
 """
 
 import importlib.util
