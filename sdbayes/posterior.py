@@ -138,16 +138,19 @@ class Posterior:
     def coefficients(self, group: str | int = 0) -> Coefficients:
         """Coefficient draws of one group (its index or label), each field of shape
         [n_draws] (seconds); a ``ValueError`` names the groups there are if none matches."""
-        if isinstance(group, str) and group in self.groups:
-            index = self.groups.index(group)
-        elif isinstance(group, int | np.integer) and 0 <= group < len(self.groups):
-            index = int(group)
-        else:
-            listed = "; ".join(f"{i}: {label}" for i, label in enumerate(self.groups))
-            raise ValueError(f"group {group!r}: the posterior has {len(self.groups)} group(s) "
-                             f"({listed})")
+        index = self._group_index(group)
         return Coefficients(**{name: self._draws(name)[:, index]
                                for name in self.coefficient_names})
+
+    def _group_index(self, group: str | int) -> int:
+        """The index of a group given by index or label (ValueError naming the groups)."""
+        if isinstance(group, str) and group in self.groups:
+            return self.groups.index(group)
+        if isinstance(group, int | np.integer) and 0 <= group < len(self.groups):
+            return int(group)
+        listed = "; ".join(f"{i}: {label}" for i, label in enumerate(self.groups))
+        raise ValueError(f"group {group!r}: the posterior has {len(self.groups)} group(s) "
+                         f"({listed})")
 
     def new_configuration(self, key: jax.Array, group: str | int = 0
                           ) -> tuple[Coefficients, observation.LoadError | None]:
@@ -160,12 +163,11 @@ class Posterior:
         JAX PRNG key.
         """
         coef = self.coefficients(group)
-        index = self.groups.index(group) if isinstance(group, str) else int(group)
         config_key, load_key = jax.random.split(key)
-        one_row = (self._draws(self.coefficient_names[0]).shape[0], 1)
+        one_row = (coef.c1p.shape[0], 1)
         rows = self._configured(Coefficients(*(np.broadcast_to(np.reshape(f, (-1, 1)), one_row)
                                                for f in coef)), np.array([-1]), config_key)
-        error = self._load_error(np.array([index]), load_key)
+        error = self._load_error(np.array([self._group_index(group)]), load_key)
         if error is not None:
             error = observation.LoadError(error.weights[:, 0], error.scale[:, 0],
                                           np.broadcast_to(error.offset, error.weights.shape)[:, 0])
@@ -558,22 +560,22 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     Returns:
       ``{"arrival_excess": float, "e2e_p99": sd, ...}``.
     """
-    columns = [(m, f"{m}_p{100 * q:g}") for m in ("e2e", "ttft", "tpot")
-               for q in tails.QUANTILES]
-    measured = [(m, c) for m, c in columns if f"{c}_s" in points and f"{m}_mean_s" in points
+    columns = [(m, j, f"{m}_p{100 * q:g}") for m in ("e2e", "ttft", "tpot")
+               for j, q in enumerate(tails.QUANTILES)]
+    measured = [(m, j, c) for m, j, c in columns if f"{c}_s" in points
+                and f"{m}_mean_s" in points
                 and (points[f"{c}_s"].notna() & points[f"{m}_mean_s"].notna()).sum()
                 >= tails.CALIBRATION_POINTS]
     if not measured:
         return {}
     points = points.reset_index(drop=True)
     rows, arrays, grid = _fitted_rows(posterior, points)
-    excess = _arrival_excess(posterior, points, [c for m, c in measured if m == "e2e"],
+    excess = _arrival_excess(posterior, points, [(j, c) for m, j, c in measured if m == "e2e"],
                              rows, arrays, grid)
     shapes = _tail_shapes(rows, arrays, grid, posterior.variant, excess)
     n = _column(grid, "n_requests")
     errors = {"arrival_excess": excess}
-    for metric, name in measured:
-        j = tails.QUANTILES.index(float(name.rsplit("_p", 1)[1]) / 100)
+    for metric, j, name in measured:
         ratio, cv = (np.median(np.asarray(a)[j], axis=0) for a in shapes[metric])  # [R]
         error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"]).to_numpy(float)
                  - np.log(ratio))
@@ -605,21 +607,23 @@ def _fitted_rows(posterior: Posterior, points: pd.DataFrame):
     return rows, arrays, grid
 
 
-def _arrival_excess(posterior: Posterior, points: pd.DataFrame, names: list[str],
-                    rows: Coefficients, arrays, grid) -> float:
+def _arrival_excess(posterior: Posterior, points: pd.DataFrame,
+                    percentiles: list[tuple[int, str]], rows: Coefficients, arrays,
+                    grid) -> float:
     """The :data:`sdbayes.tails.EXCESS_GRID` value that fits the open loops' measured e2e
-    percentiles ``names`` ("e2e_p99"...) best (:func:`tail_errors`), by the draws' median
-    ratios of the tail model alone (no noise enters them); 0 with too few open loops."""
+    ``percentiles`` (index into :data:`sdbayes.tails.QUANTILES`, name: (2, "e2e_p99")...)
+    best (:func:`tail_errors`), by the draws' median ratios of the tail model alone (no
+    noise enters them); 0 with too few open loops."""
     open_loop = points["request_rate"].notna().to_numpy()
-    if not names or open_loop.sum() < tails.CALIBRATION_POINTS:
+    if not percentiles or open_loop.sum() < tails.CALIBRATION_POINTS:
         return 0.0
-    which = [tails.QUANTILES.index(float(name.rsplit("_p", 1)[1]) / 100) for name in names]
+    which, names = zip(*percentiles, strict=True)
     measured = np.stack([np.log(points[f"{name}_s"] / points["e2e_mean_s"]).to_numpy(float)
                          for name in names])[:, open_loop]  # [N, open rows]
     losses = []
     for excess in tails.EXCESS_GRID:
         ratio = np.asarray(_tail_shapes(rows, arrays, grid, posterior.variant,
-                                        excess)["e2e"][0])[which]  # [N, D, R]
+                                        excess)["e2e"][0])[list(which)]  # [N, D, R]
         error = measured - np.log(np.median(ratio, axis=1))[:, open_loop]
         losses.append(np.sum(error[np.isfinite(error)] ** 2))
     return float(tails.EXCESS_GRID[int(np.argmin(losses))])
