@@ -4,9 +4,10 @@ DESIGN.md section 3. The six coefficients of each group (hardware x model pair; 
 an MoE verifier's expert terms ``c1e, c2e``) are sampled in log space. With one group
 their prior is a log-normal per coefficient (sampled in coordinates shaped like the
 posterior, :func:`least_squares_frame`: that changes the sampler's work, not the model);
-with several, the groups' log coefficients are partially pooled: ``log c[g] = mu + tau *
-z[g]``, ``z ~ Normal(0, 1)`` (non-centred), with ``mu`` under that log-normal prior and
-``tau ~ HalfNormal(pool_scale)`` per coefficient.
+with several, the groups' log coefficients are partially pooled, ``log c[g] ~ Normal(mu,
+tau)``, with ``mu`` under that log-normal prior and ``tau ~ HalfNormal(pool_scale)`` per
+coefficient (sampled non-centred, ``log c[g] = mu + tau * z[g]``, except for the groups
+the data pin, which are sampled in their own least-squares frame: :func:`group_frames`).
 
 Each observed mean is compared on the log scale with what the observation model
 (:mod:`sdbayes.observation`) predicts the row reports, the steady mean or, for a run of
@@ -208,7 +209,7 @@ def model(
     discrepancy_scale: float = 0.05,
     load_error_scale: float = 0.05,
     variant: str = "paper",
-    frame: Prior | None = None,
+    frame: Frame | GroupFrames | None = None,
     loads: EffectiveLoads | None = None,
     confounding: Confounding | None = None,
 ):
@@ -231,10 +232,11 @@ def model(
         :data:`sdbayes.observation.LOAD_DF`); 0 leaves it out.
       variant: the latency model's variant, a name in :data:`sdbayes.model.VARIANTS` or a
         :class:`~sdbayes.model.Variant` (with MoE settings, ``c1e, c2e`` are fitted too).
-      frame: the coordinates in which the log coefficients are sampled (one group only),
-        ``log_c = frame.loc + frame.scale * log_c_std``; by default the prior's. Any frame
-        gives the same model; see :func:`least_squares_frame` for why NUTS
-        wants one shaped like the posterior.
+      frame: the coordinates in which the log coefficients are sampled: with one group a
+        :class:`Frame`, ``log_c = frame.loc + frame.scale * log_c_std``, by default the
+        prior's; with several a :class:`GroupFrames` (:func:`_pooled_in_frames`), by
+        default all non-centred. Any frame gives the same model; see
+        :func:`least_squares_frame` for why NUTS wants one shaped like the posterior.
       loads: the effective-load tables of the rows that are finite runs
         (:func:`sdbayes.observation.effective_loads`); without them every row is steady.
       confounding: what the coefficients explain, taken out of the discrepancies
@@ -256,7 +258,7 @@ def model(
                          f"fits {len(names)} ({', '.join(names)})")
     loc, scale = jnp.asarray(prior.loc), jnp.asarray(prior.scale)
     if n_groups == 1:
-        centre, width = (loc, scale) if frame is None else map(jnp.asarray, frame)
+        centre, width = (loc, scale) if frame is None else map(jnp.asarray, frame[:2])
         with numpyro.plate("coefficient", len(names)):
             std = numpyro.sample("log_c_std", dist.Normal((loc - centre) / width,
                                                           scale / width))
@@ -269,6 +271,8 @@ def model(
               numpyro.plate("coefficient", len(names), dim=-1)):
             z = numpyro.sample("z", dist.Normal(0.0, 1.0))
         log_c = mu + tau * z
+        if frame is not None:
+            log_c = _pooled_in_frames(log_c, z, mu, tau, frame)
     c = jnp.exp(log_c)  # [n_groups, n_coefficients]
     for i, name in enumerate(names):
         numpyro.deterministic(name, c[:, i])
@@ -315,10 +319,61 @@ def model(
             numpyro.sample(f"obs_{metric}", noise.mask(jnp.asarray(present)), obs=log_observed)
 
 
+def _pooled_in_frames(log_c, z, mu, tau, frames: GroupFrames):
+    """Log coefficients [n_groups, C] of the groups the data pin (``frames.centred``) in
+    their own frame, ``log_c[g] = loc[g] + tril[g] @ z[g]``, the others' non-centred
+    ``log_c`` unchanged.
+
+    The density is the same model's: a pinned group's ``z`` has the density its
+    ``log_c`` has under ``Normal(mu, tau)`` (the map is affine, its Jacobian constant), put
+    in place of the standard normal it was sampled under. Why: non-centred, a group's
+    ``z`` is as correlated as its coefficients (sums of them are what the data fix) and
+    ``tau`` times narrower than its prior; in a frame from its own least-squares fit it is
+    nearly white, and NUTS's diagonal mass suits it.
+    """
+    framed = frames.loc + jnp.einsum("gij,gj->gi", frames.tril, z)
+    centred = jnp.asarray(frames.centred)[:, None]
+    numpyro.factor("pooled_in_frames", jnp.sum(jnp.where(
+        centred, dist.Normal(mu, tau).log_prob(framed) - dist.Normal(0.0, 1.0).log_prob(z),
+        0.0)))
+    return jnp.where(centred, framed, log_c)
+
+
+_LEAST_SPREAD = 0.01  # groups closer than 1% in a coefficient are as good as alike
+
+
+class GroupFrames(NamedTuple):
+    """Coordinates for several groups' log coefficients (the model's ``frame`` with
+    several groups, :func:`group_frames`): each pinned group's ``z`` is whitened by its
+    least-squares fit."""
+
+    loc: np.ndarray  # [n_groups, C]: least-squares log coefficients
+    tril: np.ndarray  # [n_groups, C, C]: Cholesky factors of their covariances
+    centred: np.ndarray  # [n_groups] bool: sampled in the frame (else non-centred)
+
+
+def group_frames(frames: list[Frame]) -> GroupFrames:
+    """The coordinates of several groups from their least-squares frames.
+
+    A group is sampled in its frame where the data pin it better than the population
+    does: where each of its widths is below the groups' spread about the population, as
+    estimated from the frames (the variance of their centres less the mean squared width).
+    Elsewhere (groups with little data, or groups all alike) it stays non-centred, as a
+    centred group then forms a funnel with ``tau``.
+    """
+    loc = np.stack([f.loc for f in frames])  # [G, C]
+    scale = np.stack([f.scale for f in frames])
+    spread = np.sqrt(np.maximum(loc.var(axis=0) - np.mean(scale**2, axis=0), 0.0))
+    tril = np.linalg.cholesky(np.stack([f.scale[:, None] * f.correlation * f.scale[None, :]
+                                        for f in frames]))
+    pinned = np.mean(np.log(scale) - np.log(np.maximum(spread, _LEAST_SPREAD)), axis=1) < 0
+    return GroupFrames(loc, tril, pinned)
+
+
 def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
                         variant: str | Variant = "paper", error: float = 0.02,
                         loads: EffectiveLoads | None = None,
-                        start: np.ndarray | None = None) -> Prior:
+                        start: np.ndarray | None = None) -> Frame:
     """Coordinates for one group's log coefficients shaped like their posterior (the
     model's ``frame``): centred on a least-squares fit, as wide as its standard errors.
 
@@ -349,8 +404,8 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
       start: where the solver starts, log coefficients; by default the prior's centre.
 
     Returns:
-      The frame: centres and widths of the log coefficients (a :class:`Prior`); the prior
-      itself if the fit fails.
+      The frame (:class:`Frame`); the prior's centres and widths, uncorrelated, if the fit
+      fails.
     """
     names = coefficient_names(variant)
     observed = [observation.observed(points, m) for m in metrics]
@@ -376,8 +431,18 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
     robust = bread @ (scores.T @ scores) @ bread
     width = np.sqrt(np.maximum(np.diag(bread), np.diag(robust)))
     if not (np.isfinite(fit.x).all() and np.isfinite(width).all() and (width > 0).all()):
-        return prior
-    return Prior(loc=fit.x, scale=np.minimum(width, prior.scale))
+        return Frame(prior.loc, prior.scale, np.eye(len(names)))
+    correlation = bread / np.sqrt(np.outer(np.diag(bread), np.diag(bread)))
+    return Frame(fit.x, np.minimum(width, prior.scale), correlation)
+
+
+class Frame(NamedTuple):
+    """One group's least-squares frame (:func:`least_squares_frame`): centres and widths of
+    its log coefficients, shape [C] each, and their correlation [C, C]."""
+
+    loc: np.ndarray
+    scale: np.ndarray
+    correlation: np.ndarray
 
 
 class Anchor(NamedTuple):
@@ -385,7 +450,7 @@ class Anchor(NamedTuple):
     frame (one group only), the finite runs' effective-load tables built about them and
     what the coefficients explain there (:func:`confounding`)."""
 
-    frames: list[Prior]  # one per group
+    frames: list[Frame]  # one per group
     loads: EffectiveLoads | None  # None when no row is a finite run
     confounding: Confounding
 
@@ -398,7 +463,7 @@ class Confounding(NamedTuple):
     load_offset: np.ndarray  # [n_groups, LOAD_BASIS]: see observation.load_offsets
 
 
-def confounding(points: Points, frames: list[Prior], variant: str | Variant,
+def confounding(points: Points, frames: list[Frame], variant: str | Variant,
                 loads: EffectiveLoads | None = None) -> Confounding:
     """The discrepancies' projections off what the coefficients explain, at each group's
     least-squares coefficients (``frames``).
@@ -474,7 +539,7 @@ def anchor(points: Points, prior: Prior, n_groups: int, metrics: tuple[str, ...]
     return Anchor(frames, loads, confounding(points, frames, variant, loads))
 
 
-def _rows_at_frames(frames: list[Prior], points: Points, names) -> Coefficients:
+def _rows_at_frames(frames: list[Frame], points: Points, names) -> Coefficients:
     """Each row's coefficients at its group's frame centre (fields [n])."""
     per_row = np.stack([np.exp(frame.loc) for frame in frames])[points.group]  # [n, C]
     return Coefficients(**{name: per_row[:, i] for i, name in enumerate(names)})

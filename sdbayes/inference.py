@@ -15,7 +15,7 @@ import numpy as np
 import numpyro
 import pandas as pd
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, init_to_median
-from numpyro.infer.autoguide import AutoMultivariateNormal
+from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
 
 from sdbayes import calibrate, observation
 from sdbayes.calibrate import METRICS, Prior
@@ -39,6 +39,7 @@ AUTO = "auto"
 """``fit(..., variant=AUTO)`` fits every form that applies and keeps the best (PSIS-LOO)."""
 CHAIN_METHODS = ("parallel", "vectorized", "sequential")
 _WARMUP_TREE_DEPTH = 6
+_FULL_COVARIANCE_SIZE = 500  # latents; past it SVI's guide is low-rank
 LOAD_ERROR_SCALE = 0.05
 """Prior sd of the open loops' discrepancy in load, a relative error in ``C2`` (``S *
 eta(q)`` in log latency), the same as when its amplitude was HalfNormal(0.05). Against a
@@ -162,10 +163,14 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
                 load_error_scale=0.0 if variant.form == "filling" else LOAD_ERROR_SCALE)
     start = calibrate.anchor(points, prior, len(groups), tuple(metrics), variant)
     args["loads"], args["confounding"] = start.loads, start.confounding
-    init = init_to_median
-    if len(groups) == 1:  # coordinates shaped like the posterior: see least_squares_frame
+    # Coordinates shaped like the posterior (see least_squares_frame), the start at their
+    # centre.
+    if len(groups) == 1:
         args["frame"] = start.frames[0]
         init = partial(_start_at_frame)  # NumPyro takes init strategies as partials
+    else:
+        args["frame"] = calibrate.group_frames(start.frames)
+        init = partial(_start_in_frames, centres=args["frame"].loc)
 
     if method == "nuts":
         # Coefficients are strongly correlated (C1 and C2 are sums of them): a dense mass
@@ -285,6 +290,18 @@ def _start_at_frame(site):
     return init_to_median(site)
 
 
+def _start_in_frames(site, centres=None):
+    """NUTS's start with several groups: every group at its frame's centre (the pinned) or
+    at the population's (the rest), the population at the centres' mean and spread."""
+    if site["name"] == "z":
+        return jnp.zeros(site["fn"].shape())
+    if site["name"] == "mu":
+        return jnp.asarray(centres.mean(axis=0))
+    if site["name"] == "tau":
+        return jnp.asarray(np.maximum(centres.std(axis=0), 0.01))
+    return init_to_median(site)
+
+
 def use_cpu_cores(devices: int | None = None) -> int:
     """Let NUTS run its chains in parallel on a CPU: split it into ``devices`` JAX devices.
 
@@ -339,15 +356,27 @@ def _group_columns(points: pd.DataFrame, groups: list[str]) -> list[dict[str, st
 
 
 def _svi(key, args, init, steps, num_samples, progress):
-    guide = AutoMultivariateNormal(calibrate.model, init_loc_fn=init)
-    svi = SVI(calibrate.model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
-    fit_key, draw_key = jax.random.split(key)
-    result = svi.run(fit_key, steps, progress_bar=progress, **args)
-    if not np.isfinite(result.losses[-1]):
-        raise RuntimeError("SVI diverged (non-finite ELBO); try NUTS or another seed")
     sites = numpyro.handlers.trace(numpyro.handlers.seed(calibrate.model, 0)).get_trace(**args)
     latent = [name for name, site in sites.items()
               if site["type"] in ("sample", "deterministic") and not site.get("is_observed")]
+    size = sum(int(np.size(site["value"])) for site in sites.values()
+               if site["type"] == "sample" and not site.get("is_observed"))
+    # A full covariance has size^2 / 2 parameters: past a few hundred latents (a fleet of
+    # groups) it learns too slowly and, with one sample a step, diverged; a low-rank one
+    # keeps the strongest correlations (each group's coefficients) at O(size * rank).
+    full = size <= _FULL_COVARIANCE_SIZE
+    guide = (AutoMultivariateNormal if full else AutoLowRankMultivariateNormal)(
+        calibrate.model, init_loc_fn=init, init_scale=0.01)
+    svi = SVI(calibrate.model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
+    fit_key, draw_key = jax.random.split(key)
+    # A step whose draw leaves the model's domain (a load past saturation) is skipped
+    # rather than allowed to turn every parameter into NaN.
+    result = svi.run(fit_key, steps, progress_bar=progress, stable_update=True, **args)
+    tail = np.asarray(result.losses[-max(steps // 10, 1):])
+    finite = tail[np.isfinite(tail)]
+    if finite.size < tail.size / 2 or not all(
+            np.isfinite(p).all() for p in jax.tree_util.tree_leaves(result.params)):
+        raise RuntimeError("SVI diverged (non-finite ELBO); try NUTS or another seed")
     draws = Predictive(calibrate.model, guide=guide, params=result.params,
                        num_samples=num_samples, return_sites=latent)(draw_key, **args)
     keep = {name: np.asarray(v)[None] for name, v in draws.items()}
@@ -355,6 +384,7 @@ def _svi(key, args, init, steps, num_samples, progress):
     pointwise = numpyro.infer.log_likelihood(calibrate.model, draws, **args)
     idata = az.from_dict(posterior=keep,
                          log_likelihood={k: np.asarray(v)[None] for k, v in pointwise.items()})
-    tail = np.asarray(result.losses[-max(steps // 10, 1):])
-    return idata, {"sdbayes_svi_final_loss": float(jnp.mean(tail))}
+    return idata, {"sdbayes_svi_final_loss": float(np.mean(finite)),
+                   "sdbayes_svi_guide": f"{'full' if full else 'low-rank'} multivariate normal "
+                                        f"over {size} latents"}
 
