@@ -77,8 +77,9 @@ def fit(
 
     Args:
       traces: an operating-point or per-request table, or paths of CSV/Parquet files.
-      method: ``"nuts"`` (default) or ``"svi"`` (a multivariate-normal guide; for trace
-        sets too large for NUTS, at the cost of approximate intervals).
+      method: ``"nuts"`` (default) or ``"svi"`` (a multivariate-normal guide, low-rank past
+        500 latents; for trace sets too large for NUTS, at the cost of approximate and
+        narrower intervals: bench/fleet_fit.py compares the two).
       variant: the latency model's variant (:data:`sdbayes.model.VARIANTS`): ``"paper"``,
         the reference, ``"stepped"`` (whole steps and step-boundary waits) or
         ``"filling"`` (a marginal cost rising as the batch fills the GPU); or ``"auto"``:
