@@ -383,14 +383,16 @@ def plan(
     confidence: float = 0.95,
     traffic: Annotated[float | None, typer.Option(help="Target traffic [req/s].", min=0,
                                                   max=_MOST_RPS)] = None,
-    group: int = 0,
+    group: Annotated[str, typer.Option(
+        help="The fitted group to plan for: its index, its label, a part of its label that "
+             "names one group (its hardware, say), or 'all' for each group in turn.")] = "0",
     output: Output = None,
     strict: Strict = False,
 ) -> None:
     """Highest request rate one replica holds with P(metric <= SLO) >= confidence.
 
     The metric is the mean over requests, or with --quantile a percentile (the p99 with
-    0.99).
+    0.99). A posterior of a fleet (several groups) plans one group, or each with --group all.
 
     Example: sdbayes plan posterior.nc --slo-ms 2000 --alpha 0.7 --output-len 128 --traffic 50
     """
@@ -399,14 +401,51 @@ def plan(
     ks = _floats(k, "k", whole=True)
     alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k, ks)
     post = _load(posterior, strict)
-    plan = _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len, ks=ks,
-                      metric=metric, confidence=confidence, traffic=traffic, group=group,
-                      tail=dict(quantile=quantile, arrival_cv2=arrival_cv2,
-                                output_len_sd=output_len_sd))
+    groups = _groups(post, group, several=True)
+    plans = []
+    for g in groups:
+        if len(post.groups) > 1:
+            console.print(f"[bold]{post.groups[g]}[/bold]")
+        try:
+            shown = _show_plan(post, slo_ms=slo_ms, alpha=alpha, output_len=output_len,
+                               ks=ks, metric=metric, confidence=confidence, traffic=traffic,
+                               group=g, tail=dict(quantile=quantile, arrival_cv2=arrival_cv2,
+                                                  output_len_sd=output_len_sd))
+        except InfeasibleSLO as problem:
+            if len(groups) == 1:
+                raise
+            console.print(f"[yellow]{problem}[/yellow]")  # the other groups still plan
+            continue
+        plans.append(shown.assign(group=post.groups[g]) if len(post.groups) > 1 else shown)
+    if not plans:
+        raise InfeasibleSLO(f"SLO of {slo_ms:g} ms is infeasible for every group")
+    plan = pd.concat(plans, ignore_index=True)
     _write_table(plan.assign(alpha=alpha, output_len=output_len,
                              metric=_metric_label(metric, quantile), slo_ms=slo_ms,
                              confidence=confidence), output)
     _verdict(post, posterior)
+
+
+class InfeasibleSLO(ValueError):
+    """No rate meets the SLO with the confidence asked, not even zero load."""
+
+
+def _groups(posterior, given: str, several: bool = False) -> list[int]:
+    """The fitted groups ``--group`` names (index, label, a part of one label, or ``all``
+    where ``several``), as indices; a ``ValueError`` lists the groups otherwise."""
+    labels = posterior.groups
+    if several and given == "all":
+        return list(range(len(labels)))
+    if given.isdigit() and int(given) < len(labels):
+        return [int(given)]
+    matches = [i for i, label in enumerate(labels) if given == label] or [
+        i for i, label in enumerate(labels) if given.lower() in label.lower()]
+    if len(matches) == 1:
+        return matches
+    listed = "; ".join(f"{i}: {label}" for i, label in enumerate(labels))
+    what = "matches several groups" if matches else "names no group"
+    raise ValueError(f"--group {given!r} {what}; the posterior has {len(labels)} group(s) "
+                     f"({listed}){'; or give all' if several else ''}")
 
 
 def _metric_label(metric: str, quantile: float | None) -> str:
@@ -426,7 +465,7 @@ def _show_plan(posterior, *, slo_ms, alpha, output_len, ks, metric="e2e", confid
                         k=ks, alpha=alpha, output_len=output_len, group=group, **tail)
     metric = _metric_label(metric, tail.get("quantile"))
     if not capacity.feasible.any():
-        raise ValueError(f"SLO of {slo_ms:g} ms on {metric} is infeasible at any rate: at zero "
+        raise InfeasibleSLO(f"SLO of {slo_ms:g} ms on {metric} is infeasible at any rate: at zero "
                          f"load it is {1e3 * capacity.zero_load.min():.0f} ms at best "
                          f"({confidence:.0%} confidence)")
     shown = pd.DataFrame({"k": ks.astype(int), "max_rate_rps": capacity.rate,
@@ -465,7 +504,9 @@ def tune(
     arrival_cv2: ArrivalCV2 = 1.0,
     output_len_sd: OutputLenSD = 0.0,
     k_max: int = 16,
-    group: int = 0,
+    group: Annotated[str, typer.Option(
+        help="The fitted group to tune for: its index, its label or a part of its label "
+             "that names one group (its hardware, say).")] = "0",
     output: Output = None,
     strict: Strict = False,
 ) -> None:
@@ -482,6 +523,7 @@ def tune(
         check_writable(output, "--output")
     alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k)
     post = _load(posterior, strict)
+    [group] = _groups(post, group)
     load = (dict(rates=_floats(rates, "rates", high=_MOST_RPS)) if batch_sizes is None else
             dict(batch_sizes=_floats(batch_sizes, "batch-sizes", whole=True, low=1,
                                           high=MOST["concurrency"])))

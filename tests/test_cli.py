@@ -74,6 +74,60 @@ def test_plan_prints_rates_and_replicas(workdir):
     assert "replicas" in result.output and "Best: k = 4" in result.output
 
 
+@pytest.fixture(scope="module")
+def fleet_posterior(tmp_path_factory):
+    """A posterior of two GPUs (SVI: the fit is not what these tests judge)."""
+    frames = []
+    for hardware, scale in (("H100", 1.0), ("A100", 1.6)):
+        coef = sb.Coefficients(*(scale * c for c in sb.Coefficients(
+            c1p=0.07, c1v=0.014, c1d=0.0014, c2p=0.035, c2v=0.0004, c2d=0.00012)))
+        for i, (k, alpha) in enumerate([(0, 0.0), (4, 0.7), (8, 0.9)]):
+            for j, rate in enumerate((1, 3, 5)):
+                trace = sb.simulate(coef, k=k, alpha=alpha, prompt_len=512, output_len=128,
+                                    rate=rate / scale, n_requests=300, seed=10 * i + j,
+                                    hardware=hardware, verifier="Qwen3-8B", drafter="eagle",
+                                    method="eagle3")
+                frames.append(sb.aggregate(trace.iloc[50:]))
+    posterior = sb.fit(pd.concat(frames, ignore_index=True), method="svi", svi_steps=1500,
+                       num_samples=200, seed=0, progress=False)
+    path = tmp_path_factory.mktemp("fleet") / "fleet.nc"
+    posterior.save(path)
+    return path
+
+
+def test_plan_each_group_of_a_fleet(fleet_posterior, tmp_path):
+    import json
+
+    from sdbayes.planning import max_rate
+
+    plan = tmp_path / "plan.json"
+    result = run("plan", fleet_posterior, "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128,
+                 "--k", "0,4", "--group", "all", "--output", plan)
+    assert result.exit_code == 0, result.output
+    posterior = sb.load_posterior(fleet_posterior)
+    assert all(label in result.output for label in posterior.groups)
+    rows = pd.DataFrame(json.loads(plan.read_text()))
+    assert list(rows["group"].unique()) == posterior.groups
+    for group, planned in rows.groupby("group", sort=False):
+        capacity = max_rate(posterior, slo=2.0, k=np.array([0, 4]), alpha=0.7, output_len=128,
+                            group=group)
+        assert list(planned["max_rate_rps"]) == pytest.approx(list(capacity.rate))
+    # The slower GPU holds less; a part of a label names its group.
+    rate = rows.groupby("group")["max_rate_rps"].max()
+    assert rate[posterior.groups[1]] < rate[posterior.groups[0]]
+    one = run("plan", fleet_posterior, "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128,
+              "--k", "0,4", "--group", "a100")
+    assert one.exit_code == 0 and "H100" not in one.output, one.output
+
+
+def test_a_group_named_ambiguously_is_refused(fleet_posterior):
+    result = run("tune", fleet_posterior, "--rates", "1,2", "--alpha", 0.7, "--output-len", 128,
+                 "--group", "Qwen3")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "--group 'Qwen3' matches several groups" in result.output
+    assert "0: H100" in result.output and "1: A100" in result.output
+
+
 def test_plan_and_tune_write_their_tables(workdir):
     """--output writes what the table shows, with the settings it was computed for, as CSV
     or JSON; the numbers are those of the library's max_rate."""
@@ -201,7 +255,7 @@ def test_plan_and_tune_on_a_percentile(workdir):
     (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128, "--k", "2.5"),
      "--k: expected comma-separated whole numbers"),
     (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 128, "--group", 3),
-     "group 3: the posterior has 1 group(s)"),
+     "--group '3' names no group; the posterior has 1 group(s)"),
     (("tune", "{post}", "--rates", "", "--alpha", 0.8, "--output-len", 128), "--rates"),
     # Finite but absurd: each once reached NumPyro and ended in its traceback.
     (("plan", "{post}", "--slo-ms", 2000, "--alpha", 0.7, "--output-len", 1e308),
