@@ -1,7 +1,7 @@
 """Fitting a fleet: many (hardware x model pair) groups in one partially pooled posterior.
 
     python bench/fleet_fit.py [--groups=50] [--configs=10] [--loads=10] [--method=nuts]
-                              [--draws=500] [--truth=model]
+                              [--draws=500] [--steps=5000] [--truth=model]
 
 Each group's six coefficients are the example ones times a log-normal factor (sd 0.15 in
 log space, as GPUs and model pairs differ); each group is measured at ``configs`` (k,
@@ -99,7 +99,7 @@ def correlated_band(posterior: sb.Posterior, summary: pd.DataFrame) -> tuple[flo
 def main() -> None:
     n_groups, n_configs = option("groups", 50), option("configs", 10)
     n_loads, method, draws = option("loads", 10), option("method", "nuts"), option("draws", 500)
-    source = option("truth", "model")
+    source, steps = option("truth", "model"), option("steps", 5000)
     rng = np.random.default_rng(0)
     truth = {f"GPU{g:03d}": sb.Coefficients(*(c * np.exp(0.15 * rng.normal())
                                               for c in EXAMPLE_COEFFICIENTS[:6]))
@@ -115,7 +115,7 @@ def main() -> None:
         warnings.simplefilter("ignore", sb.Posterior.FitWarning)
         posterior = sb.fit(points, method=method, variant="stepped", metrics=("e2e",),
                            num_warmup=draws, num_samples=draws, num_chains=2, seed=0,
-                           progress=False)
+                           svi_steps=steps, progress=False)
     fitted = time.perf_counter() - start
     summary = posterior.summary(ci=0.9)
     hardware = summary["group"].str.split(" ").str[0]
@@ -126,7 +126,7 @@ def main() -> None:
     low, high = binom.ppf(0.01, n, 0.9), binom.ppf(0.99, n, 0.9)
     joint_low, joint_high = correlated_band(posterior, summary)
     print(f"{n_groups} groups x {len(points) // n_groups} points ({len(points)} in all), "
-          f"{method}{f' 2 x ({draws} + {draws})' if method == 'nuts' else ''}, "
+          f"{method}{f' 2 x ({draws} + {draws})' if method == 'nuts' else f' {steps} steps'}, "
           f"means from the {source}")
     print(f"simulate + aggregate {simulated:.0f} s; fit {fitted:.0f} s; "
           f"{posterior.diagnostics.verdict}")
