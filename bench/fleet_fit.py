@@ -1,7 +1,7 @@
 """Fitting a fleet: many (hardware x model pair) groups in one partially pooled posterior.
 
     python bench/fleet_fit.py [--groups=50] [--configs=10] [--loads=10] [--method=nuts]
-                              [--draws=500] [--steps=5000] [--truth=model]
+                              [--draws=500] [--steps=5000] [--truth=simulator]
 
 Each group's six coefficients are the example ones times a log-normal factor (sd 0.15 in
 log space, as GPUs and model pairs differ); each group is measured at ``configs`` (k,
@@ -11,12 +11,11 @@ at once (2 chains x (draws + draws) for NUTS; SVI with ``--method=svi``) and pri
 times (simulation, fit) and the coverage of the true coefficients by their 90% credible
 intervals over all groups, with the central 98% binomial band for the count.
 
-``--truth=model`` (default) replaces each point's mean latency by a draw from the fitted
-model itself at the true coefficients (relative error 1%, queueing error 2%, no
-discrepancy): coverage then judges the fit alone. ``--truth=simulator`` keeps the
-simulator's means, where the stepped form's own approximation error (about 1.5% at these
-loads) also counts: with 100 points a group it is comparable to the coefficients'
-intervals, and single-group fits under-cover as much (see the closing note of #28).
+``--truth=model`` replaces each point's mean latency by a draw from the fitted model
+itself at the true coefficients (relative error 1%, queueing error 2%, no discrepancy), so
+that no approximation of the stepped form's counts; ``--truth=simulator`` (default) keeps the
+simulator's means. The binomial band takes the intervals as independent; the second band
+keeps their correlation within a group (:func:`correlated_band`).
 """
 
 import sys
@@ -99,7 +98,7 @@ def correlated_band(posterior: sb.Posterior, summary: pd.DataFrame) -> tuple[flo
 def main() -> None:
     n_groups, n_configs = option("groups", 50), option("configs", 10)
     n_loads, method, draws = option("loads", 10), option("method", "nuts"), option("draws", 500)
-    source, steps = option("truth", "model"), option("steps", 5000)
+    source, steps = option("truth", "simulator"), option("steps", 5000)
     rng = np.random.default_rng(0)
     truth = {f"GPU{g:03d}": sb.Coefficients(*(c * np.exp(0.15 * rng.normal())
                                               for c in EXAMPLE_COEFFICIENTS[:6]))
