@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from sdbayes import observation, tails
 from sdbayes.calibrate import coefficient_names
@@ -32,6 +33,35 @@ _IDENTIFIED_SD_RATIO = 0.5  # posterior sd of log c over prior sd above this: no
 
 UNITS = {"fill": "1", "fill_half": "requests"}
 """Units of the fitted terms that are not seconds."""
+
+
+# Each site's dimensions past (chain, draw); the coefficients' own are ("group",).
+_DIMENSIONS = {"log_c": ("coefficient",), "log_c_std": ("coefficient",), "mu": ("coefficient",),
+               "tau": ("coefficient",), "z": ("group", "coefficient"),
+               "discrepancy": ("demand",), "delta": ("config", "demand"),
+               "delta_free": ("config", "demand"), "load_weights": ("group", "load_basis"),
+               "load_offset": ("group", "load_basis")}
+
+
+def _name_dimensions(idata: az.InferenceData, groups: list[str], names: tuple[str, ...]):
+    """Names the posterior's dimensions in place (``group`` with the group labels as its
+    coordinates, ``coefficient``, ``config``, ``demand``: C1, C2) and gives each
+    coefficient its unit, so that ArviZ's summaries and plots say what they show; files
+    written before are renamed as they load."""
+    draws = idata.posterior
+    variables = {}
+    for name, array in draws.data_vars.items():
+        dims = ("group",) if name in names else _DIMENSIONS.get(name, ())
+        if array.ndim == 2 + len(dims):
+            array = xr.DataArray(array.values, dims=("chain", "draw", *dims),
+                                 attrs=array.attrs)
+        if name in names:
+            array.attrs["units"] = UNITS.get(name, "s")
+        variables[name] = array
+    coords = {"chain": draws["chain"].values, "draw": draws["draw"].values, "group": groups,
+              "coefficient": list(names), "demand": ["C1", "C2"]}
+    named = xr.Dataset(variables, attrs=draws.attrs)
+    idata.posterior = named.assign_coords({d: v for d, v in coords.items() if d in named.dims})
 
 
 def in_milliseconds(summary: pd.DataFrame) -> pd.DataFrame:
@@ -106,6 +136,7 @@ class Posterior:
         self.idata = idata
         self.groups: list[str] = json.loads(idata.attrs["sdbayes_groups"])
         self.group_columns: list[dict] = json.loads(idata.attrs["sdbayes_group_columns"])
+        _name_dimensions(idata, self.groups, self.coefficient_names)
         if diagnostics is None and "sdbayes_diagnostics" in idata.attrs:
             stored = json.loads(idata.attrs["sdbayes_diagnostics"])
             diagnostics = Diagnostics(**{**stored, "problems": tuple(stored["problems"])})
@@ -184,7 +215,7 @@ class Posterior:
         for g, label in enumerate(self.groups):
             for name in self.coefficient_names:
                 x = self._draws(name)[:, g]
-                key = f"{name}[{g}]"
+                key = f"{name}[{label}]"
                 row = stats.loc[key] if key in stats.index else None
                 rows.append({
                     "group": label, "coefficient": name, "unit": UNITS.get(name, "s"),

@@ -315,7 +315,7 @@ def write_report(posterior: Posterior, points: pd.DataFrame, folder: str | Path)
         warnings.simplefilter("ignore", matplotlib.MatplotlibDeprecationWarning)
         for g, suffix in zip(present, suffixes, strict=True):
             az.plot_pair(posterior.idata, var_names=names, kind="kde", marginals=True,
-                         coords={f"{name}_dim_0": [g] for name in names}, figsize=(10, 10))
+                         coords={"group": [posterior.groups[g]]}, figsize=(10, 10))
             _save(plt.gcf(), folder / f"pair{suffix}.png", dpi=80)
         az.plot_trace(posterior.idata, var_names=names, compact=True)
         _save(plt.gcf(), folder / "trace.png", dpi=80)

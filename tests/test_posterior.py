@@ -1,4 +1,4 @@
-"""Posterior: prediction in chunks."""
+"""Posterior: prediction in chunks, the draws as ArviZ shows them."""
 
 from pathlib import Path
 
@@ -33,3 +33,23 @@ def test_prediction_in_chunks_equals_it_whole(monkeypatch):
     pd.testing.assert_frame_equal(chunked[credible], whole[credible])
     width = [np.median(p["e2e_pi_upper_s"] / p["e2e_pi_lower_s"]) for p in (chunked, whole)]
     assert abs(width[0] / width[1] - 1) < 0.1  # noise draws differ, their law does not
+
+
+def test_draws_have_named_dimensions_and_units(tmp_path):
+    """ArviZ reads a posterior as sdbayes means it: the coefficients by group label with
+    their units, the per-coefficient sites by coefficient name. A file written before the
+    names existed (the example posterior) gets them as it loads, and keeps them saved."""
+    import arviz as az
+
+    post = sb.load_posterior(ROOT / "calibration" / "example_posterior.nc")
+    post.save(tmp_path / "named.nc")
+    for draws in (post.idata.posterior, sb.load_posterior(tmp_path / "named.nc").idata.posterior):
+        assert draws["c1p"].dims == ("chain", "draw", "group")
+        assert list(draws["group"].values) == post.groups
+        assert list(draws["log_c_std"]["coefficient"].values) == list(post.coefficient_names)
+        assert draws["delta"].dims[2:] == ("config", "demand")
+        assert all(draws[name].attrs["units"] == "s" for name in post.coefficient_names)
+    summary = az.summary(post.idata, var_names=["c1p"], kind="stats")
+    assert list(summary.index) == [f"c1p[{label}]" for label in post.groups]
+    # The library's own summary still finds each coefficient's R-hat and ESS.
+    assert post.summary()[["r_hat", "ess_bulk"]].notna().all().all()
