@@ -1,14 +1,14 @@
 """sdbayes: a Bayesian latency model of speculative decoding in LLM serving.
 
-``import sdbayes as sb``; the names below are the stable public surface (DESIGN.md
-section 6). Seconds and tokens throughout.
+``import sdbayes as sb``; the names below are the stable public surface (README,
+"Using the library"). Seconds and tokens throughout.
 """
 
 import importlib
 import importlib.util
 import warnings
 
-# ArviZ 0.2x announces its 1.x refactor on import; DESIGN.md pins the 0.2x API. Only that
+# ArviZ 0.2x announces its 1.x refactor on import; pyproject.toml pins the 0.2x API. Only that
 # message is silenced, wherever arviz is first imported from.
 warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing", category=FutureWarning)
 

@@ -1,6 +1,6 @@
 """The probabilistic model: priors over the cost coefficients and the likelihood of traces.
 
-DESIGN.md section 3. The six coefficients of each group (hardware x model pair; eight with
+docs/model.md section 3. The six coefficients of each group (hardware x model pair; eight with
 an MoE verifier's expert terms ``c1e, c2e``) are sampled in log space. With one group
 their prior is a log-normal per coefficient (sampled in coordinates shaped like the
 posterior, :func:`least_squares_frame`: that changes the sampler's work, not the model);

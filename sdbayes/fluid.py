@@ -1,6 +1,6 @@
 """What a benchmark of finite length reports: the fluid model of an open-loop run.
 
-The finite-run counterpart of DESIGN.md section 1's steady model. A benchmark (GuideLLM's
+The finite-run counterpart of docs/model.md section 1's steady model. A benchmark (GuideLLM's
 constant-rate points, ``vllm bench serve``) offers ``rate`` requests a second to an empty
 server for ``duration`` seconds and reports the mean over the requests that completed.
 Well below saturation that is the steady mean of :func:`sdbayes.model.latency`. Near

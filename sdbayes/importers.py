@@ -1,10 +1,10 @@
 """Importers from benchmark tools' files into canonical operating points.
 
-vLLM (VLLM.md): ``vllm bench serve`` result JSON (:func:`read_vllm_bench`) and the
+vLLM: ``vllm bench serve`` result JSON (:func:`read_vllm_bench`) and the
 spec-decode counters of its Prometheus /metrics (:func:`read_spec_decode_metrics`).
 
 
-GuideLLM (VLLM.md): a benchmark's ``metrics`` hold ``request_latency`` [s],
+GuideLLM: a benchmark's ``metrics`` hold ``request_latency`` [s],
 ``time_to_first_token_ms``, ``inter_token_latency_ms`` (GuideLLM's ITL is vLLM's TPOT,
 ``(latency - TTFT) / (n - 1)``), ``requests_per_second``, ``prompt_token_count`` and
 ``output_token_count``, each split into ``successful / errored / incomplete / total`` with

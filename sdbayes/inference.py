@@ -43,7 +43,7 @@ _FULL_COVARIANCE_SIZE = 500  # latents; past it SVI's guide is low-rank
 LOAD_ERROR_SCALE = 0.05
 """Prior sd of the open loops' discrepancy in load, a relative error in ``C2`` (``S *
 eta(q)`` in log latency), the same as when its amplitude was HalfNormal(0.05). Against a
-simulator the mean-value form errs by 8-16% in latency at 85% of saturation (DESIGN.md
+simulator the mean-value form errs by 8-16% in latency at 85% of saturation (docs/model.md
 section 1), where the sensitivity ``S`` is about 5.7: an ``eta`` of 1.4-2.8%, well inside
 its prior, leaving room (the Student-t tail, :data:`sdbayes.observation.LOAD_DF`) for a
 real server to need more."""

@@ -1,6 +1,6 @@
 """The mean-value latency model of speculative decoding under continuous batching.
 
-Statement of the model: DESIGN.md section 1. A request that emits ``g`` tokens needs
+Statement of the model: docs/model.md section 1. A request that emits ``g`` tokens needs
 ``n = g / E(k, alpha)`` SD cycles, each one verifier pass over ``k + 1`` tokens and ``k``
 drafter passes. With ``B`` other requests in flight its latency is ``L = C1 + B * C2``:
 
@@ -55,7 +55,7 @@ VARIANTS = ("paper", "stepped", "filling")
 cycle more. (2) A request waits for a step boundary twice, to be admitted and to join the
 decode batch after its prefill: ``L = C1 + B * C2 + 2 * W`` with ``W`` the boundary wait of
 :func:`ttft`. Neither adds a coefficient; each is a few percent of the latency
-(DESIGN.md section 1; ``bench/analytic_vs_simulated.py`` measures both variants).
+(docs/model.md section 1; ``bench/analytic_vs_simulated.py`` measures both variants).
 
 ``"filling"``: the marginal cost of a request in a decode step grows as the batch fills the
 GPU. A step over a small batch leaves much of the GPU idle (its kernels are bound by
@@ -91,7 +91,7 @@ class Variant(NamedTuple):
 
     With ``experts`` (M) and ``top_m`` (m) set, a verifier pass over ``T`` tokens loads a
     fraction :func:`expert_coverage` of the experts, and the expert terms ``c1e, c2e`` are
-    scaled by it (DESIGN.md section 1, MoE). Hashable, so it can be a static argument;
+    scaled by it (docs/model.md section 1, MoE). Hashable, so it can be a static argument;
     every ``variant=`` argument takes one of these or a form's name.
     """
 
@@ -862,7 +862,7 @@ def goodput(
 ) -> Array:
     """Emitted tokens per second of batch time for ``batch_size`` requests decoding together.
 
-    SmartSpec's criterion (DESIGN.md section 4): ``B * E(k, alpha) / T_cycle`` with
+    SmartSpec's criterion (docs/model.md section 4): ``B * E(k, alpha) / T_cycle`` with
     ``T_cycle = (c1v + k*c1d) + (B - 1) * (c2v + k*c2d)``, plus the MoE terms
     ``phi * (c1e + (B - 1) * c2e)`` with ``phi`` the :func:`expert_coverage` of the step's
     ``B * (k + 1)`` tokens (full coverage without ``experts``, ``top_m``).

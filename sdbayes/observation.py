@@ -31,7 +31,7 @@ anchor's, move it by up to 0.4% per 1% change near capacity
 saturation the mean stays finite, as the run's does.
 
 **Discrepancy in load.** The mean-value forms are approximations whose error grows with
-the load (DESIGN.md section 1); an open loop's number in flight fluctuates, a closed loop's
+the load (docs/model.md section 1); an open loop's number in flight fluctuates, a closed loop's
 does not. Open loops' log latencies move by ``S_i * eta(q_i)``: ``eta`` a smooth function,
 per group, of the load-dependent share of latency ``q = (L - C1) / L`` (a Gaussian process,
 :class:`LoadError`), a relative error in ``C2`` that the queue amplifies as it does any

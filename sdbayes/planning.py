@@ -1,7 +1,7 @@
 """Risk-aware capacity planning: the highest request rate that meets an SLO with confidence.
 
 A posterior gives ``D`` draws of the coefficients, so each draw has its own highest rate
-``lam*_d`` at which the mean metric meets the SLO (DESIGN.md section 4). The metric grows
+``lam*_d`` at which the mean metric meets the SLO (docs/model.md section 4). The metric grows
 with the rate, so ``P(metric <= SLO) >= confidence`` holds at every rate up to an order
 statistic of the ``lam*_d``: the planned rate is the largest rate that at least
 ``confidence * D`` draws sustain.

@@ -1,7 +1,7 @@
 """A discrete-event simulator of one vLLM-like replica serving with speculative decoding.
 
 The ground truth for testing calibration, for measuring the analytic model's error, and for
-tail latencies (DESIGN.md section 4). It reads the cost coefficients mechanistically:
+tail latencies (docs/model.md section 1). It reads the cost coefficients mechanistically:
 
 - Requests arrive (Poisson at ``rate``, at given times, or a closed loop of ``concurrency``
   requests), wait in a FIFO queue, and are admitted at an engine-step boundary while fewer

@@ -1,4 +1,4 @@
-"""The sweep runner: profile a vLLM server over draft lengths and loads (DESIGN.md section 2).
+"""The sweep runner: profile a vLLM server over draft lengths and loads (docs/model.md section 2).
 
 A TOML config (:func:`read_sweep_config`; ``profiling/`` has an example) names the served
 model, the speculative method, and the grid: draft lengths ``k``, prompt and output lengths,

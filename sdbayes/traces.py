@@ -1,6 +1,6 @@
 """The canonical trace schema: reading, validating, writing and aggregating traces.
 
-Two grains (DESIGN.md section 2): **operating points**, one row per measured configuration
+Two grains (docs/model.md section 2): **operating points**, one row per measured configuration
 (``e2e_mean_s`` and friends), and **per-request** rows (``arrival_s``, ``ttft_s``,
 ``e2e_s``), which :func:`aggregate` turns into operating points with standard errors.
 Every problem in a table is reported at once, each naming the file, row and column, in a

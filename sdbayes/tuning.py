@@ -1,4 +1,4 @@
-"""Gradient-based draft-length tuning under posterior risk (DESIGN.md section 4).
+"""Gradient-based draft-length tuning under posterior risk (docs/model.md section 4).
 
 The objective is a risk measure, over the posterior draws, of a mean metric at an operating
 point: the posterior mean, a quantile, or the CVaR (mean of the worst tail). It is
