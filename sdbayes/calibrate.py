@@ -356,10 +356,12 @@ def group_frames(frames: list[Frame]) -> GroupFrames:
     """The coordinates of several groups from their least-squares frames.
 
     A group is sampled in its frame where the data pin it better than the population
-    does: where each of its widths is below the groups' spread about the population, as
-    estimated from the frames (the variance of their centres less the mean squared width).
-    Elsewhere (groups with little data, or groups all alike) it stays non-centred, as a
-    centred group then forms a funnel with ``tau``.
+    does: where its widths are below the groups' spread about the population on geometric
+    average over its coefficients (one weakly identified coefficient, c1p often, does not
+    keep the rest non-centred). The spread is estimated from the frames: the variance of
+    their centres less the mean squared width, at least 1%. Elsewhere (groups with little
+    data, or groups all alike) a group stays non-centred, as a centred one then forms a
+    funnel with ``tau``.
     """
     loc = np.stack([f.loc for f in frames])  # [G, C]
     scale = np.stack([f.scale for f in frames])
