@@ -183,20 +183,23 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         # (about 1) make its early trajectories run to the full 1023 steps. Trees of at
         # most 63 steps let the mass matrix adapt at a small fraction of that cost; the
         # draws then get the full depth.
-        kernel = NUTS(calibrate.model, init_strategy=init, target_accept_prob=0.9,
-                      dense_mass=[coefficient_sites], max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
+        def kernel():  # a new one per run: a used kernel fails with vectorized chains
+            return NUTS(calibrate.model, init_strategy=init, target_accept_prob=0.9,
+                        dense_mass=[coefficient_sites],
+                        max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
+
         if start.loads is not None:
             # The finite runs' tables are exact about their anchor, a least-squares fit
             # without the discrepancies; the posterior can lie elsewhere (the filling
             # form's shape terms move most). A short pilot run finds where, and the
             # tables the draws use are built about its median.
             pilot_key, key = jax.random.split(key)
-            pilot = MCMC(kernel, num_warmup=min(num_warmup, _PILOT_DRAWS),
+            pilot = MCMC(kernel(), num_warmup=min(num_warmup, _PILOT_DRAWS),
                          num_samples=min(num_samples, _PILOT_DRAWS), num_chains=num_chains,
                          progress_bar=progress, chain_method=chain_method)
             pilot.run(pilot_key, **args)
             args["loads"] = calibrate.effective_loads_at(pilot.get_samples(), points, variant)
-        mcmc = MCMC(kernel, num_warmup=num_warmup, num_samples=num_samples,
+        mcmc = MCMC(kernel(), num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
         mcmc.run(key, extra_fields=("diverging", "num_steps"), **args)
         idata = az.from_numpyro(mcmc, log_likelihood=True)

@@ -174,6 +174,20 @@ def test_parallel_chains_on_cpu_devices(tmp_path):
         assert summary.loc[name, "lower"] <= getattr(TRUE, name) <= summary.loc[name, "upper"]
 
 
+def test_finite_runs_fit_with_chains_in_lockstep():
+    """Finite runs take a pilot run before the draws; with chains in lockstep (one device:
+    a GPU, or a CPU without use_cpu_cores) the draws' run once failed on the kernel the
+    pilot had used. Both runs now end, with the chains asked for."""
+    traces = model_traces().assign(duration_s=3600.0)  # long runs: near the steady means
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitWarning)  # 40 draws a chain
+        posterior = sb.fit(traces, seed=1, num_warmup=40, num_samples=40, num_chains=2,
+                           chain_method="vectorized", progress=False)
+    assert posterior.idata.attrs["sdbayes_chain_method"] == "vectorized"
+    assert posterior.idata.posterior.sizes["chain"] == 2
+    assert np.isfinite(posterior.summary()["mean"]).all()
+
+
 def test_use_cpu_cores_after_jax_started_says_so(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # restored afterwards, for subprocesses
     sb.latency(TRUE, rate=1.0, k=2, alpha=0.7, output_len=128)  # JAX has started
