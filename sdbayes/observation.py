@@ -74,7 +74,7 @@ from sdbayes.model import (
 )
 
 LIKELIHOODS = ("lognormal", "student_t")
-STUDENT_DF = 4.0
+STUDENT_DF = 4.0  # even: :func:`standard_noise` draws it from uniforms
 NODES = 17
 """Nodes of each row's effective-load table."""
 FIT_SPAN, FIT_C1_SPAN = 0.3, 0.1
@@ -269,6 +269,11 @@ revert to its prior a third of the range beyond them. It is fixed, not sampled: 
 length free as well, NUTS met 200 divergent transitions in 1,000 draws on the source
 study's sweeps (none with it fixed)."""
 _LOAD_CENTRE, _LOAD_HALF_WIDTH = 0.5, 1.0  # the basis lives on [-0.5, 1.5], q on [0, 1]
+# Basis function m (from 1) is sin(m * angle), angle = _LOAD_FREQUENCY * (q + 0.5), times
+# the square root of the squared-exponential kernel's spectral density at its frequency.
+_LOAD_FREQUENCY = np.pi / (2 * _LOAD_HALF_WIDTH)
+_LOAD_SPECTRAL = np.sqrt(np.sqrt(2 * np.pi) * LOAD_LENGTH * np.exp(
+    -0.5 * (LOAD_LENGTH * _LOAD_FREQUENCY * np.arange(1, LOAD_BASIS + 1)) ** 2))
 LOAD_DF = 10.0
 """Degrees of freedom of the discrepancy in load's weights, which are multivariate
 Student-t: standard-normal weights times an amplitude whose square has an inverse-gamma
@@ -302,24 +307,40 @@ def load_scale(sd: float) -> float:
 
 
 def discrepancy_in_load(error: LoadError, share):
-    """``eta(q)`` at load-dependent shares ``q`` [..., n] (:class:`LoadError`)."""
-    basis = load_basis(share)  # [..., n, M]; the others broadcast to it explicitly
-    offset, weights = (jnp.broadcast_to(jnp.asarray(x), basis.shape)
-                       for x in (error.offset, error.weights))
-    total = jnp.sum((basis - offset) * weights, axis=-1)
-    return jnp.broadcast_to(jnp.asarray(error.scale), total.shape) * total
+    """``eta(q)`` at load-dependent shares ``q`` [..., n] (:class:`LoadError`).
+
+    Each basis function is a sine of a multiple of one angle, so the weighted sum runs
+    Clenshaw's recurrence: one sine and one cosine a row serve all :data:`LOAD_BASIS` of
+    them, and no [..., n, LOAD_BASIS] array of basis values is built (prediction over
+    millions of draws x rows spent most of its time in those sines).
+    """
+    weights, offset = jnp.asarray(error.weights), jnp.asarray(error.offset)
+    shape = jnp.broadcast_shapes(jnp.shape(share), weights.shape[:-1], offset.shape[:-1])
+    angle = _LOAD_FREQUENCY * (jnp.broadcast_to(share, shape) - _LOAD_CENTRE
+                               + _LOAD_HALF_WIDTH)
+    amplitude = _LOAD_SPECTRAL / np.sqrt(_LOAD_HALF_WIDTH)
+
+    def basis_slice(x, m):  # function m's slice of weights or offsets, [..., n]
+        return jnp.broadcast_to(x if x.ndim == 0 else x[..., m], shape)
+
+    # Slices, not a sum over the last axis: where the weights are gathered per row from
+    # per-group ones, XLA then gathers each slice alone, never the [..., n, M] array.
+    two_cos = 2.0 * jnp.cos(angle)
+    later = latest = level = jnp.zeros(shape)  # b_{m+2}, b_{m+1}, sum of offsets
+    for m in reversed(range(LOAD_BASIS)):
+        w = basis_slice(weights, m)
+        later, latest = latest, amplitude[m] * w + two_cos * latest - later
+        level = level + basis_slice(offset, m) * w
+    total = latest * jnp.sin(angle) - level
+    return jnp.broadcast_to(error.scale, shape) * total
 
 
 def load_basis(share):
     """The discrepancy in load's basis functions, each times the square root of its
     spectral density, at shares ``q`` [..., n]: shape [..., n, LOAD_BASIS]."""
-    share = jnp.asarray(share)[..., None]  # [..., n, 1]
-    frequency = np.pi * np.arange(1, LOAD_BASIS + 1) / (2 * _LOAD_HALF_WIDTH)
-    frequency = frequency.reshape((1,) * (share.ndim - 1) + (-1,))  # [1.., M]
-    spectral = np.sqrt(np.sqrt(2 * np.pi) * LOAD_LENGTH
-                       * np.exp(-0.5 * (LOAD_LENGTH * frequency) ** 2))
-    return spectral * jnp.sin(frequency * (share - _LOAD_CENTRE + _LOAD_HALF_WIDTH)
-                              ) / np.sqrt(_LOAD_HALF_WIDTH)
+    angle = _LOAD_FREQUENCY * (jnp.asarray(share)[..., None] - _LOAD_CENTRE + _LOAD_HALF_WIDTH)
+    multiple = np.arange(1, LOAD_BASIS + 1)
+    return _LOAD_SPECTRAL * jnp.sin(multiple * angle) / np.sqrt(_LOAD_HALF_WIDTH)
 
 
 def load_offsets(anchor: Observation, points, n_groups: int) -> np.ndarray:
@@ -377,10 +398,20 @@ def noise(likelihood: str, loc, scale) -> dist.Distribution:
 
 
 def standard_noise(likelihood: str, key, shape) -> jax.Array:
-    """Draws of :func:`noise` at location 0 and scale 1, of the given shape."""
-    if likelihood == "student_t":
-        return jax.random.t(key, STUDENT_DF, shape)
-    return jax.random.normal(key, shape)
+    """Draws of :func:`noise` at location 0 and scale 1, of the given shape.
+
+    A Student-t draw is a normal one over the square root of a chi-square over its degrees
+    of freedom; with an even number ``2m`` of them the chi-square is ``-2 log`` of a product
+    of ``m`` uniforms, some thirty times faster on a CPU than ``jax.random.t``'s gamma
+    (which prediction draws for every draw x row).
+    """
+    if likelihood != "student_t":
+        return jax.random.normal(key, shape)
+    normal_key, uniform_key = jax.random.split(key)
+    halves = int(STUDENT_DF) // 2
+    uniforms = jax.random.uniform(uniform_key, (halves,) + tuple(shape), minval=1e-38)
+    chi_square = -2.0 * jnp.sum(jnp.log(uniforms), axis=0)
+    return jax.random.normal(normal_key, shape) / jnp.sqrt(chi_square / STUDENT_DF)
 
 
 def observed(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property, partial
 from pathlib import Path
 from statistics import NormalDist
 from typing import NamedTuple
@@ -193,16 +196,15 @@ class Posterior:
         that a plan is as uncertain as a prediction of the curve it is about; ``key`` is a
         JAX PRNG key.
         """
-        coef = self.coefficients(group)
         config_key, load_key = jax.random.split(key)
-        one_row = (coef.c1p.shape[0], 1)
-        rows = self._configured(Coefficients(*(np.broadcast_to(np.reshape(f, (-1, 1)), one_row)
-                                               for f in coef)), np.array([-1]), config_key)
-        error = self._load_error(np.array([self._group_index(group)]), load_key)
+        _, rows, load = self._row_draws(np.array([self._group_index(group)]), np.array([-1]),
+                                        (key, config_key, load_key))
+        error = None if load is None else load.at(np.array([self._group_index(group)]))
         if error is not None:
             error = observation.LoadError(error.weights[:, 0], error.scale[:, 0],
-                                          np.broadcast_to(error.offset, error.weights.shape)[:, 0])
-        return Coefficients(*(jnp.asarray(f)[:, 0] for f in rows)), error
+                                          error.offset[:, 0])
+        # Fields the form does not fit are scalars, the others [D, 1].
+        return Coefficients(*(f[:, 0] if jnp.ndim(f) == 2 else f for f in rows)), error
 
     def summary(self, ci: float = 0.9) -> pd.DataFrame:
         """One row per group and coefficient: mean, sd, equal-tailed interval (``lower``,
@@ -314,64 +316,48 @@ class Posterior:
                  resolved: np.ndarray, ci: float, keys, percentiles: bool,
                  excess: float) -> pd.DataFrame:
         """:meth:`predict` of rows whose groups are resolved, up to :data:`_PREDICT_CELLS`
-        draws x rows."""
-        key_group, key_config, key_load, key_noise, key_tail = keys
-        coef = self._coefficients_for(arrays.group, resolved, key_group)  # [D, R]
-        rows = self._configured(coef, arrays.config, key_config)
+        draws x rows: their draws in one compiled program (:func:`_outcomes`), then their
+        summaries (:func:`_summaries`)."""
         variant = self.variant
-        loads = _effective_loads(rows, arrays, variant)
-        predicted = _forward(rows, arrays, variant, loads,
-                             self._load_error(resolved, key_load))
-        likelihood = self.idata.attrs.get("sdbayes_likelihood", "lognormal")
-        # Intervals are per metric, so one standard draw per draw and row serves them all.
-        noise = np.asarray(observation.standard_noise(likelihood, key_noise,
-                                                      predicted.e2e.shape))  # [D, R]
-        tau_q = self._draws("tau_q")[:, None]
-        lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
-        out = points.reset_index(drop=True).copy()
-        means = {}  # metric -> (draws of its mean, the spread of a measured one) [D, R]
-        for metric in ("e2e", "ttft", "tpot"):
-            x = np.asarray(predicted.mean(metric))
-            name = f"sigma_{metric}" if f"sigma_{metric}" in self.idata.posterior else "sigma_e2e"
-            _, _, relative_se = observation.observed(arrays, metric)  # 0 where not given
-            spread = np.asarray(observation.spread(self._draws(name)[:, None], tau_q,
-                                                   predicted.sensitivity, relative_se[None, :]))
-            finite = np.isfinite(x)
-            with np.errstate(over="ignore"):  # near saturation a draw's noise may reach +inf
-                noisy = np.where(finite, x, 1.0) * np.exp(np.where(finite, spread, 0.0) * noise)
-            measured = np.where(finite, noisy, np.inf)
-            out[f"{metric}_pred_s"] = x.mean(axis=0)
-            (out[f"{metric}_median_s"], out[f"{metric}_lower_s"],
-             out[f"{metric}_upper_s"]) = _quantiles(x, 0.5, lo, hi)
-            out[f"{metric}_pi_lower_s"], out[f"{metric}_pi_upper_s"] = _quantiles(measured, lo, hi)
-            # A percentile's own sampling error replaces the row's standard error of a mean.
-            means[metric] = (x, np.asarray(observation.spread(
-                self._draws(name)[:, None], tau_q, predicted.sensitivity)))
+        loads = None
+        if (~arrays.closed & np.isfinite(arrays.duration)).any():
+            _, rows, _ = self._row_draws(resolved, arrays.config, keys[:3])
+            loads = _effective_loads(rows, arrays, variant)
+        tail = None
         if percentiles:
-            shape_noise = np.asarray(jax.random.normal(key_tail, (len(tails.QUANTILES),)
-                                                       + noise.shape))
-            out = _percentiles(out, means, rows, arrays, grid, variant, noise, shape_noise,
-                               (lo, hi), self.tail_error, excess)
-        closed = arrays.closed
-        point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
-                     variant=variant)
-        gain = np.where(
-            closed,
-            np.asarray(speedup(coef, concurrency=np.where(closed, arrays.concurrency, 1.0),
-                               **point)),
-            np.asarray(speedup(coef, rate=np.where(closed, 0.0, arrays.rate), **point)),
-        )
-        compared = ~np.isnan(gain)  # NaN where both are saturated: no speedup to speak of
-        count = compared.sum(axis=0)
-        total = np.where(compared, gain, 0.0).sum(axis=0)
-        out["speedup_pred"] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-        out["speedup_lower"], out["speedup_upper"] = _quantiles(gain, lo, hi)
-        sat = np.asarray(saturation_rate(rows, **point))  # [D, R]
-        out["saturation_rate_pred"] = sat.mean(axis=0)
-        out["saturation_rate_lower"], out["saturation_rate_upper"] = _quantiles(sat, lo, hi)
-        out["p_saturated"] = (~np.isfinite(np.asarray(predicted.e2e))).mean(axis=0)
-        out["saturated"] = out["p_saturated"] >= 0.5
-        return out
+            tail = _TailInputs(*_row_spreads(grid), excess, _column(grid, "n_requests"),
+                               jnp.array([[self.tail_error(m, q) for q in tails.QUANTILES]
+                                          for m in ("e2e", "ttft", "tpot")]))
+        draws, means = _outcomes(
+            self._sites, arrays, resolved, loads,
+            {m: observation.observed(arrays, m)[2] for m in ("e2e", "ttft", "tpot")}, keys,
+            tail, names=self.coefficient_names,
+            student_load="sdbayes_load_df" in self.idata.attrs, variant=variant,
+            likelihood=self.idata.attrs.get("sdbayes_likelihood", "lognormal"),
+            forward=observation.forward)
+        lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
+        summary = _summaries(draws, (0.5, lo, hi))
+        means = {name: np.asarray(value, float) for name, value in means.items()}
+        out = points.reset_index(drop=True).copy()
+        columns = {}
+        for metric in ("e2e", "ttft", "tpot"):
+            columns[f"{metric}_pred_s"] = means[metric]
+            (columns[f"{metric}_median_s"], columns[f"{metric}_lower_s"],
+             columns[f"{metric}_upper_s"]) = summary[metric]
+            columns[f"{metric}_pi_lower_s"], columns[f"{metric}_pi_upper_s"] = (
+                summary[f"{metric}_measured"][1:])
+        if percentiles:
+            for name in _percentile_names():
+                (columns[f"{name}_pred_s"], columns[f"{name}_lower_s"],
+                 columns[f"{name}_upper_s"]) = summary[name]
+                columns[f"{name}_pi_lower_s"], columns[f"{name}_pi_upper_s"] = (
+                    summary[f"{name}_measured"][1:])
+        for name in ("speedup", "saturation_rate"):
+            columns[f"{name}_pred"] = means[name]
+            columns[f"{name}_lower"], columns[f"{name}_upper"] = summary[name][1:]
+        columns["p_saturated"] = means["p_saturated"]
+        columns["saturated"] = means["p_saturated"] >= 0.5
+        return pd.concat([out, pd.DataFrame(columns, index=out.index)], axis=1)
 
     @property
     def arrival_excess(self) -> float:
@@ -403,42 +389,6 @@ class Posterior:
         order of the ``delta`` draws; None for a posterior saved without them."""
         stored = self.idata.attrs.get("sdbayes_configs")
         return None if stored is None else [tuple(key) for key in json.loads(stored)]
-
-    def _load_error(self, group: np.ndarray, key) -> observation.LoadError | None:
-        """Each row's draws of its group's discrepancy in load; rows of groups the fit has
-        not seen share one fresh draw, as they share one draw of the coefficients
-        (weights [D, R, LOAD_BASIS])."""
-        if "load_weights" not in self.idata.posterior:
-            return None
-        seen = (group >= 0)[None, :, None]
-        weights = self._draws("load_weights")[:, np.maximum(group, 0)]  # [D, R, LOAD_BASIS]
-        if not seen.all():
-            # Weights from the prior they were fitted under: Student-t, or standard normal
-            # in files written before (no sdbayes_load_df).
-            shape = (weights.shape[0], 1, weights.shape[2])
-            fresh = np.asarray(observation.sample_load_weights(key, shape)
-                               if "sdbayes_load_df" in self.idata.attrs
-                               else jax.random.normal(key, shape))
-            weights = np.where(seen, weights, fresh)
-        offset = (self._draws("load_offset")[:, np.maximum(group, 0)]
-                  if "load_offset" in self.idata.posterior else 0.0)
-        # A new group's discrepancy keeps its level: no coefficients of its own took it.
-        return observation.LoadError(weights,
-                                     self._draws("load_scale")[:, None],
-                                     np.where(seen, offset, 0.0))
-
-    def _configured(self, coef: Coefficients, config: np.ndarray, key) -> Coefficients:
-        """Each row's coefficient draws scaled by its configuration's discrepancy: the
-        fitted one for a configuration the fit saw, a fresh draw for another (fields [D, R])."""
-        if "discrepancy" not in self.idata.posterior:
-            return coef
-        spread = self._draws("discrepancy")  # [D, 2]
-        fresh = np.asarray(jax.random.normal(key, spread.shape[:1] + config.shape + (2,)))
-        seen = (config >= 0) if self.configs is not None else np.zeros(config.shape, bool)
-        if seen.any():
-            fitted = self._draws("delta")[:, np.maximum(config, 0)]  # [D, R, 2]
-            fresh = np.where(seen[None, :, None], fitted, fresh)
-        return observation.configured(coef, fresh, spread[:, None, :])
 
     def _grid(self, points: pd.DataFrame) -> pd.DataFrame:
         """The grid as a validatable operating-point table (placeholders where needed)."""
@@ -476,32 +426,29 @@ class Posterior:
                               f"{self.groups})" for u in unknown])
         return group
 
-    def _coefficients_for(self, group: np.ndarray, resolved: np.ndarray, key) -> Coefficients:
-        """Coefficient draws for each row, fields of shape [n_draws, n_rows]."""
-        names = self.coefficient_names
-        c = np.stack([self._draws(name) for name in names], axis=-1)  # [D, G, n_coefficients]
-        fitted = c[:, np.maximum(resolved, 0), :]
-        if (resolved < 0).any():
-            mu, tau = self._draws("mu"), self._draws("tau")  # [D, n_coefficients]
-            z = np.asarray(jax.random.normal(key, mu.shape))
-            population = np.exp(mu + tau * z)[:, None, :]
-            fitted = np.where((resolved < 0)[None, :, None], population, fitted)
-        return Coefficients(**{name: jnp.asarray(fitted[..., j])
-                               for j, name in enumerate(names)})
+    @cached_property
+    def _sites(self) -> dict[str, jax.Array]:
+        """The draws prediction reads, on the device: the coefficients stacked [D, G, C]
+        (``"coef"``) and whichever of the other sites the fit has, chains flattened."""
+        sites = {"coef": jnp.stack([self._draws(name) for name in self.coefficient_names],
+                                   axis=-1)}
+        for name in ("mu", "tau", "discrepancy", "delta", "load_weights", "load_offset",
+                     "load_scale", "tau_q", "sigma_e2e", "sigma_ttft", "sigma_tpot"):
+            if name in self.idata.posterior:
+                sites[name] = jnp.asarray(self._draws(name))
+        if self.configs is None:  # no keys to match a row's configuration against
+            sites.pop("delta", None)
+        return sites
+
+    def _row_draws(self, group: np.ndarray, config: np.ndarray, keys):
+        """:func:`_row_draws` of this posterior's draws."""
+        return _row_draws(self._sites, group, config, keys, names=self.coefficient_names,
+                          student_load="sdbayes_load_df" in self.idata.attrs)
 
 
-def _forward(coef, points, variant, loads, load_error):
-    """:func:`sdbayes.observation.forward`, jit-compiled (looked up at each call, so that
-    what prediction runs is what the likelihood runs)."""
-    return jax.jit(observation.forward, static_argnums=2)(coef, points, variant, loads,
-                                                                   load_error)
-
-
-def _effective_loads(rows: Coefficients, arrays, variant) -> observation.EffectiveLoads | None:
+def _effective_loads(rows: Coefficients, arrays, variant) -> observation.EffectiveLoads:
     """The finite runs' effective-load tables about the draws' median, wide enough for
     every draw (rows' coefficient fields [D, R])."""
-    if not (~arrays.closed & np.isfinite(arrays.duration)).any():
-        return None
     draws = Coefficients(*(np.broadcast_to(np.asarray(f), np.shape(rows.c1p)) for f in rows))
     anchor = Coefficients(*(np.median(f, axis=0) for f in draws))
     point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len, variant=variant)
@@ -523,50 +470,231 @@ def _column(grid: pd.DataFrame, name: str) -> np.ndarray:
     return grid[name].astype("Float64").to_numpy(float, na_value=np.nan)
 
 
-def _tail_shapes(rows: Coefficients, arrays, grid: pd.DataFrame, variant, excess: float):
-    """:func:`sdbayes.tails.relative` at the grid's rows, with their ``arrival_cv2``
-    (Poisson where not given) and ``output_len_sd`` (0 where not given)."""
+def _row_spreads(grid: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The grid's ``arrival_cv2`` (Poisson where not given) and ``output_len_sd`` (0 where
+    not given), each [R]."""
     cv2, lengths = _column(grid, "arrival_cv2"), _column(grid, "output_len_sd")
+    return np.where(np.isnan(cv2), tails.POISSON, cv2), np.nan_to_num(lengths)
+
+
+def _tail_shapes(rows: Coefficients, arrays, arrival_cv2, output_len_sd, variant,
+                 excess: float):
+    """:func:`sdbayes.tails.relative` at the rows (:func:`_row_spreads`)."""
     return tails.relative(rows, np.array(tails.QUANTILES), k=arrays.k, alpha=arrays.alpha,
                           output_len=arrays.output_len, rate=arrays.rate,
                           concurrency=arrays.concurrency, closed=arrays.closed,
-                          arrival_cv2=np.where(np.isnan(cv2), tails.POISSON, cv2),
-                          output_len_sd=np.nan_to_num(lengths), arrival_excess=excess,
-                          variant=variant)
+                          arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
+                          arrival_excess=excess, variant=variant)
 
 
-def _percentiles(out: pd.DataFrame, means: dict, rows: Coefficients, arrays, grid, variant,
-                 noise: np.ndarray, shape_noise: np.ndarray, interval: tuple[float, float],
-                 tail_error, excess: float) -> pd.DataFrame:
-    """Add p50/p90/p99 of each metric over requests: each draw's mean times the tail
-    model's quantile-to-mean ratio at the row (:func:`sdbayes.tails.relative`).
+class _GroupLoadError(NamedTuple):
+    """The discrepancy in load of each fitted group and, in a last slot, of a group the fit
+    has not seen (a fresh draw, offsets 0): weights and offset [D, G + 1, LOAD_BASIS],
+    scale [D]. Kept by group so that no [D, R, LOAD_BASIS] array is built: the compiled
+    forward model gathers each row's slot itself (:meth:`at`)."""
 
-    A measured percentile varies as the measured mean does (the same ``noise`` draw, so
-    the fitted relative error), by the tail model's own error (``shape_noise`` [Q, D, R]
-    times its sd, ``tail_error(metric, q)``) and, over ``n_requests``
-    requests, by its sampling error, ``sqrt(q (1 - q) / n) / f(x_q)`` with the density
-    ``f`` taken as normal's.
+    weights: jax.Array
+    offset: jax.Array
+    scale: jax.Array
+
+    def at(self, slot) -> observation.LoadError:
+        """The :class:`~sdbayes.observation.LoadError` of rows in slots ``slot`` [R]."""
+        return observation.LoadError(_gather(self.weights, slot), self.scale[:, None],
+                                     _gather(self.offset, slot))
+
+
+def _gather(x, index):
+    """``x[:, index]`` for ``x`` of shape [D, G, K] and ``index`` [R]: [D, R, K], gathered
+    slice by slice of the last axis. XLA then fuses each [D, R] gather into what reads it;
+    the [D, R, K] gather in one piece is materialised and costs some ten times more."""
+    return jnp.stack([x[:, :, j][:, index] for j in range(x.shape[-1])], axis=-1)
+
+
+@partial(jax.jit, static_argnames=("names", "student_load"))
+def _row_draws(sites: dict, group, config, keys, names: tuple[str, ...], student_load: bool):
+    """Each row's coefficient draws and its group's discrepancy in load.
+
+    Args:
+      sites: the posterior's draws (:attr:`Posterior._sites`).
+      group: each row's group [R], -1 for one the fit has not seen: its coefficients are
+        drawn from the pooled population, one draw shared by all such rows.
+      config: each row's configuration [R], -1 for one the fit has not seen: it draws a
+        fresh discrepancy.
+      keys: JAX PRNG keys (group, configuration, load) for those draws.
+      names: the coefficients, in the order of ``sites["coef"]``'s last axis.
+      student_load: a new group's weights in load from the Student-t prior they were fitted
+        under, else standard normal (files written before).
+
+    Returns:
+      ``(coef, rows, load)``: the group's coefficients and the configuration's (the
+      group's scaled by its discrepancy), fields [D, R]; :class:`_GroupLoadError` or None.
     """
-    n = _column(grid, "n_requests")
-    shapes = _tail_shapes(rows, arrays, grid, variant, excess)
-    columns = {}
-    for metric, (mean, spread) in means.items():
-        ratio, cv = (np.asarray(a) for a in shapes[metric])
-        for j, (q, r) in enumerate(zip(tails.QUANTILES, ratio, strict=True)):
-            name = f"{metric}_p{100 * q:g}"
-            shape_sd = tail_error(metric, q)
-            x = mean * r  # [D, R]
-            sampling = _sampling_sd(q, n, cv, r)  # relative, [D, R]
-            sd = np.sqrt(spread**2 + np.nan_to_num(sampling) ** 2)
-            finite = np.isfinite(x)
-            with np.errstate(over="ignore"):
-                error = sd * noise + shape_sd * shape_noise[j]
-                measured = np.where(finite, np.where(finite, x, 1.0) * np.exp(error), np.inf)
-            (columns[f"{name}_pred_s"], columns[f"{name}_lower_s"],
-             columns[f"{name}_upper_s"]) = _quantiles(x, 0.5, *interval)
-            columns[f"{name}_pi_lower_s"], columns[f"{name}_pi_upper_s"] = _quantiles(
-                measured, *interval)
-    return pd.concat([out, pd.DataFrame(columns, index=out.index)], axis=1)
+    key_group, key_config, key_load = keys
+    fitted = _gather(sites["coef"], jnp.maximum(group, 0))  # [D, R, C]
+    if "mu" in sites:
+        z = jax.random.normal(key_group, sites["mu"].shape)
+        population = jnp.exp(sites["mu"] + sites["tau"] * z)[:, None, :]
+        fitted = jnp.where((group < 0)[None, :, None], population, fitted)
+    coef = Coefficients(**{name: fitted[..., j] for j, name in enumerate(names)})
+    rows = coef
+    if "discrepancy" in sites:
+        spread = sites["discrepancy"]  # [D, 2]
+        delta = jax.random.normal(key_config, spread.shape[:1] + config.shape + (2,))
+        if "delta" in sites:
+            delta = jnp.where((config >= 0)[None, :, None],
+                              _gather(sites["delta"], jnp.maximum(config, 0)), delta)
+        rows = observation.configured(coef, delta, spread[:, None, :])
+    if "load_weights" not in sites:
+        return coef, rows, None
+    weights = sites["load_weights"]  # [D, G, LOAD_BASIS]
+    shape = (weights.shape[0], 1, weights.shape[2])
+    fresh = (observation.sample_load_weights(key_load, shape) if student_load
+             else jax.random.normal(key_load, shape))
+    offset = sites.get("load_offset", jnp.zeros_like(weights))
+    return coef, rows, _GroupLoadError(jnp.concatenate([weights, fresh], axis=1),
+                                       jnp.concatenate([offset, jnp.zeros(shape)], axis=1),
+                                       sites["load_scale"])
+
+
+class _TailInputs(NamedTuple):
+    """What the percentiles need beyond the means, per row [R]: the arrivals' squared
+    coefficient of variation, the spread of output lengths, the load's excess dispersion
+    (a scalar), the requests a measured percentile is over (NaN where not given); and the
+    tail model's own error sd per metric and quantile [3, Q]."""
+
+    arrival_cv2: np.ndarray
+    output_len_sd: np.ndarray
+    excess: float
+    n_requests: np.ndarray
+    shape_sd: jax.Array
+
+
+@partial(jax.jit, static_argnames=("names", "student_load", "variant", "likelihood",
+                                   "forward"))
+def _outcomes(sites: dict, arrays: Points, resolved, loads, relative_se: dict, keys,
+              tail: _TailInputs | None, *, names: tuple[str, ...], student_load: bool,
+              variant, likelihood: str, forward):
+    """The draws :meth:`Posterior.predict` summarises, in one compiled program.
+
+    Args:
+      sites, names, student_load: the posterior's draws (:func:`_row_draws`).
+      arrays: the rows (:class:`sdbayes.traces.Points`, [R]).
+      resolved: each row's group [R], -1 for one the fit has not seen.
+      loads: the finite runs' effective loads (or None), of the same draws.
+      relative_se: each metric's relative standard error per row [R] (0 where not given).
+      keys: JAX PRNG keys: the group's, configuration's and load's draws
+        (:func:`_row_draws`), the predictive noise, the tail model's error.
+      tail: what the percentiles need, or None to skip them.
+      variant, likelihood: the fit's (static).
+      forward: :func:`sdbayes.observation.forward`, looked up by the caller at each call so
+        that what prediction runs is what the likelihood runs (static).
+
+    Returns:
+      ``(draws, means)``: ``draws`` maps each summarised quantity to its draws, transposed
+      to [R, D] for sorting: "e2e", "ttft", "tpot" (the configuration's mean) and, suffixed
+      "_measured", a measured mean; with ``tail``, "e2e_p50" ... and their "_measured";
+      "speedup" and "saturation_rate". ``means`` maps "e2e", "ttft", "tpot", "speedup"
+      (over the draws where it is defined), "saturation_rate" and "p_saturated" to their
+      posterior means [R].
+    """
+    key_noise, key_tail = keys[3:]
+    coef, rows, load = _row_draws(sites, resolved, arrays.config, keys[:3], names,
+                                  student_load)
+    slot = jnp.where(resolved >= 0, resolved, sites["coef"].shape[1])
+    predicted = forward(rows, arrays, variant, loads, None if load is None else load.at(slot))
+    # Intervals are per metric, so one standard draw per draw and row serves them all.
+    noise = observation.standard_noise(likelihood, key_noise, predicted.e2e.shape)  # [D, R]
+    tau_q = sites["tau_q"][:, None]
+    draws, means, spreads = {}, {}, {}
+    for metric in ("e2e", "ttft", "tpot"):
+        x = predicted.mean(metric)
+        sigma = sites.get(f"sigma_{metric}", sites["sigma_e2e"])[:, None]
+        spread = observation.spread(sigma, tau_q, predicted.sensitivity,
+                                    relative_se[metric][None, :])
+        draws[metric], draws[f"{metric}_measured"] = x, _noisy(x, spread * noise)
+        means[metric] = x.mean(axis=0)
+        # A percentile's own sampling error replaces the row's standard error of a mean.
+        spreads[metric] = observation.spread(sigma, tau_q, predicted.sensitivity)
+    if tail is not None:
+        draws |= _percentile_draws(rows, arrays, variant, tail, means=draws, spreads=spreads,
+                                   noise=noise, key=key_tail)
+    point = dict(k=arrays.k, alpha=arrays.alpha, output_len=arrays.output_len,
+                 variant=variant)
+    closed = arrays.closed
+    gain = jnp.where(closed,
+                     speedup(coef, concurrency=jnp.where(closed, arrays.concurrency, 1.0),
+                             **point),
+                     speedup(coef, rate=jnp.where(closed, 0.0, arrays.rate), **point))
+    compared = ~jnp.isnan(gain)  # NaN where both are saturated: no speedup to speak of
+    count = compared.sum(axis=0)
+    means["speedup"] = jnp.where(count > 0, jnp.where(compared, gain, 0.0).sum(axis=0)
+                                 / jnp.maximum(count, 1), jnp.nan)
+    draws["speedup"] = gain
+    draws["saturation_rate"] = saturation_rate(rows, **point)
+    means["saturation_rate"] = draws["saturation_rate"].mean(axis=0)
+    means["p_saturated"] = (~jnp.isfinite(predicted.e2e)).mean(axis=0)
+    return {name: x.T for name, x in draws.items()}, means
+
+
+def _noisy(x, error):
+    """Draws ``x`` times ``exp(error)``; +inf where ``x`` is (a saturated draw), and where
+    a draw's noise near saturation overflows."""
+    finite = jnp.isfinite(x)
+    return jnp.where(finite, jnp.where(finite, x, 1.0) * jnp.exp(jnp.where(finite, error, 0.0)),
+                     jnp.inf)
+
+
+def _percentile_names() -> list[str]:
+    """``e2e_p50, e2e_p90, ... tpot_p99``: the percentiles' names, metric by metric."""
+    return [f"{metric}_p{100 * q:g}" for metric in ("e2e", "ttft", "tpot")
+            for q in tails.QUANTILES]
+
+
+def _percentile_draws(rows: Coefficients, arrays, variant, tail: _TailInputs, *,
+                      means: dict, spreads: dict, noise, key) -> dict:
+    """Draws of p50/p90/p99 of each metric over requests and of a measured one: each draw's
+    mean times the tail model's quantile-to-mean ratio at the row
+    (:func:`sdbayes.tails.relative`).
+
+    A measured percentile varies as the measured mean does (the same ``noise`` draw [D, R],
+    so the fitted relative error ``spreads``), by the tail model's own error (a normal draw
+    times its sd, ``tail.shape_sd``) and, over ``n_requests`` requests, by its sampling
+    error (:func:`_sampling_sd`).
+    """
+    shapes = _tail_shapes(rows, arrays, tail.arrival_cv2, tail.output_len_sd, variant,
+                          tail.excess)
+    shape_noise = jax.random.normal(key, (len(tails.QUANTILES),) + noise.shape)
+    names = iter(_percentile_names())
+    draws = {}
+    for m, metric in enumerate(("e2e", "ttft", "tpot")):
+        ratio, cv = shapes[metric]
+        for j, q in enumerate(tails.QUANTILES):
+            name = next(names)
+            x = means[metric] * ratio[j]  # [D, R]
+            sampling = jnp.nan_to_num(_sampling_sd(q, tail.n_requests, cv, ratio[j]))
+            sd = jnp.sqrt(spreads[metric] ** 2 + sampling**2)
+            draws[name] = x
+            draws[f"{name}_measured"] = _noisy(x, sd * noise
+                                               + tail.shape_sd[m, j] * shape_noise[j])
+    return draws
+
+
+def _summaries(draws: dict, probs: tuple[float, ...]) -> dict[str, tuple[np.ndarray, ...]]:
+    """Quantiles ``probs`` over draws of each [R, D] array of ``draws``, as
+    ``np.quantile(..., method="inverted_cdf")`` gives them: one sort per array, the
+    arrays sorted in parallel threads (NumPy's sort releases the GIL). +inf draws stay
+    +inf; a row with a NaN draw has NaN quantiles."""
+    def summarise(x):
+        x = np.array(x)  # a writable host copy, sorted in place
+        x.sort(axis=1)
+        n = x.shape[1]
+        picked = [x[:, min(max(math.ceil(n * p) - 1, 0), n - 1)].astype(float) for p in probs]
+        undefined = np.isnan(x[:, -1])  # NaN sorts last
+        return tuple(np.where(undefined, np.nan, q) if undefined.any() else q
+                     for q in picked)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return dict(zip(draws, pool.map(summarise, draws.values()), strict=True))
 
 
 def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
@@ -603,11 +731,12 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     rows, arrays, grid = _fitted_rows(posterior, points)
     excess = _arrival_excess(posterior, points, [(j, c) for m, j, c in measured if m == "e2e"],
                              rows, arrays, grid)
-    shapes = _tail_shapes(rows, arrays, grid, posterior.variant, excess)
+    shapes = _tail_shapes(rows, arrays, *_row_spreads(grid), posterior.variant, excess)
     n = _column(grid, "n_requests")
     errors = {"arrival_excess": excess}
     for metric, j, name in measured:
-        ratio, cv = (np.median(np.asarray(a)[j], axis=0) for a in shapes[metric])  # [R]
+        ratio, cv = shapes[metric]
+        ratio, cv = np.median(np.asarray(ratio)[j], axis=0), np.median(np.asarray(cv), axis=0)
         error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"]).to_numpy(float)
                  - np.log(ratio))
         sampling = np.nan_to_num(_sampling_sd(tails.QUANTILES[j], n, cv, ratio))
@@ -623,7 +752,8 @@ def _sampling_sd(q: float, n, cv, ratio):
     coefficient of variation ``cv`` and percentile-to-mean ``ratio``:
     ``sqrt(q (1 - q) / n) / (f(x_q) x_q)``, with the density ``f`` taken as normal's."""
     density = NormalDist().pdf(NormalDist().inv_cdf(q))
-    return np.sqrt(q * (1 - q) / n) * cv / (density * ratio)
+    shape = jnp.broadcast_shapes(jnp.shape(n), jnp.shape(cv))
+    return jnp.broadcast_to(jnp.sqrt(q * (1 - q) / jnp.asarray(n)), shape) * cv / (density * ratio)
 
 
 def _fitted_rows(posterior: Posterior, points: pd.DataFrame):
@@ -633,8 +763,7 @@ def _fitted_rows(posterior: Posterior, points: pd.DataFrame):
     arrays, _ = to_points(grid, posterior.groups, posterior.configs)
     resolved = posterior._new_group_rows(grid, arrays)
     key = jax.random.key(0)  # the fitted points' groups and configurations draw nothing
-    rows = posterior._configured(posterior._coefficients_for(arrays.group, resolved, key),
-                                 arrays.config, key)
+    _, rows, _ = posterior._row_draws(resolved, arrays.config, (key, key, key))
     return rows, arrays, grid
 
 
@@ -653,16 +782,11 @@ def _arrival_excess(posterior: Posterior, points: pd.DataFrame,
                          for name in names])[:, open_loop]  # [N, open rows]
     losses = []
     for excess in tails.EXCESS_GRID:
-        ratio = np.asarray(_tail_shapes(rows, arrays, grid, posterior.variant,
+        ratio = np.asarray(_tail_shapes(rows, arrays, *_row_spreads(grid), posterior.variant,
                                         excess)["e2e"][0])[list(which)]  # [N, D, R]
         error = measured - np.log(np.median(ratio, axis=1))[:, open_loop]
         losses.append(np.sum(error[np.isfinite(error)] ** 2))
     return float(tails.EXCESS_GRID[int(np.argmin(losses))])
-
-
-def _quantiles(x: np.ndarray, *probs: float) -> tuple[np.ndarray, ...]:
-    """Quantiles over draws (axis 0), one array each; +inf draws stay +inf, never NaN."""
-    return tuple(np.quantile(x, probs, axis=0, method="inverted_cdf"))
 
 
 def diagnose(posterior: Posterior, n_points: int) -> Diagnostics:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from numpyro.infer.util import log_density
+from scipy import stats
 
 import sdbayes as sb
 from sdbayes import calibrate, observation
@@ -166,3 +167,30 @@ def test_fresh_load_weights_follow_the_fitted_prior():
     assert np.corrcoef(np.abs(draws[:, 0]), np.abs(draws[:, 1]))[0, 1] > 0.05
     sd = observation.load_scale(LOAD_ERROR_SCALE) * draws.std()
     assert sd == pytest.approx(LOAD_ERROR_SCALE, rel=0.02)
+
+
+def test_the_discrepancy_in_load_is_its_basis_weighted():
+    """eta(q), summed by Clenshaw's recurrence, equals the basis functions times their
+    weights less the offsets, for weights per row and per group, at shares across [0, 1]."""
+    rng = np.random.default_rng(3)
+    share = rng.uniform(0.0, 1.0, (5, 40))  # [D, n]
+    basis = np.asarray(observation.load_basis(share), float)  # [D, n, M]
+    for weights in (rng.standard_t(10, (5, 40, observation.LOAD_BASIS)),
+                    rng.standard_t(10, observation.LOAD_BASIS)):
+        offset = rng.normal(0.0, 0.3, np.shape(weights))
+        error = observation.LoadError(weights, np.full((5, 1), 0.04), offset)
+        expected = 0.04 * np.sum((basis - offset) * weights, axis=-1)
+        eta = np.asarray(observation.discrepancy_in_load(error, share))
+        assert eta.shape == share.shape
+        # float32 arithmetic on terms of order 1: agreement to 1e-6 of eta's own scale
+        assert np.allclose(eta, expected, atol=1e-6 * 0.04 * np.abs(weights).sum())
+
+
+@pytest.mark.parametrize("likelihood, law", [("student_t", stats.t(observation.STUDENT_DF)),
+                                             ("lognormal", stats.norm())])
+def test_standard_noise_follows_its_likelihood(likelihood, law):
+    """100,000 draws pass a Kolmogorov-Smirnov test against the likelihood's standard law:
+    the statistic is below its 1% critical value, 1.63 / sqrt(n)."""
+    n = 100_000
+    draws = np.asarray(observation.standard_noise(likelihood, jax.random.key(7), (n,)))
+    assert stats.kstest(draws, law.cdf).statistic < 1.63 / np.sqrt(n)

@@ -71,14 +71,15 @@ def test_the_recommended_path_converges_on_real_sweeps():
     hold, the throughput runs left out (steady false), where capacity is pinned only by the
     open loops and the discrepancy in load could stand in for C2 (before the discrepancies
     were projected off the coefficients, fitting e2e alone: R-hat 1.35, ESS 5). Short
-    chains, so the thresholds are those of 600 draws: R-hat at most 1.05, ESS at least
-    100."""
+    chains, so the thresholds are those of 1,000 draws: R-hat at most 1.05, ESS at least
+    100. (With 2 x 300 draws the lowest ESS ranged 93-229 over seeds 0-3: a change of the
+    likelihood's rounding alone moved seed 0 across 100.)"""
     points = pd.concat([sb.read_guidellm(path, **dict(CONFIG, verifier="Qwen3-0.6B",
                                                       drafter="eagle3-qwen3-0.6b"))
                         for path in sorted(SMALLEST.glob("*.json"))], ignore_index=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sb.Posterior.FitWarning)  # short chains
-        posterior = sb.fit(points, variant="paper", num_warmup=300, num_samples=300,
+        posterior = sb.fit(points, variant="paper", num_warmup=300, num_samples=500,
                            num_chains=2, seed=0, progress=False)
     d = posterior.diagnostics
     assert d.divergences == 0
