@@ -6,10 +6,12 @@ and loads (Poisson ``request_rates`` and closed-loop ``concurrency``). :func:`ru
 then, for each k, starts ``vllm serve`` (``--speculative-config`` for k > 0, none for
 k = 0), waits for ``GET /health``, sends one warm-up request, and measures each point: it
 scrapes ``/metrics``, drives the load with an asyncio streaming client of the
-OpenAI-compatible ``/v1/completions`` (random token-id prompts, a fresh set per point so
-that vLLM's prefix cache never serves one point's prompts from another's, :data:`PROMPTS`;
-``ignore_eos`` so every request emits the asked number of tokens), and scrapes ``/metrics``
-again; acceptance comes from the spec-decode counters' difference.
+OpenAI-compatible ``/v1/completions`` (random token-id prompts, or a dataset's text where
+``[sweep] dataset`` names one, as real text gives the acceptance a service sees; either way a
+fresh set per point so that vLLM's prefix cache never serves one point's prompts from
+another's, :func:`_prompt_note`; ``ignore_eos`` so every request emits the asked number of
+tokens), and scrapes ``/metrics`` again; acceptance comes from the spec-decode counters'
+difference.
 
 Resumable and robust: each point is written to ``raw/<point>.json`` as soon as it ends,
 finished or failed. A rerun skips finished points and retries failed ones. A server that
@@ -50,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 from sdbayes.importers import acceptance_between, read_spec_decode_metrics
+from sdbayes.prompts import PromptError, read_prompts
 from sdbayes.traces import TraceError, aggregate, write_traces
 
 # Random prompts are token ids drawn from this range: inside every modern vocabulary and
@@ -73,12 +76,14 @@ class Point:
     concurrency: int | None  # requests kept in flight (closed loop)
     n_prompts: int
     seed: int
+    dataset: str = ""  # "<file name>@<digest>" of its prompts; "" for random ones
 
     @property
     def name(self) -> str:
         load = (f"rate{self.request_rate:g}" if self.request_rate is not None
                 else f"conc{self.concurrency}")
-        return f"k{self.k}_p{self.prompt_len}_g{self.output_len}_{load}"
+        prompts = "pdata" if self.dataset else f"p{self.prompt_len}"
+        return f"k{self.k}_{prompts}_g{self.output_len}_{load}"
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class SweepConfig:
     acceptance: float | None = None  # forced acceptance; default: from /metrics
     gpus: int = 1  # GPUs one server uses (its tensor-parallel size): what a Ray task asks
     gpu_kind: str = ""  # a Ray custom resource, "gpu_kind:<this>", the task asks for too
+    prompts: tuple[str, ...] = ()  # the dataset's, where [sweep] dataset names one
 
     @property
     def url(self) -> str:
@@ -120,7 +126,7 @@ _KEYS = {
     "server": {"model", "command", "args", "port", "startup_timeout_s", "gpus", "gpu_kind"},
     "speculative": None,  # method, model, and anything vLLM's --speculative-config takes
     "sweep": {"k", "request_rates", "concurrency", "prompt_len", "output_len", "n_prompts",
-              "seed", "request_timeout_s", "acceptance"},
+              "seed", "request_timeout_s", "acceptance", "dataset"},
     "trace": {"hardware", "verifier", "drafter"},
 }
 
@@ -138,7 +144,9 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
         [sweep]        k (list, required), request_rates (list [req/s]) and/or
                        concurrency (list), prompt_len [512], output_len [128] (a number or
                        a list each), n_prompts [200], seed [0], request_timeout_s [600],
-                       acceptance (forced; default: measured from /metrics)
+                       acceptance (forced; default: measured from /metrics), dataset
+                       (prompts from a file, :func:`sdbayes.prompts.read_prompts`, its
+                       path relative to the config's; in place of prompt_len)
         [trace]        hardware (required), verifier [server.model],
                        drafter [speculative.model]
 
@@ -184,8 +192,19 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
                for key, default in (("prompt_len", 512), ("output_len", 128))]
     n_prompts = get("sweep", "n_prompts", _whole(1), 200, "a whole number >= 1")
     seed = get("sweep", "seed", _whole(0), 0, "a whole number >= 0")
+    prompts, dataset = (), ""
+    if "dataset" in data.get("sweep", {}):
+        if "prompt_len" in data["sweep"]:
+            raise SweepError(f"{path}: [sweep] prompt_len and dataset: a dataset's prompts "
+                             "have their own lengths; give one of them")
+        file = path.parent / get("sweep", "dataset", _text, what="a file name")
+        try:
+            prompts, digest = read_prompts(file)
+        except PromptError as err:
+            raise SweepError(f"{path}: [sweep] dataset: {err}") from None
+        dataset, lengths[0] = f"{file.name}@{digest}", [0]
     points = tuple(Point(k=k, prompt_len=p, output_len=g, request_rate=r, concurrency=c,
-                         n_prompts=n_prompts, seed=seed)
+                         n_prompts=n_prompts, seed=seed, dataset=dataset)
                    for k, p, g, (r, c) in product(_as_list(ks), *lengths, loads))
     acceptance = get("sweep", "acceptance", lambda a: _positive(a) and a <= 1, None,
                      "a number in (0, 1]")
@@ -210,6 +229,7 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
         acceptance=None if acceptance is None else float(acceptance),
         gpus=get("server", "gpus", _whole(1), 1, "a whole number >= 1"),
         gpu_kind=get("server", "gpu_kind", _text, "", "a name"),
+        prompts=prompts,
     )
 
 
@@ -309,7 +329,7 @@ def finished_record(out: str | Path, point: Point) -> dict | None:
         return None  # written atomically, so only a hand-edited file gets here
     if record.get("status") != "ok":
         return None
-    if record.get("point") != asdict(point):
+    if {"dataset": "", **record.get("point", {})} != asdict(point):  # older: no dataset
         raise SweepError(f"{path}: measured with other settings {record.get('point')}, the "
                          f"config now says {asdict(point)}: use a new output folder")
     return record
@@ -443,7 +463,8 @@ def _measure(config: SweepConfig, server: _Server, point: Point,
     started = time.time()
     before = server.scrape()
     requests = asyncio.run(_drive(config, point, on_request))
-    record = dict(started=started, server_version=server.version, prompts=PROMPTS,
+    record = dict(started=started, server_version=server.version,
+                  prompts=_prompt_note(config, point),
                   requests=requests, metrics_before=before)
     try:
         lost = [e for e, t in zip(requests["error"], requests["transport"], strict=True) if t]
@@ -478,6 +499,30 @@ PROMPTS = ("random token ids, a fresh set for each point: no point shares a prom
 """How the runner chooses prompts; written into each point's raw record."""
 
 
+def _prompt_note(config: SweepConfig, point: Point) -> str:
+    """How the runner chose a point's prompts (:data:`PROMPTS` for random ones)."""
+    if not point.dataset:
+        return PROMPTS
+    needed, have = point.n_prompts * len(config.points), len(config.prompts)
+    spread = ("each point its own: no prompt repeats in the sweep" if needed <= have else
+              f"the sweep needs {needed}, so prompts repeat across points: vLLM's prefix "
+              "cache may serve the repeats (run the server with --no-enable-prefix-caching, "
+              "or give a larger dataset)")
+    return (f"dataset {point.dataset} ({have} prompts), {point.n_prompts} a point, "
+            f"shuffled once by the seed; {spread}")
+
+
+def _dataset_prompts(config: SweepConfig, point: Point) -> list[str]:
+    """A point's prompts from the dataset: consecutive blocks of one shuffle of it (by the
+    seed and the file's digest), the point's block by its place in the sweep, so that no
+    two points share a prompt while the dataset lasts."""
+    have = len(config.prompts)
+    order = np.random.default_rng([point.seed, zlib.crc32(point.dataset.encode())]
+                                  ).permutation(have)
+    first = config.points.index(point) * point.n_prompts
+    return [config.prompts[order[i % have]] for i in range(first, first + point.n_prompts)]
+
+
 def _generator(point: Point) -> np.random.Generator:
     """The random stream of one point's prompts and arrivals, seeded by the whole point (its
     load included): the same on a rerun, different from every other point's."""
@@ -493,7 +538,8 @@ async def _drive(config: SweepConfig, point: Point, on_request: Callable[[], Non
     timeout, not an answer).
     """
     rng = _generator(point)
-    prompts = rng.integers(*_TOKEN_IDS, size=(point.n_prompts, point.prompt_len))
+    prompts = (_dataset_prompts(config, point) if point.dataset else
+               rng.integers(*_TOKEN_IDS, size=(point.n_prompts, point.prompt_len)).tolist())
     loop = asyncio.get_running_loop()
     timeout = aiohttp.ClientTimeout(total=config.request_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout,
@@ -501,7 +547,7 @@ async def _drive(config: SweepConfig, point: Point, on_request: Callable[[], Non
         start = loop.time()
 
         async def one(i: int) -> dict:
-            body = dict(model=config.model, prompt=prompts[i].tolist(),
+            body = dict(model=config.model, prompt=prompts[i],
                         max_tokens=point.output_len, ignore_eos=True, temperature=0.0,
                         stream=True, stream_options=dict(include_usage=True))
             result = await _stream(session, config.url + "/v1/completions", body, start,
@@ -534,7 +580,9 @@ async def _stream(session, url: str, body: dict, start: float, timeout_s: float)
     """One streaming completion, timed."""
     loop = asyncio.get_running_loop()
     sent = loop.time()
-    record = dict(arrival_s=sent - start, prompt_len=len(body["prompt"]), output_len=0,
+    prompt = body["prompt"]  # token ids, or a dataset's text: its length the server says
+    record = dict(arrival_s=sent - start,
+                  prompt_len=len(prompt) if isinstance(prompt, list) else math.nan, output_len=0,
                   ttft_s=math.nan, e2e_s=math.nan, error="", transport=False)
     try:
         async with session.post(url, json=body) as answer:
@@ -554,6 +602,8 @@ async def _stream(session, url: str, body: dict, start: float, timeout_s: float)
                     record["ttft_s"] = loop.time() - sent
                 if chunk.get("usage"):
                     record["output_len"] = int(chunk["usage"]["completion_tokens"])
+                    record["prompt_len"] = chunk["usage"].get("prompt_tokens",
+                                                              record["prompt_len"])
         record["e2e_s"] = loop.time() - sent
     except TimeoutError:
         record.update(error=f"no answer within {timeout_s:g} s (server hung?)", transport=True)

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from sdbayes.sweep import SweepError, read_sweep_config, run_sweep
@@ -135,6 +136,56 @@ def test_no_two_points_share_a_prompt_or_a_cached_prefix(tmp_path):
     first = config.points[0]
     again = _generator(first).integers(0, 1 << 30, size=3)
     assert (again == _generator(first).integers(0, 1 << 30, size=3)).all()
+
+
+def test_dataset_prompts_are_sent_each_once_with_their_token_counts(tmp_path):
+    """With [sweep] dataset the server gets the dataset's text (first human turn of a
+    ShareGPT conversation), no prompt twice across the sweep while the dataset lasts; the
+    record names the dataset and says so; prompt lengths are the server's counts."""
+    conversations = [{"conversations": [{"from": "human", "value": f"question {i} " * (i % 5 + 1)},
+                                        {"from": "gpt", "value": "an answer"}]}
+                     for i in range(40)]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(conversations))
+    log = tmp_path / "prompts.jsonl"
+    path = write_config(tmp_path, ks=[2], rates=[20, 40], n_prompts=10,
+                        server_args=["--prompt-log", str(log)],
+                        sweep_extra='concurrency = [2]\ndataset = "sharegpt.json"')
+    path.write_text(path.read_text().replace("prompt_len = 32\n", ""))
+    config = read_sweep_config(path)
+    report = run_sweep(config, tmp_path / "out", progress=False)
+    assert not report.failed and len(report.points) == 3
+    sent = [json.loads(line) for line in log.read_text().splitlines()][1:]  # after warm-up
+    asked = {c["conversations"][0]["value"] for c in conversations}
+    assert len(sent) == 30 and len(set(sent)) == 30 and set(sent) <= asked
+    record = json.loads((tmp_path / "out" / "raw" / f"{config.points[0].name}.json"
+                         ).read_text())
+    assert "sharegpt.json@" in record["prompts"] and "no prompt repeats" in record["prompts"]
+    requests = pd.read_csv(tmp_path / "out" / "requests.csv")
+    # The loopback server counts a text prompt's characters as its tokens.
+    assert set(requests["prompt_len"]) <= {len(p) for p in asked}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"conversations": [{"from": "gpt", "value": "hi"}]}]', "item 1: 'conversations' has no"),
+    ('{"prompt": "a"}\n{"prompt": ""}\n', "line 2: the prompt is empty"),
+    ('{"prompt": "a"}\nnot json\n', "line 2: not JSON"),
+    ("[]", "no prompts"),
+])
+def test_a_bad_dataset_is_named_with_its_item(tmp_path, content, message):
+    (tmp_path / "data.jsonl").write_text(content)
+    path = tmp_path / "bad.toml"
+    path.write_text(GOOD + "[sweep]\nk = [2]\nrequest_rates = [1]\ndataset = 'data.jsonl'\n")
+    with pytest.raises(SweepError, match=re.escape(message)):
+        read_sweep_config(path)
+
+
+def test_a_dataset_and_a_prompt_length_are_refused_together(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"prompt": "a"}\n')
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD + "[sweep]\nk = [2]\nrequest_rates = [1]\nprompt_len = 64\n"
+                    "dataset = 'data.jsonl'\n")
+    with pytest.raises(SweepError, match=r"\[sweep\] prompt_len and dataset"):
+        read_sweep_config(path)
 
 
 def test_latency_measured_is_the_servers(tmp_path):
