@@ -77,13 +77,15 @@ class Point:
     n_prompts: int
     seed: int
     dataset: str = ""  # "<file name>@<digest>" of its prompts; "" for random ones
+    run: int = 1  # which repeat of the point ([sweep] repeats)
 
     @property
     def name(self) -> str:
         load = (f"rate{self.request_rate:g}" if self.request_rate is not None
                 else f"conc{self.concurrency}")
         prompts = "pdata" if self.dataset else f"p{self.prompt_len}"
-        return f"k{self.k}_{prompts}_g{self.output_len}_{load}"
+        repeat = f"_run{self.run}" if self.run > 1 else ""
+        return f"k{self.k}_{prompts}_g{self.output_len}_{load}{repeat}"
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ _KEYS = {
     "server": {"model", "command", "args", "port", "startup_timeout_s", "gpus", "gpu_kind"},
     "speculative": None,  # method, model, and anything vLLM's --speculative-config takes
     "sweep": {"k", "request_rates", "concurrency", "prompt_len", "output_len", "n_prompts",
-              "seed", "request_timeout_s", "acceptance", "dataset"},
+              "seed", "request_timeout_s", "acceptance", "dataset", "repeats"},
     "trace": {"hardware", "verifier", "drafter"},
 }
 
@@ -146,11 +148,14 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
                        a list each), n_prompts [200], seed [0], request_timeout_s [600],
                        acceptance (forced; default: measured from /metrics), dataset
                        (prompts from a file, :func:`sdbayes.prompts.read_prompts`, its
-                       path relative to the config's; in place of prompt_len)
+                       path relative to the config's; in place of prompt_len), repeats
+                       [1] (runs of each point, each with its own prompts)
         [trace]        hardware (required), verifier [server.model],
                        drafter [speculative.model]
 
-    Points are every k x prompt_len x output_len x load, rates low to high.
+    Points are every k x prompt_len x output_len x load, rates low to high; with
+    repeats, each k's loads are run once, then again, so that a drift of the server over
+    time shows as a spread between runs rather than as a trend along the loads.
 
     Raises:
       SweepError: naming the file and key for anything missing, unknown or of the wrong type.
@@ -203,9 +208,11 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
         except PromptError as err:
             raise SweepError(f"{path}: [sweep] dataset: {err}") from None
         dataset, lengths[0] = f"{file.name}@{digest}", [0]
+    repeats = get("sweep", "repeats", _whole(1), 1, "a whole number >= 1")
     points = tuple(Point(k=k, prompt_len=p, output_len=g, request_rate=r, concurrency=c,
-                         n_prompts=n_prompts, seed=seed, dataset=dataset)
-                   for k, p, g, (r, c) in product(_as_list(ks), *lengths, loads))
+                         n_prompts=n_prompts, seed=seed, dataset=dataset, run=run)
+                   for k, p, g, run, (r, c) in product(_as_list(ks), *lengths,
+                                                       range(1, repeats + 1), loads))
     acceptance = get("sweep", "acceptance", lambda a: _positive(a) and a <= 1, None,
                      "a number in (0, 1]")
     model = get("server", "model", _text, what="a model name")
@@ -329,7 +336,7 @@ def finished_record(out: str | Path, point: Point) -> dict | None:
         return None  # written atomically, so only a hand-edited file gets here
     if record.get("status") != "ok":
         return None
-    if {"dataset": "", **record.get("point", {})} != asdict(point):  # older: no dataset
+    if {"dataset": "", "run": 1, **record.get("point", {})} != asdict(point):  # older
         raise SweepError(f"{path}: measured with other settings {record.get('point')}, the "
                          f"config now says {asdict(point)}: use a new output folder")
     return record
@@ -629,6 +636,7 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
     """
     out = Path(out)
     rows, points = [], []
+    repeated = any(point.run > 1 for point in config.points)
     for point in config.points:
         record = finished_record(out, point)
         if record is None:
@@ -647,7 +655,10 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
             point=point.name, errored_requests=len(requests) - len(good),
             server_version=record.get("server_version", "")))
         rows.append(frame)
-        points.append(aggregate(frame, source=f"{out}/raw/{point.name}.json"))
+        measured = aggregate(frame, source=f"{out}/raw/{point.name}.json")
+        if repeated:  # repeats of a point must differ in run (sdbayes.traces)
+            measured["run"] = point.run
+        points.append(measured)
     columns = ["point", "k", "request_rate", "concurrency", "e2e_mean_s"]
     if not points:
         return pd.DataFrame(columns=columns)

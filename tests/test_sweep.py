@@ -188,6 +188,25 @@ def test_a_dataset_and_a_prompt_length_are_refused_together(tmp_path):
         read_sweep_config(path)
 
 
+def test_repeated_runs_are_points_of_their_own_with_fresh_prompts(tmp_path):
+    """[sweep] repeats = 2 measures each load twice, one pass over the loads after the
+    other; each run sends its own prompts, and points.csv keeps both with their run number,
+    which a fit reads as two measurements of one operating point."""
+    log = tmp_path / "prompts.jsonl"
+    config = read_sweep_config(write_config(tmp_path, ks=[2], rates=[20, 40], n_prompts=8,
+                                            server_args=["--prompt-log", str(log)],
+                                            sweep_extra="repeats = 2"))
+    assert [(p.request_rate, p.run) for p in config.points] == [(20, 1), (40, 1), (20, 2),
+                                                                 (40, 2)]
+    report = run_sweep(config, tmp_path / "out", progress=False)
+    assert not report.failed
+    prompts = [tuple(json.loads(line)) for line in log.read_text().splitlines()][1:]
+    assert len(prompts) == 4 * 8 and len(set(prompts)) == 4 * 8
+    points = report.points.sort_values(["request_rate", "run"])
+    assert points["run"].tolist() == [1, 2, 1, 2]
+    assert points["request_rate"].tolist() == [20, 20, 40, 40]
+
+
 def test_latency_measured_is_the_servers(tmp_path):
     """At low load the loopback server's latency is C1 of the model; the runner's timings
     (arrival to last token, in seconds) must land near it, not off by a unit."""
