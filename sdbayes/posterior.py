@@ -6,6 +6,7 @@ import json
 import math
 import os
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property, partial
 from pathlib import Path
@@ -23,7 +24,7 @@ from sdbayes import observation, tails
 from sdbayes.calibrate import coefficient_names
 from sdbayes.files import replacing
 from sdbayes.model import Coefficients, Variant, demands, saturation_rate, speedup
-from sdbayes.traces import Points, TraceError, group_labels, to_points
+from sdbayes.traces import Points, TraceError, config_keys, group_labels, to_points
 
 _RHAT_LIMIT = 1.01
 _RHAT_MIXED = 1.05  # above it chains plainly disagree; below, a short fit's R-hat is noisy
@@ -248,11 +249,11 @@ class Posterior:
         be left out when the posterior has one group). A group the fit has not seen gets
         coefficients drawn from the pooled population when the fit had several groups. A
         configuration (group, k, acceptance, lengths) the fit has seen keeps its fitted
-        discrepancy; a new one draws a fresh one. An open-loop row with ``duration_s`` is a
-        benchmark run of that length, started empty: its means are those of the requests
-        it completes (:mod:`sdbayes.fluid`), finite even past saturation and lower
-        than the steady ones near it. Without ``duration_s`` the means are steady, +inf
-        past saturation.
+        discrepancy; a new one draws a fresh one, which all its rows (its loads) share. An
+        open-loop row with ``duration_s`` is a benchmark run of that length, started empty:
+        its means are those of the requests it completes (:mod:`sdbayes.fluid`), finite
+        even past saturation and lower than the steady ones near it. Without
+        ``duration_s`` the means are steady, +inf past saturation.
 
         Args:
           points: the operating points, a table of shape [n rows].
@@ -292,16 +293,17 @@ class Posterior:
         grid = self._grid(points)
         arrays, _ = to_points(grid, self.groups, self.configs)
         resolved = self._new_group_rows(grid, arrays)
+        novel = _novel_configurations(grid, arrays)
         keys = jax.random.split(jax.random.key(seed), 5)
         size = max(1, _PREDICT_CELLS // self._draws("c1p").shape[0])
         excess = self.arrival_excess if arrival_excess is None else float(arrival_excess)
         tail = dict(percentiles=percentiles, excess=excess)
         if len(points) <= size:
-            return self._predict(points, grid, arrays, resolved, ci, keys, **tail)
+            return self._predict(points, grid, arrays, resolved, novel, ci, keys, **tail)
 
-        def chunk_keys(i):  # a new group's draws are shared by all its rows: same keys
+        def chunk_keys(i):  # draws a group or configuration shares keep their keys
             group, config, load, noise, tail = keys
-            return (group, jax.random.fold_in(config, i), load, jax.random.fold_in(noise, i),
+            return (group, config, load, jax.random.fold_in(noise, i),
                     jax.random.fold_in(tail, i))
 
         parts = []
@@ -309,11 +311,12 @@ class Posterior:
             rows = slice(start, start + size)
             parts.append(self._predict(points.iloc[rows], grid.iloc[rows],
                                        Points(*(field[rows] for field in arrays)),
-                                       resolved[rows], ci, chunk_keys(i), **tail))
+                                       resolved[rows], novel[rows], ci, chunk_keys(i),
+                                       **tail))
         return pd.concat(parts, ignore_index=True)
 
     def _predict(self, points: pd.DataFrame, grid: pd.DataFrame, arrays: Points,
-                 resolved: np.ndarray, ci: float, keys, percentiles: bool,
+                 resolved: np.ndarray, novel: np.ndarray, ci: float, keys, percentiles: bool,
                  excess: float) -> pd.DataFrame:
         """:meth:`predict` of rows whose groups are resolved, up to :data:`_PREDICT_CELLS`
         draws x rows: their draws in one compiled program (:func:`_outcomes`), then their
@@ -321,7 +324,7 @@ class Posterior:
         variant = self.variant
         loads = None
         if (~arrays.closed & np.isfinite(arrays.duration)).any():
-            _, rows, _ = self._row_draws(resolved, arrays.config, keys[:3])
+            _, rows, _ = self._row_draws(resolved, arrays.config, keys[:3], novel)
             loads = _effective_loads(rows, arrays, variant)
         tail = None
         if percentiles:
@@ -329,7 +332,7 @@ class Posterior:
                                jnp.array([[self.tail_error(m, q) for q in tails.QUANTILES]
                                           for m in ("e2e", "ttft", "tpot")]))
         draws, means = _outcomes(
-            self._sites, arrays, resolved, loads,
+            self._sites, arrays, resolved, novel, loads,
             {m: observation.observed(arrays, m)[2] for m in ("e2e", "ttft", "tpot")}, keys,
             tail, names=self.coefficient_names,
             student_load="sdbayes_load_df" in self.idata.attrs, variant=variant,
@@ -440,10 +443,25 @@ class Posterior:
             sites.pop("delta", None)
         return sites
 
-    def _row_draws(self, group: np.ndarray, config: np.ndarray, keys):
-        """:func:`_row_draws` of this posterior's draws."""
-        return _row_draws(self._sites, group, config, keys, names=self.coefficient_names,
+    def _row_draws(self, group: np.ndarray, config: np.ndarray, keys, novel=None):
+        """:func:`_row_draws` of this posterior's draws (``novel`` 0 by default)."""
+        novel = np.zeros(len(config), np.uint32) if novel is None else novel
+        return _row_draws(self._sites, group, config, novel, keys,
+                          names=self.coefficient_names,
                           student_load="sdbayes_load_df" in self.idata.attrs)
+
+
+def _novel_configurations(grid: pd.DataFrame, arrays: Points) -> np.ndarray:
+    """Each row's id of a configuration the fit has not seen (0 for a fitted one): a hash of
+    its group label and configuration key (:func:`sdbayes.traces.config_keys`), so that the
+    rows of one such configuration (one curve: its loads) share one fresh discrepancy
+    whatever the grid's chunks or other rows, as the fit's rows of one configuration share
+    theirs; shape [R], uint32."""
+    labels = group_labels(grid)
+    keys = config_keys(grid, arrays.group)
+    return np.array([zlib.crc32(repr((label,) + key[1:]).encode()) if config < 0 else 0
+                     for label, key, config in zip(labels, keys, arrays.config, strict=True)],
+                    dtype=np.uint32)
 
 
 def _effective_loads(rows: Coefficients, arrays, variant) -> observation.EffectiveLoads:
@@ -511,7 +529,8 @@ def _gather(x, index):
 
 
 @partial(jax.jit, static_argnames=("names", "student_load"))
-def _row_draws(sites: dict, group, config, keys, names: tuple[str, ...], student_load: bool):
+def _row_draws(sites: dict, group, config, novel, keys, names: tuple[str, ...],
+               student_load: bool):
     """Each row's coefficient draws and its group's discrepancy in load.
 
     Args:
@@ -519,7 +538,8 @@ def _row_draws(sites: dict, group, config, keys, names: tuple[str, ...], student
       group: each row's group [R], -1 for one the fit has not seen: its coefficients are
         drawn from the pooled population, one draw shared by all such rows.
       config: each row's configuration [R], -1 for one the fit has not seen: it draws a
-        fresh discrepancy.
+        fresh discrepancy, one per ``novel`` id [R] (uint32), which rows of one
+        configuration share (:func:`_novel_configurations`).
       keys: JAX PRNG keys (group, configuration, load) for those draws.
       names: the coefficients, in the order of ``sites["coef"]``'s last axis.
       student_load: a new group's weights in load from the Student-t prior they were fitted
@@ -539,7 +559,9 @@ def _row_draws(sites: dict, group, config, keys, names: tuple[str, ...], student
     rows = coef
     if "discrepancy" in sites:
         spread = sites["discrepancy"]  # [D, 2]
-        delta = jax.random.normal(key_config, spread.shape[:1] + config.shape + (2,))
+        delta = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key_config, i),
+                                                     spread.shape[:1] + (2,)),
+                         out_axes=1)(novel)  # [D, R, 2]
         if "delta" in sites:
             delta = jnp.where((config >= 0)[None, :, None],
                               _gather(sites["delta"], jnp.maximum(config, 0)), delta)
@@ -571,7 +593,7 @@ class _TailInputs(NamedTuple):
 
 @partial(jax.jit, static_argnames=("names", "student_load", "variant", "likelihood",
                                    "forward"))
-def _outcomes(sites: dict, arrays: Points, resolved, loads, relative_se: dict, keys,
+def _outcomes(sites: dict, arrays: Points, resolved, novel, loads, relative_se: dict, keys,
               tail: _TailInputs | None, *, names: tuple[str, ...], student_load: bool,
               variant, likelihood: str, forward):
     """The draws :meth:`Posterior.predict` summarises, in one compiled program.
@@ -580,6 +602,7 @@ def _outcomes(sites: dict, arrays: Points, resolved, loads, relative_se: dict, k
       sites, names, student_load: the posterior's draws (:func:`_row_draws`).
       arrays: the rows (:class:`sdbayes.traces.Points`, [R]).
       resolved: each row's group [R], -1 for one the fit has not seen.
+      novel: each row's id of a configuration the fit has not seen [R] (:func:`_row_draws`).
       loads: the finite runs' effective loads (or None), of the same draws.
       relative_se: each metric's relative standard error per row [R] (0 where not given).
       keys: JAX PRNG keys: the group's, configuration's and load's draws
@@ -598,7 +621,7 @@ def _outcomes(sites: dict, arrays: Points, resolved, loads, relative_se: dict, k
       posterior means [R].
     """
     key_noise, key_tail = keys[3:]
-    coef, rows, load = _row_draws(sites, resolved, arrays.config, keys[:3], names,
+    coef, rows, load = _row_draws(sites, resolved, arrays.config, novel, keys[:3], names,
                                   student_load)
     slot = jnp.where(resolved >= 0, resolved, sites["coef"].shape[1])
     predicted = forward(rows, arrays, variant, loads, None if load is None else load.at(slot))

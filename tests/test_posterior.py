@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import jax
 import numpy as np
 import pandas as pd
 
@@ -33,6 +34,32 @@ def test_prediction_in_chunks_equals_it_whole(monkeypatch):
     pd.testing.assert_frame_equal(chunked[credible], whole[credible])
     width = [np.median(p["e2e_pi_upper_s"] / p["e2e_pi_lower_s"]) for p in (chunked, whole)]
     assert abs(width[0] / width[1] - 1) < 0.1  # noise draws differ, their law does not
+
+
+def test_rows_of_a_new_configuration_share_its_discrepancy(monkeypatch):
+    """A configuration the fit has not seen draws one discrepancy, which all its rows share
+    (one curve across loads, as in the fit), whatever the chunks: predicted at two rates its
+    mean latencies move together draw by draw; another new configuration draws its own;
+    chunked or whole, the credible intervals of new configurations are the same."""
+    post = sb.load_posterior(ROOT / "calibration" / "example_posterior.nc")
+    grid = pd.DataFrame(dict(k=[3, 3, 3, 5], acceptance=[0.77, 0.77, 0.77, 0.61],
+                             output_len=128.0, request_rate=[1.0, 2.0, 3.0, 1.0]))
+    g = post._grid(grid)
+    arrays, _ = sb.traces.to_points(g, post.groups, post.configs)
+    novel = posterior._novel_configurations(g, arrays)
+    assert (arrays.config < 0).all() and len(set(novel[:3])) == 1 and novel[3] != novel[0]
+    key = jax.random.key(4)
+    _, rows, _ = post._row_draws(post._new_group_rows(g, arrays), arrays.config,
+                                 (key, key, key), novel)
+    c2 = np.asarray(rows.c2v)  # [D, R]: the same group, so only the discrepancy differs
+    np.testing.assert_array_equal(c2[:, 0], c2[:, 2])
+    assert not np.allclose(c2[:, 0], c2[:, 3])
+    whole = post.predict(grid, percentiles=False)
+    monkeypatch.setattr(posterior, "_PREDICT_CELLS", post.coefficients().c1p.shape[0])
+    chunked = post.predict(grid, percentiles=False)  # one row a chunk
+    credible = [c for c in whole if c.endswith(("_median_s", "_lower_s", "_upper_s"))
+                and "_pi_" not in c]
+    pd.testing.assert_frame_equal(chunked[credible], whole[credible])
 
 
 def test_draws_have_named_dimensions_and_units(tmp_path):
