@@ -284,9 +284,9 @@ def plan_draws(source, key: jax.Array, group: str | int = 0,
         return PlanDraws(coef, variant, None, np.zeros(n_draws))
     configuration_key, shape_key = jax.random.split(key)
     coef, load_error = source.new_configuration(configuration_key, group)
-    sd = 0.0 if quantile is None else source.tail_error(metric, quantile)
+    bias, sd = (0.0, 0.0) if quantile is None else source.tail_error(metric, quantile)
     return PlanDraws(coef, variant, load_error,
-                     sd * np.asarray(jax.random.normal(shape_key, (n_draws,))))
+                     bias + sd * np.asarray(jax.random.normal(shape_key, (n_draws,))))
 
 
 def check_point(**values) -> None:

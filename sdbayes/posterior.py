@@ -124,6 +124,18 @@ class Diagnostics(NamedTuple):
                 f"{min(self.min_ess_bulk, self.min_ess_tail):.0f}, no divergent transitions")
 
 
+CLOSED = "closed_"
+"""Prefix of the tail errors measured on closed loops in :func:`tail_errors`' result."""
+
+
+class TailError(NamedTuple):
+    """The tail model's error on a percentile's log ratio to the mean, as a fit measured it
+    (:meth:`Posterior.tail_error`)."""
+
+    bias: float  # mean of log(measured ratio / the model's)
+    sd: float  # its sd about that mean, net of the percentiles' sampling
+
+
 class Posterior:
     """Posterior over the cost coefficients, wrapping ArviZ InferenceData.
 
@@ -322,15 +334,22 @@ class Posterior:
         draws x rows: their draws in one compiled program (:func:`_outcomes`), then their
         summaries (:func:`_summaries`)."""
         variant = self.variant
+        n = len(resolved)
+        # Rows padded (repeating the last) to a bucket size, so that grids of similar sizes
+        # share one compiled program; the padding's outcomes are dropped below.
+        pad = partial(_pad_rows, size=_bucket(n))
+        arrays, resolved, novel = Points(*map(pad, arrays)), pad(resolved), pad(novel)
         loads = None
         if (~arrays.closed & np.isfinite(arrays.duration)).any():
             _, rows, _ = self._row_draws(resolved, arrays.config, keys[:3], novel)
             loads = _effective_loads(rows, arrays, variant)
         tail = None
         if percentiles:
-            tail = _TailInputs(*_row_spreads(grid), excess, _column(grid, "n_requests"),
-                               jnp.array([[self.tail_error(m, q) for q in tails.QUANTILES]
-                                          for m in ("e2e", "ttft", "tpot")]))
+            errors = np.array([[[self.tail_error(m, q, closed) for q in tails.QUANTILES]
+                                for m in ("e2e", "ttft", "tpot")] for closed in (False, True)])
+            errors = np.where(arrays.closed, errors[1, ..., None], errors[0, ..., None])
+            tail = _TailInputs(*map(pad, _row_spreads(grid)), excess,  # errors [3, Q, 2, R]
+                               pad(_column(grid, "n_requests")), *np.moveaxis(errors, 2, 0))
         draws, means = _outcomes(
             self._sites, arrays, resolved, novel, loads,
             {m: observation.observed(arrays, m)[2] for m in ("e2e", "ttft", "tpot")}, keys,
@@ -339,8 +358,8 @@ class Posterior:
             likelihood=self.idata.attrs.get("sdbayes_likelihood", "lognormal"),
             forward=observation.forward)
         lo, hi = (1 - ci) / 2, 1 - (1 - ci) / 2
-        summary = _summaries(draws, (0.5, lo, hi))
-        means = {name: np.asarray(value, float) for name, value in means.items()}
+        summary = _summaries({name: x[:n] for name, x in draws.items()}, (0.5, lo, hi))
+        means = {name: np.asarray(value[:n], float) for name, value in means.items()}
         out = points.reset_index(drop=True).copy()
         columns = {}
         for metric in ("e2e", "ttft", "tpot"):
@@ -370,12 +389,18 @@ class Posterior:
         errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
         return float(errors.get("arrival_excess", 0.0))
 
-    def tail_error(self, metric: str, q: float) -> float:
-        """The sd of the log of the tail model's ``q``-quantile of ``metric`` relative to
-        the mean, as the fit measured it on its points' percentiles (:func:`tail_errors`);
-        :data:`sdbayes.tails.SHAPE_SD` where it measured none."""
+    def tail_error(self, metric: str, q: float, closed: bool = False) -> TailError:
+        """The error of the log of the tail model's ``q``-quantile of ``metric`` relative to
+        the mean, as the fit measured it on its points' percentiles (:func:`tail_errors`)
+        of open loops, or with ``closed`` of closed ones (the other kind's where it measured
+        too few): its mean (``bias``, which prediction and planning add) and sd; bias 0
+        and sd :data:`sdbayes.tails.SHAPE_SD` where it measured none."""
         errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
-        return float(errors.get(f"{metric}_p{100 * q:g}", tails.SHAPE_SD))
+        name = f"{metric}_p{100 * q:g}"
+        mine, other = (CLOSED + name, name) if closed else (name, CLOSED + name)
+        name = mine if mine in errors else other
+        return TailError(float(errors.get(f"{name}_bias", 0.0)),
+                         float(errors.get(name, tails.SHAPE_SD)))
 
     @property
     def variant_choice(self) -> tuple[str, pd.DataFrame] | None:
@@ -449,6 +474,21 @@ class Posterior:
         return _row_draws(self._sites, group, config, novel, keys,
                           names=self.coefficient_names,
                           student_load="sdbayes_load_df" in self.idata.attrs)
+
+
+def _bucket(n: int) -> int:
+    """The padded size of ``n`` rows: the least of 8, 12, 16, 24, 32, 48... (powers of two
+    and their halfway points) at least ``n``, so that padding adds at most a third."""
+    size = 8
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` [n, ...] padded to ``size`` rows by repeating its last."""
+    x = np.asarray(x)
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
 
 
 def _novel_configurations(grid: pd.DataFrame, arrays: Points) -> np.ndarray:
@@ -582,12 +622,14 @@ class _TailInputs(NamedTuple):
     """What the percentiles need beyond the means, per row [R]: the arrivals' squared
     coefficient of variation, the spread of output lengths, the load's excess dispersion
     (a scalar), the requests a measured percentile is over (NaN where not given); and the
-    tail model's own error sd per metric and quantile [3, Q]."""
+    tail model's own error per metric, quantile and row [3, Q, R], its mean and sd in log
+    (:class:`TailError`, of the row's kind of loop)."""
 
     arrival_cv2: np.ndarray
     output_len_sd: np.ndarray
     excess: float
     n_requests: np.ndarray
+    shape_bias: jax.Array
     shape_sd: jax.Array
 
 
@@ -677,7 +719,8 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: _TailInputs, *,
                       means: dict, spreads: dict, noise, key) -> dict:
     """Draws of p50/p90/p99 of each metric over requests and of a measured one: each draw's
     mean times the tail model's quantile-to-mean ratio at the row
-    (:func:`sdbayes.tails.relative`).
+    (:func:`sdbayes.tails.relative`) and its fitted bias (``tail.shape_bias``), each
+    percentile at least the one below it.
 
     A measured percentile varies as the measured mean does (the same ``noise`` draw [D, R],
     so the fitted relative error ``spreads``), by the tail model's own error (a normal draw
@@ -691,6 +734,7 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: _TailInputs, *,
     draws = {}
     for m, metric in enumerate(("e2e", "ttft", "tpot")):
         ratio, cv = shapes[metric]
+        ratio = jax.lax.cummax(ratio * jnp.exp(tail.shape_bias[m])[:, None, :], axis=0)
         for j, q in enumerate(tails.QUANTILES):
             name = next(names)
             x = means[metric] * ratio[j]  # [D, R]
@@ -698,7 +742,7 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: _TailInputs, *,
             sd = jnp.sqrt(spreads[metric] ** 2 + sampling**2)
             draws[name] = x
             draws[f"{name}_measured"] = _noisy(x, sd * noise
-                                               + tail.shape_sd[m, j] * shape_noise[j])
+                                               + tail.shape_sd[m, j][None] * shape_noise[j])
     return draws
 
 
@@ -763,10 +807,12 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
         error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"]).to_numpy(float)
                  - np.log(ratio))
         sampling = np.nan_to_num(_sampling_sd(tails.QUANTILES[j], n, cv, ratio))
-        kept = np.isfinite(error)
-        if kept.sum() >= tails.CALIBRATION_POINTS:
-            variance = np.var(error[kept], ddof=1) - np.mean(sampling[kept] ** 2)
-            errors[name] = float(np.sqrt(max(variance, 0.0)))
+        for prefix, kind in (("", ~arrays.closed), (CLOSED, arrays.closed)):
+            kept = np.isfinite(error) & kind
+            if kept.sum() >= tails.CALIBRATION_POINTS:
+                variance = np.var(error[kept], ddof=1) - np.mean(sampling[kept] ** 2)
+                errors[prefix + name] = float(np.sqrt(max(variance, 0.0)))
+                errors[f"{prefix}{name}_bias"] = float(np.mean(error[kept]))
     return errors
 
 

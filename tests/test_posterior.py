@@ -36,6 +36,22 @@ def test_prediction_in_chunks_equals_it_whole(monkeypatch):
     assert abs(width[0] / width[1] - 1) < 0.1  # noise draws differ, their law does not
 
 
+def test_grids_of_similar_sizes_share_one_compiled_program():
+    """Rows are padded to a bucket size before the compiled prediction: grids of 9 to 12
+    rows compile it once, return only their own rows, and a row's credible interval is the
+    same whichever grid it is predicted in."""
+    post = sb.load_posterior(ROOT / "calibration" / "example_posterior.nc")
+    grid = pd.DataFrame(dict(k=3, acceptance=0.77, output_len=128.0,
+                             request_rate=np.linspace(0.5, 3.0, 12)))
+    first = post.predict(grid.iloc[:9], percentiles=False)
+    compiled = posterior._outcomes._cache_size()
+    for n in (10, 11, 12):
+        assert len(post.predict(grid.iloc[:n], percentiles=False)) == n
+    assert posterior._outcomes._cache_size() == compiled
+    last = post.predict(grid, percentiles=False)
+    pd.testing.assert_series_equal(last["e2e_upper_s"].iloc[:9], first["e2e_upper_s"])
+
+
 def test_rows_of_a_new_configuration_share_its_discrepancy(monkeypatch):
     """A configuration the fit has not seen draws one discrepancy, which all its rows share
     (one curve across loads, as in the fit), whatever the chunks: predicted at two rates its
