@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 import sdbayes as sb
-from sdbayes import posterior
+from sdbayes import posterior, predictive
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,10 +44,10 @@ def test_grids_of_similar_sizes_share_one_compiled_program():
     grid = pd.DataFrame(dict(k=3, acceptance=0.77, output_len=128.0,
                              request_rate=np.linspace(0.5, 3.0, 12)))
     first = post.predict(grid.iloc[:9], percentiles=False)
-    compiled = posterior._outcomes._cache_size()
+    compiled = predictive.outcomes._cache_size()
     for n in (10, 11, 12):
         assert len(post.predict(grid.iloc[:n], percentiles=False)) == n
-    assert posterior._outcomes._cache_size() == compiled
+    assert predictive.outcomes._cache_size() == compiled
     last = post.predict(grid, percentiles=False)
     pd.testing.assert_series_equal(last["e2e_upper_s"].iloc[:9], first["e2e_upper_s"])
 
@@ -62,7 +62,7 @@ def test_rows_of_a_new_configuration_share_its_discrepancy(monkeypatch):
                              output_len=128.0, request_rate=[1.0, 2.0, 3.0, 1.0]))
     g = post._grid(grid)
     arrays, _ = sb.traces.to_points(g, post.groups, post.configs)
-    novel = posterior._novel_configurations(g, arrays)
+    novel = predictive.novel_configurations(g, arrays)
     assert (arrays.config < 0).all() and len(set(novel[:3])) == 1 and novel[3] != novel[0]
     key = jax.random.key(4)
     _, rows, _ = post._row_draws(post._new_group_rows(g, arrays), arrays.config,
@@ -108,6 +108,6 @@ def test_summaries_are_numpys_quantiles():
         x[2, :] = np.inf
         x[3, -1] = np.nan
         probs = (0.5, 0.05, 0.95)
-        got = posterior._summaries({"x": x}, probs)["x"]
+        got = predictive.summaries({"x": x}, probs)["x"]
         expected = np.quantile(x, probs, axis=1, method="inverted_cdf")
         np.testing.assert_array_equal(np.stack(got), expected)
