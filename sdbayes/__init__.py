@@ -25,7 +25,8 @@ _HOMES = {
     "sdbayes.posterior": ("Posterior", "compare", "load_posterior"),
     "sdbayes.simulator": ("Empirical", "Uniform", "simulate"),
     "sdbayes.sweep": ("SweepConfig", "SweepError", "read_sweep_config", "run_sweep"),
-    "sdbayes.traces": ("TraceError", "aggregate", "read_traces", "validate", "write_traces"),
+    "sdbayes.traces": ("TraceError", "aggregate", "read_points", "read_traces", "validate",
+                       "write_traces"),
     "sdbayes.tuning": ("KChoice", "tune_k"),
 }
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
@@ -75,6 +76,7 @@ __all__ = [
     "load_posterior",
     "max_rate",
     "read_guidellm",
+    "read_points",
     "read_sweep_config",
     "read_traces",
     "run_sweep",

@@ -800,17 +800,11 @@ def report(
 
     check_folder(out)
     post = _load(posterior, strict)
-    written = write_report(post, _read_points(_each_once(traces)), out)
+    from sdbayes.traces import read_points
+
+    written = write_report(post, read_points(_each_once(traces)), out)
     console.print(f"Report written to {written}")
     _verdict(post, posterior)
-
-
-def _read_points(paths) -> pd.DataFrame:
-    from sdbayes.traces import aggregate, read_traces
-
-    frames = [read_traces(p) for p in paths]
-    frames = [f if "e2e_mean_s" in f else aggregate(f) for f in frames]
-    return pd.concat(frames, ignore_index=True)
 
 
 EXAMPLE_TRACES = Path(__file__).parent / "data" / "example_points.csv"
@@ -830,10 +824,10 @@ def demo(
     of Qwen3-8B with an EAGLE drafter (calibration/make_example.py). Example: sdbayes demo
     """
     from sdbayes.report import write_report
-    from sdbayes.traces import write_traces
+    from sdbayes.traces import read_points, write_traces
 
     check_folder(out)
-    points = _read_points([EXAMPLE_TRACES])
+    points = read_points([EXAMPLE_TRACES])
     console.print(f"[bold]sdbayes demo[/]: {len(points)} operating points from "
                   f"{EXAMPLE_TRACES.name} (simulated; see calibration/make_example.py)")
     posterior = _fit_and_show(points, variant="stepped", metrics=("e2e",), num_warmup=draws,

@@ -29,7 +29,7 @@ from sdbayes.traces import (
     config_keys,
     grain,
     group_labels,
-    read_traces,
+    read_points,
     to_points,
     validate,
 )
@@ -337,14 +337,11 @@ def use_cpu_cores(devices: int | None = None) -> int:
 def _load(traces) -> tuple[pd.DataFrame, str]:
     """Operating points from a table or files (per-request rows aggregated), and their source."""
     if isinstance(traces, pd.DataFrame):
-        frames, sources = [traces], ["<DataFrame>"]
-    else:
-        paths = [traces] if isinstance(traces, (str, Path)) else list(traces)
-        frames, sources = [read_traces(p) for p in paths], [str(p) for p in paths]
-    tables = [aggregate(f, source=s) if grain(f, s) == "per_request" else f
-              for f, s in zip(frames, sources, strict=True)]
-    provenance = ", ".join(sources)
-    return validate(pd.concat(tables, ignore_index=True), source=provenance), provenance
+        source = "<DataFrame>"
+        points = aggregate(traces, source) if grain(traces, source) == "per_request" else traces
+        return validate(points, source=source), source
+    paths = [traces] if isinstance(traces, (str, Path)) else list(traces)
+    return read_points(paths), ", ".join(map(str, paths))
 
 
 def _group_columns(points: pd.DataFrame, groups: list[str]) -> list[dict[str, str]]:

@@ -120,16 +120,21 @@ class Diagnostics(NamedTuple):
                 f"{min(self.min_ess_bulk, self.min_ess_tail):.0f}, no divergent transitions")
 
 
+TAIL_SCALES = (0.25, 4.0)
+"""The bounds of the scale a fit puts on the tail model's log ratios (:func:`tail_errors`):
+past them the model misses a mechanism, and its error is left to the sd."""
+
 CLOSED = "closed_"
 """Prefix of the tail errors measured on closed loops in :func:`tail_errors`' result."""
 
 
 class TailError(NamedTuple):
     """The tail model's error on a percentile's log ratio to the mean, as a fit measured it
-    (:meth:`Posterior.tail_error`)."""
+    (:meth:`Posterior.tail_error`): the measured log ratio is ``scale`` times the model's,
+    give or take ``sd``."""
 
-    bias: float  # mean of log(measured ratio / the model's)
-    sd: float  # its sd about that mean, net of the percentiles' sampling
+    scale: float  # least squares through 0 of log(measured ratio) on log(the model's)
+    sd: float  # the rms of what is left, net of the percentiles' sampling
 
 
 class Posterior:
@@ -391,13 +396,14 @@ class Posterior:
         """The error of the log of the tail model's ``q``-quantile of ``metric`` relative to
         the mean, as the fit measured it on its points' percentiles (:func:`tail_errors`)
         of open loops, or with ``closed`` of closed ones (the other kind's where it measured
-        too few): its mean (``bias``, which prediction and planning add) and sd; bias 0
-        and sd :data:`sdbayes.tails.SHAPE_SD` where it measured none."""
+        too few): how far to scale the model's log ratio (``scale``, which prediction and
+        planning apply) and the sd of what is left; scale 1 and sd
+        :data:`sdbayes.tails.SHAPE_SD` where it measured none."""
         errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
         name = f"{metric}_p{100 * q:g}"
         mine, other = (CLOSED + name, name) if closed else (name, CLOSED + name)
         name = mine if mine in errors else other
-        return TailError(float(errors.get(f"{name}_bias", 0.0)),
+        return TailError(float(errors.get(f"{name}_scale", 1.0)),
                          float(errors.get(name, tails.SHAPE_SD)))
 
     @property
@@ -491,8 +497,11 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     less what the percentiles' sampling over ``n_requests`` explains (in variance; see
     :func:`sdbayes.predictive.sampling_sd`). It is what the model does not know about the
     truth: a plan weighs it (:func:`sdbayes.planning.plan_draws`), a prediction adds the
-    sampling back. Its mean over the points, the ``bias`` keyed ``"e2e_p50_bias"``, is
-    added to the model's log ratio in prediction and planning. Open and closed loops are
+    sampling back. Before that sd, the model's log ratio is scaled to the measured ones
+    (least squares through 0, keyed ``"e2e_p50_scale"``, within :data:`TAIL_SCALES`), a
+    scale prediction and planning apply: a tail the model places too near the mean (or too
+    far) is moved where its log ratio is large and left where it is near 0, as at light load
+    without SD, where the model is exact. Open and closed loops are
     measured apart (a closed loop's keys start with :data:`CLOSED`) where each kind has
     enough points: a GuideLLM throughput run (every request sent at once) has TTFT tails
     that an open loop never shows.
@@ -500,7 +509,7 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     Not a likelihood term: the coefficients do not learn from percentiles.
 
     Returns:
-      ``{"arrival_excess": float, "e2e_p99": sd, "e2e_p99_bias": mean,
+      ``{"arrival_excess": float, "e2e_p99": sd, "e2e_p99_scale": scale,
       "closed_e2e_p99": sd, ...}``.
     """
     columns = [(m, j, f"{m}_p{100 * q:g}") for m in ("e2e", "ttft", "tpot")
@@ -522,15 +531,18 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     for metric, j, name in measured:
         ratio, cv = shapes[metric]
         ratio, cv = np.median(np.asarray(ratio)[j], axis=0), np.median(np.asarray(cv), axis=0)
-        error = (np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"]).to_numpy(float)
-                 - np.log(ratio))
+        model = np.log(ratio)
+        measured_log = np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"]).to_numpy(float)
         sampling = np.nan_to_num(predictive.sampling_sd(tails.QUANTILES[j], n, cv, ratio))
         for prefix, kind in (("", ~arrays.closed), (CLOSED, arrays.closed)):
-            kept = np.isfinite(error) & kind
-            if kept.sum() >= tails.CALIBRATION_POINTS:
-                variance = np.var(error[kept], ddof=1) - np.mean(sampling[kept] ** 2)
-                errors[prefix + name] = float(np.sqrt(max(variance, 0.0)))
-                errors[f"{prefix}{name}_bias"] = float(np.mean(error[kept]))
+            kept = np.isfinite(measured_log - model) & kind
+            if kept.sum() < tails.CALIBRATION_POINTS:
+                continue
+            x, y = model[kept], measured_log[kept]
+            scale = float(np.clip((x @ y) / (x @ x), *TAIL_SCALES)) if x @ x > 1e-12 else 1.0
+            left = np.sum((y - scale * x) ** 2) / (kept.sum() - 1)
+            errors[prefix + name] = float(np.sqrt(max(left - np.mean(sampling[kept] ** 2), 0.0)))
+            errors[f"{prefix}{name}_scale"] = scale
     return errors
 
 

@@ -175,14 +175,15 @@ class TailInputs(NamedTuple):
     """What the percentiles need beyond the means, per row [R]: the arrivals' squared
     coefficient of variation, the spread of output lengths, the load's excess dispersion
     (a scalar), the requests a measured percentile is over (NaN where not given); and the
-    tail model's own error per metric, quantile and row [3, Q, R], its mean and sd in log
-    (:class:`sdbayes.posterior.TailError`, of the row's kind of loop)."""
+    tail model's calibration per metric, quantile and row [3, Q, R], the scale of its log
+    ratio and the sd of its error (:class:`sdbayes.posterior.TailError`, of the row's kind
+    of loop)."""
 
     arrival_cv2: np.ndarray
     output_len_sd: np.ndarray
     excess: float
     n_requests: np.ndarray
-    shape_bias: jax.Array
+    shape_scale: jax.Array
     shape_sd: jax.Array
 
 
@@ -272,7 +273,7 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: TailInputs, *,
                       means: dict, spreads: dict, noise, key) -> dict:
     """Draws of p50/p90/p99 of each metric over requests and of a measured one: each draw's
     mean times the tail model's quantile-to-mean ratio at the row
-    (:func:`sdbayes.tails.relative`) and its fitted bias (``tail.shape_bias``), each
+    (:func:`sdbayes.tails.relative`) raised to its fitted scale (``tail.shape_scale``), each
     percentile at least the one below it.
 
     A measured percentile varies as the measured mean does (the same ``noise`` draw [D, R],
@@ -287,7 +288,7 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: TailInputs, *,
     draws = {}
     for m, metric in enumerate(("e2e", "ttft", "tpot")):
         ratio, cv = shapes[metric]
-        ratio = jax.lax.cummax(ratio * jnp.exp(tail.shape_bias[m])[:, None, :], axis=0)
+        ratio = jax.lax.cummax(ratio ** tail.shape_scale[m][:, None, :], axis=0)
         for j, q in enumerate(tails.QUANTILES):
             name = next(names)
             x = means[metric] * ratio[j]  # [D, R]

@@ -109,6 +109,12 @@ class Spread(NamedTuple):
         """Mean time to first token, the model's :func:`sdbayes.ttft`."""
         return self.prefill + (1.0 - self.idle) * self.wait
 
+    def mean(self, metric: str) -> Array:
+        """The mean over requests of ``metric`` ("e2e", "ttft" or "tpot") [s]."""
+        if metric == "tpot":
+            return self.decode / jnp.maximum(self.output_len - 1.0, 1.0)
+        return {"e2e": self.latency, "ttft": self.ttft}[metric]
+
     @property
     def wait_var(self) -> Array:
         """Variance of the wait for a step boundary over all arrivals [s^2]."""
@@ -214,9 +220,20 @@ def _gamma_quantile(mean, var, z):
     return jnp.where(finite, m * cube, mean)
 
 
-def quantile(s: Spread, q: ArrayLike, metric: str) -> Array:
+def quantile(s: Spread, q: ArrayLike, metric: str, scale: ArrayLike = 1.0) -> Array:
     """The ``q``-quantile [s] of ``metric`` ("e2e", "ttft" or "tpot") per request at the
-    operating point whose :class:`Spread` is ``s``; ``q`` in (0, 1), broadcasting."""
+    operating point whose :class:`Spread` is ``s``; ``q`` in (0, 1), broadcasting. With
+    ``scale``, its log ratio to the mean is scaled by that much, as a fit calibrated it
+    (:meth:`sdbayes.Posterior.tail_error`)."""
+    value = _quantile(s, q, metric)
+    mean = s.mean(metric)
+    proper = jnp.isfinite(value) & (mean > 0) & (value > 0)
+    ratio = jnp.where(proper, value, 1.0) / jnp.where(proper, mean, 1.0)
+    return jnp.where(proper, mean * ratio ** jnp.asarray(scale, value.dtype), value)
+
+
+def _quantile(s: Spread, q: ArrayLike, metric: str) -> Array:
+    """:func:`quantile` as the model places it."""
     q = jnp.asarray(q, s.latency.dtype)
     if metric == "e2e":
         return _gamma_quantile(s.latency, s.decode_var + s.length_var + s.wait_var, ndtri(q))
@@ -282,7 +299,7 @@ def percentile(
     s = spread(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
                concurrency=concurrency, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                arrival_excess=arrival_excess, variant=as_variant(variant, experts, top_m))
-    return quantile(s, q, metric)
+    return _quantile(s, q, metric)
 
 
 _NEAR_SATURATION = 0.95  # of the saturation rate: where a finite run's tail shape is taken
@@ -326,6 +343,6 @@ def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, co
     for metric, (mean, var) in means.items():
         positive = mean > 0
         safe = jnp.where(positive, mean, 1.0)
-        ratio = jnp.where(positive[None], quantile(leading, qs, metric) / safe[None], 1.0)
+        ratio = jnp.where(positive[None], _quantile(leading, qs, metric) / safe[None], 1.0)
         out[metric] = (ratio, jnp.where(positive, jnp.sqrt(jnp.maximum(var, 0.0)) / safe, 0.0))
     return out

@@ -227,6 +227,26 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return df
 
 
+def read_points(paths: str | Path | list) -> pd.DataFrame:
+    """Operating points from trace files (:func:`read_traces`): per-request rows are
+    aggregated file by file (:func:`aggregate`), so that no more than one file's rows are
+    held at a time, and the points of all files validated as one table.
+
+    Args:
+      paths: one file or several (CSV or Parquet, either grain).
+
+    Raises:
+      TraceError: as :func:`read_traces` and :func:`validate`, naming the file.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    tables = []
+    for path in paths:
+        table = read_traces(path)
+        tables.append(_aggregate(table, str(path)) if grain(table, str(path)) == "per_request"
+                      else table)
+    return validate(pd.concat(tables, ignore_index=True), source=", ".join(map(str, paths)))
+
+
 def write_traces(df: pd.DataFrame, path: str | Path) -> None:
     """Validate ``df`` and write it as CSV or Parquet (chosen by the file's suffix); an
     existing file is replaced only once the new one is complete (:mod:`sdbayes.files`)."""
@@ -323,13 +343,34 @@ def row_list(rows: list[int], shown: int = 6) -> str:
 
 
 def _is_missing(values: pd.Series) -> np.ndarray:
+    if values.dtype.kind in "biuf":  # numbers already: no text to read
+        return values.isna().to_numpy(bool)
     text = values.astype("string").str.strip()
     return (values.isna() | text.isna() | (text == "")).to_numpy(bool)
 
 
+_BY_VALUE_ROWS = 10_000
+
+
 def _coerce(values: pd.Series, col: Column, report) -> pd.Series:
+    """The column ``values`` in ``col``'s type, every problem passed to ``report(rows,
+    column, message)``. A long column of text is read once per distinct value (a
+    per-request table repeats its hardware or k in every row), its problems reported at
+    the rows that hold the value."""
+    if values.dtype.kind in "biuf" or len(values) < _BY_VALUE_ROWS:
+        return _coerce_values(values, col, report)
+    codes, distinct = pd.factorize(values, use_na_sentinel=False)
+    found = []
+    coerced = _coerce_values(pd.Series(distinct), col, lambda *problem: found.append(problem))
+    for rows, column, message in found:
+        report(np.flatnonzero(np.isin(codes, rows)).tolist(), column, message)
+    return pd.Series(coerced.array.take(codes), index=values.index)
+
+
+def _coerce_values(values: pd.Series, col: Column, report) -> pd.Series:
     missing = _is_missing(values)
-    if col.kind != "str":  # how CSV writers spell an empty number
+    if col.kind != "str" and values.dtype.kind not in "biuf":
+        # how CSV writers spell an empty number
         missing |= values.astype("string").str.strip().str.lower().isin(_NA_TEXT).fillna(False)
     rows = lambda mask: np.flatnonzero(mask).tolist()  # noqa: E731
     if col.required:
@@ -454,7 +495,11 @@ def aggregate(per_request: pd.DataFrame, source: str = "<table>") -> pd.DataFram
     Returns:
       A validated operating-point table, one row per configuration.
     """
-    df = validate(per_request, source=source)
+    return _aggregate(validate(per_request, source=source), source)
+
+
+def _aggregate(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """:func:`aggregate` of a table :func:`validate` returned."""
     if grain(df, source) != "per_request":
         raise TraceError([f"{source}: aggregate() takes per-request rows (with 'e2e_s')"])
     config = ["hardware", "verifier", "drafter", "method", "k", "request_rate", "concurrency",
