@@ -349,8 +349,9 @@ class Posterior:
         if percentiles:
             errors = np.array([[[self.tail_error(m, q, closed) for q in tails.QUANTILES]
                                 for m in ("e2e", "ttft", "tpot")] for closed in (False, True)])
+            # Each row's (scale, sd) by its kind of loop: [3, Q, 2, R].
             errors = np.where(arrays.closed, errors[1, ..., None], errors[0, ..., None])
-            tail = predictive.TailInputs(  # errors [3, Q, 2, R]
+            tail = predictive.TailInputs(
                 *map(pad, predictive.row_spreads(grid)), excess,
                 pad(predictive.column(grid, "n_requests")), *np.moveaxis(errors, 2, 0))
         draws, means = predictive.outcomes(
