@@ -2,7 +2,7 @@
 48 (alpha, k) curves each).
 
     python bench/real_data.py [--quick] [--size=0.6b ...] [--variant=filling ...]
-                              [--without-throughput]
+                              [--without-throughput] [--all-metrics]
 
 Reads every ../shared/data/speculators-qwen3-* folder in place (``--size`` picks some) and
 prints, per size, one table: mean absolute percentage error (MAPE) of the predicted mean
@@ -17,7 +17,9 @@ predictions that are not finite, two ways:
 
 The throughput run is fitted as the closed loop it is (GuideLLM's importer keeps it with
 ``steady=False``): it pins each curve's capacity, and every GuideLLM sweep has one.
-``--without-throughput`` leaves it out, for comparison. Every constant-rate point carries
+``--without-throughput`` leaves it out, for comparison. sdbayes fits the mean end-to-end
+latency alone; ``--all-metrics`` fits every metric the points measure (TTFT and TPOT too),
+as ``sb.fit`` and ``sdbayes fit`` do by default. Every constant-rate point carries
 its run's length, so sdbayes fits and predicts what a 90 s run reports (the observation
 model of ``sdbayes.observation``): the top constant-rate point of each sweep is offered at
 the throughput run's rate, at capacity.
@@ -144,7 +146,7 @@ def point_fit(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
 CONVERGENCE: dict[str, list] = {}  # variant -> each fit's (R-hat, ESS, divergences, steps)
 
 
-def bayes_fits(train, test, variants, quick):
+def bayes_fits(train, test, variants, quick, metrics=("e2e",)):
     """sdbayes's predictions of the test points by each variant and by "auto", and the
     variant "auto" kept; each fit's convergence is noted in CONVERGENCE."""
     draws = 300 if quick else 1000
@@ -152,7 +154,7 @@ def bayes_fits(train, test, variants, quick):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sb.Posterior.FitWarning)
         for variant in variants:
-            fits[variant] = sb.fit(train, variant=variant, metrics=("e2e",), num_warmup=draws,
+            fits[variant] = sb.fit(train, variant=variant, metrics=metrics, num_warmup=draws,
                                    num_samples=draws, num_chains=2, seed=0, progress=False)
     for variant, posterior in fits.items():
         d = posterior.diagnostics
@@ -220,7 +222,8 @@ def score(points: pd.DataFrame, name: str, label: str, method: str, part: pd.Dat
     return {**row, "points": len(part), "block": name}
 
 
-def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool) -> None:
+def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool,
+             metrics) -> None:
     points = load_study(folder, throughput)
     print(f"\n== Qwen3-{size.upper()}: {len(points)} operating points "
           f"({points['capacity_run'].sum()} throughput runs as closed loops), "
@@ -233,7 +236,7 @@ def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool) -
         runs = {"point fit (paper form)": point_fit(points[train], points[test]),
                 "floor": pd.DataFrame({"pred": reference[points.index[test]], "lower": np.nan,
                                        "upper": np.nan})}
-        bayes, kept = bayes_fits(points[train], points[test], variants, quick)
+        bayes, kept = bayes_fits(points[train], points[test], variants, quick, metrics)
         chosen.setdefault(name, []).append(kept)
         runs.update({f"sdbayes {v}": p for v, p in bayes.items()})
         runs = {method: with_baseline(points[train], p) if method != "floor" else p
@@ -273,6 +276,7 @@ def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool) -
 def main() -> None:
     quick = "--quick" in sys.argv
     throughput = "--without-throughput" not in sys.argv
+    metrics = None if "--all-metrics" in sys.argv else ("e2e",)
     variants = [a.split("=")[1] for a in sys.argv if a.startswith("--variant=")]
     sizes = [a.split("=")[1] for a in sys.argv if a.startswith("--size=")]
     found = studies()
@@ -288,7 +292,8 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, f"--size={size}", *others], check=True)
         return
     for size in chosen:
-        run_size(size, found[size], variants or list(sb.model.VARIANTS), quick, throughput)
+        run_size(size, found[size], variants or list(sb.model.VARIANTS), quick, throughput,
+                 metrics)
 
 
 if __name__ == "__main__":
