@@ -18,8 +18,8 @@ predictions that are not finite, two ways:
 The throughput run is fitted as the closed loop it is (GuideLLM's importer keeps it with
 ``steady=False``): it pins each curve's capacity, and every GuideLLM sweep has one.
 ``--without-throughput`` leaves it out, for comparison. sdbayes fits the mean end-to-end
-latency alone; ``--all-metrics`` fits every metric the points measure (TTFT and TPOT too),
-as ``sb.fit`` and ``sdbayes fit`` do by default. Every constant-rate point carries
+latency alone, as ``sb.fit`` does by default; ``--all-metrics`` fits every metric the
+points measure (TTFT and TPOT too), the default before session 22. Every constant-rate point carries
 its run's length, so sdbayes fits and predicts what a 90 s run reports (the observation
 model of ``sdbayes.observation``): the top constant-rate point of each sweep is offered at
 the throughput run's rate, at capacity.

@@ -36,7 +36,7 @@ coefficients, with intervals far too narrow; with it, their intervals reflect ho
 form fits. Predictions for a configuration draw a fresh ``delta`` in the predictive interval.
 
 Log-normal by default, Student-t (4 degrees of freedom) for traces with outliers.
-End-to-end latency is always fitted; TTFT and TPOT join where the traces have them.
+End-to-end latency is always fitted; TTFT and TPOT join where the fit asks for them.
 """
 
 from __future__ import annotations

@@ -273,7 +273,9 @@ def fit(
     top_m: Annotated[int | None, typer.Option(
         help="MoE verifier: experts routed per token m.")] = None,
     metric: Annotated[list[str] | None, typer.Option(
-        help="Metric to fit (e2e, ttft, tpot); repeat for several. Default: those present.")
+        help="Metric to fit (e2e, ttft, tpot); repeat for several. Default: e2e alone "
+             "(TTFT and TPOT are predicted from it; fitting them too can bend "
+             "extrapolation in load).")
     ] = None,
     chains: Annotated[int, typer.Option(min=1)] = 4,
     warmup: Annotated[int, typer.Option(min=0)] = 1000,
