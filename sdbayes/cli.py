@@ -799,11 +799,10 @@ def report(
     Example: sdbayes report posterior.nc points.csv --out report/
     """
     from sdbayes.report import write_report
+    from sdbayes.traces import read_points
 
     check_folder(out)
     post = _load(posterior, strict)
-    from sdbayes.traces import read_points
-
     written = write_report(post, read_points(_each_once(traces)), out)
     console.print(f"Report written to {written}")
     _verdict(post, posterior)

@@ -342,8 +342,9 @@ def _load(traces) -> tuple[pd.DataFrame, str]:
     """Operating points from a table or files (per-request rows aggregated), and their source."""
     if isinstance(traces, pd.DataFrame):
         source = "<DataFrame>"
-        points = aggregate(traces, source) if grain(traces, source) == "per_request" else traces
-        return validate(points, source=source), source
+        if grain(traces, source) == "per_request":
+            return aggregate(traces, source), source  # validated as it aggregates
+        return validate(traces, source=source), source
     paths = [traces] if isinstance(traces, (str, Path)) else list(traces)
     return read_points(paths), ", ".join(map(str, paths))
 

@@ -47,7 +47,7 @@ METRICS = ("e2e", "ttft", "tpot")
 def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=None,
                  concurrency=None, variant: str | Variant = "paper", quantile=None,
                  arrival_cv2=tails.POISSON, output_len_sd=0.0, arrival_excess=0.0,
-                 tail_scale=1.0, load_error: LoadError | None = None) -> Array:
+                 tail_scale=None, load_error: LoadError | None = None) -> Array:
     """One of :data:`METRICS` [s]: its mean from the one model solve
     (:func:`sdbayes.model.metrics`), or with ``quantile`` its quantile over requests
     (:func:`sdbayes.tails.percentile`, with ``arrival_cv2``, ``output_len_sd`` and
@@ -106,7 +106,7 @@ def rate_at_slo(
     arrival_cv2: ArrayLike = tails.POISSON,
     output_len_sd: ArrayLike = 0.0,
     arrival_excess: ArrayLike = 0.0,
-    tail_scale: ArrayLike = 1.0,
+    tail_scale: ArrayLike | None = None,
     load_error: LoadError | None = None,
 ) -> Array:
     """Highest open-loop arrival rate [req/s] at which ``metric`` is at most ``slo``: its
@@ -263,7 +263,7 @@ class PlanDraws(NamedTuple):
     variant: str | Variant
     load_error: LoadError | None  # the group's discrepancy in load, fields [D, ...]
     log_error: np.ndarray  # [D] the tail model's error at the quantile (log); 0 for a mean
-    tail_scale: float = 1.0  # the fitted scale of the quantile's log ratio to the mean
+    tail_scale: float | None = None  # the fitted scale of the quantile's log ratio to the mean
 
 
 def plan_draws(source, key: jax.Array, group: str | int = 0,
@@ -288,7 +288,7 @@ def plan_draws(source, key: jax.Array, group: str | int = 0,
         return PlanDraws(coef, variant, None, np.zeros(n_draws))
     configuration_key, shape_key = jax.random.split(key)
     coef, load_error = source.new_configuration(configuration_key, group)
-    scale, sd = (1.0, 0.0) if quantile is None else source.tail_error(metric, quantile)
+    scale, sd = (None, 0.0) if quantile is None else source.tail_error(metric, quantile)
     return PlanDraws(coef, variant, load_error,
                      sd * np.asarray(jax.random.normal(shape_key, (n_draws,))), scale)
 

@@ -220,12 +220,14 @@ def _gamma_quantile(mean, var, z):
     return jnp.where(finite, m * cube, mean)
 
 
-def quantile(s: Spread, q: ArrayLike, metric: str, scale: ArrayLike = 1.0) -> Array:
+def quantile(s: Spread, q: ArrayLike, metric: str, scale: ArrayLike | None = None) -> Array:
     """The ``q``-quantile [s] of ``metric`` ("e2e", "ttft" or "tpot") per request at the
     operating point whose :class:`Spread` is ``s``; ``q`` in (0, 1), broadcasting. With
     ``scale``, its log ratio to the mean is scaled by that much, as a fit calibrated it
     (:meth:`sdbayes.Posterior.tail_error`)."""
     value = _quantile(s, q, metric)
+    if scale is None:
+        return value
     mean = s.mean(metric)
     proper = jnp.isfinite(value) & (mean > 0) & (value > 0)
     ratio = jnp.where(proper, value, 1.0) / jnp.where(proper, mean, 1.0)
@@ -299,7 +301,7 @@ def percentile(
     s = spread(coef, k=k, alpha=alpha, output_len=output_len, rate=rate,
                concurrency=concurrency, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                arrival_excess=arrival_excess, variant=as_variant(variant, experts, top_m))
-    return _quantile(s, q, metric)
+    return quantile(s, q, metric)
 
 
 _NEAR_SATURATION = 0.95  # of the saturation rate: where a finite run's tail shape is taken
@@ -336,13 +338,13 @@ def relative(coef: Coefficients, q: ArrayLike, *, k, alpha, output_len, rate, co
     qs = jnp.asarray(q)[:, None, None]
     leading = Spread(*(f[None] for f in s))  # [1, D, R], against the quantiles [Q, 1, 1]
     after_first = jnp.maximum(s.output_len - 1.0, 1.0)
-    means = {"e2e": (s.latency, s.decode_var + s.length_var + s.wait_var),
-             "ttft": (s.ttft, s.wait_var),
-             "tpot": (s.decode / after_first, s.decode_var / after_first**2)}
+    variances = {"e2e": s.decode_var + s.length_var + s.wait_var, "ttft": s.wait_var,
+                 "tpot": s.decode_var / after_first**2}
     out = {}
-    for metric, (mean, var) in means.items():
+    for metric, var in variances.items():
+        mean = s.mean(metric)
         positive = mean > 0
         safe = jnp.where(positive, mean, 1.0)
-        ratio = jnp.where(positive[None], _quantile(leading, qs, metric) / safe[None], 1.0)
+        ratio = jnp.where(positive[None], quantile(leading, qs, metric) / safe[None], 1.0)
         out[metric] = (ratio, jnp.where(positive, jnp.sqrt(jnp.maximum(var, 0.0)) / safe, 0.0))
     return out

@@ -342,8 +342,11 @@ def row_list(rows: list[int], shown: int = 6) -> str:
     return f"{'row' if len(numbers) == 1 else 'rows'} {text}{more}"
 
 
+_NUMBERS = "biuf"  # dtype kinds that hold numbers already: no text to read
+
+
 def _is_missing(values: pd.Series) -> np.ndarray:
-    if values.dtype.kind in "biuf":  # numbers already: no text to read
+    if values.dtype.kind in _NUMBERS:
         return values.isna().to_numpy(bool)
     text = values.astype("string").str.strip()
     return (values.isna() | text.isna() | (text == "")).to_numpy(bool)
@@ -357,7 +360,7 @@ def _coerce(values: pd.Series, col: Column, report) -> pd.Series:
     column, message)``. A long column of text is read once per distinct value (a
     per-request table repeats its hardware or k in every row), its problems reported at
     the rows that hold the value."""
-    if values.dtype.kind in "biuf" or len(values) < _BY_VALUE_ROWS:
+    if values.dtype.kind in _NUMBERS or len(values) < _BY_VALUE_ROWS:
         return _coerce_values(values, col, report)
     codes, distinct = pd.factorize(values, use_na_sentinel=False)
     found = []
@@ -369,7 +372,7 @@ def _coerce(values: pd.Series, col: Column, report) -> pd.Series:
 
 def _coerce_values(values: pd.Series, col: Column, report) -> pd.Series:
     missing = _is_missing(values)
-    if col.kind != "str" and values.dtype.kind not in "biuf":
+    if col.kind != "str" and values.dtype.kind not in _NUMBERS:
         # how CSV writers spell an empty number
         missing |= values.astype("string").str.strip().str.lower().isin(_NA_TEXT).fillna(False)
     rows = lambda mask: np.flatnonzero(mask).tolist()  # noqa: E731
