@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 import sdbayes as sb
-from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
+from sdbayes.examples import EXAMPLE_COEFFICIENTS as COEF
 
 OUTPUT_LEN = 128
 LOADS = (0.1, 0.3, 0.5, 0.7, 0.9)

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 import sdbayes as sb
-from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
+from sdbayes.examples import EXAMPLE_COEFFICIENTS as COEF
 
 
 def traces(n_points: int) -> pd.DataFrame:

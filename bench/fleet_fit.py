@@ -29,8 +29,8 @@ from numpyro import handlers
 from scipy.stats import binom
 
 import sdbayes as sb
-from sdbayes import calibrate, observation
-from sdbayes.__main__ import EXAMPLE_COEFFICIENTS
+from sdbayes import likelihood, observation
+from sdbayes.examples import EXAMPLE_COEFFICIENTS
 from sdbayes.traces import to_points
 
 KS = (0, 1, 2, 3, 4, 5, 6, 8, 10, 12)
@@ -61,13 +61,13 @@ def group_points(coef, n_configs, n_loads, seed, hardware) -> pd.DataFrame:
 def model_truth(points: pd.DataFrame, truth: dict, seed: int) -> pd.DataFrame:
     """``points`` with each mean e2e latency drawn from the model at the true coefficients."""
     arrays, groups = to_points(points)
-    names = calibrate.COEFFICIENTS
+    names = likelihood.COEFFICIENTS
     log_c = np.log([[getattr(truth[g.split(" ")[0]], n) for n in names] for g in groups])
     rows = sb.Coefficients(**{n: np.exp(log_c[arrays.group, i]) for i, n in enumerate(names)})
-    prior = calibrate.data_prior(arrays)
+    prior = likelihood.data_prior(arrays)
     fixed = ({"log_c_std": (log_c[0] - prior.loc) / prior.scale} if len(groups) == 1 else
              {"mu": np.zeros(len(names)), "tau": np.ones(len(names)), "z": log_c})
-    model = handlers.substitute(handlers.seed(calibrate.model, 0),
+    model = handlers.substitute(handlers.seed(likelihood.model, 0),
                                 data=dict(fixed, sigma_e2e=0.01, tau_q=0.02))
     sites = handlers.trace(model).get_trace(
         points=arrays, prior=prior, n_groups=len(groups),

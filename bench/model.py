@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import sdbayes as sb
-from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
+from sdbayes.examples import EXAMPLE_COEFFICIENTS as COEF
 
 
 def best_of(f, *args, repeats=5):

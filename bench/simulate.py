@@ -10,7 +10,7 @@ import sys
 import time
 
 import sdbayes as sb
-from sdbayes.__main__ import EXAMPLE_COEFFICIENTS, EXAMPLE_POINT
+from sdbayes.examples import EXAMPLE_COEFFICIENTS, EXAMPLE_POINT
 
 
 def main(n_requests: int = 100_000) -> None:

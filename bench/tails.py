@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 import sdbayes as sb
-from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
+from sdbayes.examples import EXAMPLE_COEFFICIENTS as COEF
 from sdbayes.tails import QUANTILES, percentile
 
 OUTPUT_LEN = 128

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import sdbayes as sb
-from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
+from sdbayes.examples import EXAMPLE_COEFFICIENTS as COEF
 from sdbayes.tuning import goodput_k, optimal_k, risk_objective
 
 K_MAX = 16

@@ -10,7 +10,7 @@ diagnostics and provenance.
 from pathlib import Path
 
 import sdbayes as sb
-from sdbayes.cli import EXAMPLE_TRACES
+from sdbayes.examples import EXAMPLE_TRACES
 
 SETTINGS = dict(variant="stepped", metrics=("e2e",), num_warmup=500, num_samples=500,
                 num_chains=2, seed=0)

@@ -13,11 +13,10 @@ three configurations: with one output length the prefill cost c1p is hard to tel
 from the per-cycle costs).
 """
 
-from pathlib import Path
-
 import pandas as pd
 
 import sdbayes as sb
+from sdbayes.examples import EXAMPLE_TRACES
 
 COEFFICIENTS = sb.Coefficients(c1p=0.098, c1v=0.0137, c1d=0.00131, c2p=0.0325, c2v=0.000254,
                                c2d=0.000084)
@@ -26,7 +25,7 @@ CONFIGS = [(0, 0.0, 128), (0, 0.0, 32), (2, 0.6, 128), (4, 0.7, 128), (4, 0.7, 3
 LOADS = (0.1, 0.3, 0.5, 0.7)
 LABELS = dict(hardware="GPU-80GB (simulated)", verifier="Qwen3-8B", drafter="eagle3-qwen3-8b",
               method="eagle3")
-OUT = Path(__file__).resolve().parents[1] / "sdbayes" / "data" / "example_points.csv"
+OUT = EXAMPLE_TRACES
 
 
 def main() -> None:

@@ -32,7 +32,15 @@ _HOMES = {
 _HOME = {name: module for module, names in _HOMES.items() for name in names}
 
 
+# Modules renamed, still reachable under their old names for a while.
+_RENAMED = {"calibrate": "likelihood"}
+
+
 def __getattr__(name: str):
+    if name in _RENAMED:
+        warnings.warn(f"sdbayes.{name} is now sdbayes.{_RENAMED[name]}", DeprecationWarning,
+                      stacklevel=2)
+        return importlib.import_module(f"sdbayes.{_RENAMED[name]}")
     if name in _HOME:
         value = getattr(importlib.import_module(_HOME[name]), name)
     elif importlib.util.find_spec(f"sdbayes.{name}") is not None:  # sb.model, sb.importers

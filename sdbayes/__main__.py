@@ -1,12 +1,5 @@
-"""``python -m sdbayes``: the latency model on a documented example configuration.
-
-The example coefficients are rounded from a hand solve of a few points of the source
-study's vLLM sweeps of Qwen3-8B with an EAGLE drafter (../shared/data; 512-token prompts,
-128 output tokens): synchronous latencies at (alpha, k) = (0.5, 1), (0.5, 10), (0.9, 10)
-for the c1 terms, saturated throughputs at the same points for the c2 terms. At k = 4,
-alpha = 0.7 they give 0.98 s alone (measured 1.02 s) and saturate at 13.2 req/s (13.0).
-They illustrate the model; they are not a calibrated posterior.
-"""
+"""``python -m sdbayes``: the latency model on the documented example configuration
+(:mod:`sdbayes.examples`)."""
 
 from __future__ import annotations
 
@@ -14,13 +7,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from sdbayes.model import Coefficients, demands, latency, saturation_rate, speedup, ttft
-
-EXAMPLE_COEFFICIENTS = Coefficients(
-    c1p=0.070, c1v=0.014, c1d=0.0014,  # s: prefill per request; per verifier / drafter pass
-    c2p=0.035, c2v=0.0004, c2d=0.00012,  # s: the same, per other request in flight
-)
-EXAMPLE_POINT = dict(k=4, alpha=0.7, prompt_len=512, output_len=128)
+from sdbayes.examples import EXAMPLE_COEFFICIENTS, EXAMPLE_POINT
+from sdbayes.model import demands, latency, saturation_rate, speedup, ttft
 
 
 def main(console: Console | None = None) -> None:

@@ -116,7 +116,7 @@ def _each_once(paths: list[Path]) -> list[Path]:
     return paths
 
 
-def _load(path: Path, strict: bool):
+def _read_posterior(path: Path, strict: bool):
     """The posterior in ``path``; under ``strict`` one that is not trustworthy ends the
     command with its verdict and :data:`EXIT_UNTRUSTED`, before any work. Its verdict
     is otherwise the command's last line (:func:`_verdict`)."""
@@ -345,7 +345,7 @@ def predict(
     """
     if out is not None:
         check_writable(out)
-    post = _load(posterior, strict)
+    post = _read_posterior(posterior, strict)
     points = pd.read_csv(_existing(grid))
     result = post.predict(points, ci=ci, seed=seed)
     names = {"k": "k", "acceptance": "alpha", "request_rate": "rate_rps",
@@ -402,7 +402,7 @@ def plan(
         check_writable(output, "--output")
     ks = _floats(k, "k", whole=True)
     alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k, ks)
-    post = _load(posterior, strict)
+    post = _read_posterior(posterior, strict)
     groups = _groups(post, group, several=True)
     plans = []
     for g in groups:
@@ -524,7 +524,7 @@ def tune(
     if output is not None:
         check_writable(output, "--output")
     alpha = _alpha(alpha, acceptance_rate, mean_acceptance_length, measured_k)
-    post = _load(posterior, strict)
+    post = _read_posterior(posterior, strict)
     [group] = _groups(post, group)
     load = (dict(rates=_floats(rates, "rates", high=_MOST_RPS)) if batch_sizes is None else
             dict(batch_sizes=_floats(batch_sizes, "batch-sizes", whole=True, low=1,
@@ -600,6 +600,16 @@ def simulate(
     output_len: Annotated[int, typer.Option(min=1, max=10_000_000)] = 128,
     coefficients_ms: Annotated[str | None, typer.Option(
         help="c1p,c1v,c1d,c2p,c2v,c2d in ms; default: the example coefficients.")] = None,
+    variant: Annotated[str, typer.Option(
+        help="Step costs to charge: paper or stepped (the others in flight themselves; the "
+             "simulator always runs whole steps), or filling (a marginal cost rising as "
+             "the batch fills, --fill and --fill-half).")] = "stepped",
+    fill: Annotated[float, typer.Option(
+        help="Filling form: rise of the marginal decode cost, empty to full batch.",
+        min=0, max=1e3)] = 0.0,
+    fill_half: Annotated[float, typer.Option(
+        help="Filling form: others in flight at half that rise [requests].",
+        min=1e-9, max=1e6)] = 1.0,
     aggregate: Annotated[bool, typer.Option(help="Write one operating point instead.")] = False,
     seed: int = 0,
 ) -> None:
@@ -607,8 +617,8 @@ def simulate(
 
     Example: sdbayes simulate --out trace.csv --k 4 --alpha 0.7 --rate 5 --requests 2000
     """
-    from sdbayes.__main__ import EXAMPLE_COEFFICIENTS
-    from sdbayes.model import Coefficients, saturation_rate
+    from sdbayes.examples import EXAMPLE_COEFFICIENTS
+    from sdbayes.model import Coefficients, as_variant, saturation_rate
     from sdbayes.simulator import simulate as run
     from sdbayes.traces import aggregate as to_points
     from sdbayes.traces import write_traces
@@ -623,13 +633,21 @@ def simulate(
         if len(values) != 6:
             raise ValueError(f"--coefficients-ms: expected 6 numbers, got {len(values)}")
         coef = Coefficients(*(values / 1e3))
+    variant = as_variant(variant)
+    if variant.form != "filling" and (fill, fill_half) != (0.0, 1.0):
+        raise ValueError(f"--fill and --fill-half are the filling form's; give --variant "
+                         f"filling, not {variant}")
+    coef = coef._replace(fill=fill, fill_half=fill_half)
     trace = run(coef, k=k, alpha=alpha, rate=rate, concurrency=concurrency,
-                n_requests=requests, prompt_len=prompt_len, output_len=output_len, seed=seed)
+                n_requests=requests, prompt_len=prompt_len, output_len=output_len,
+                variant=variant, seed=seed)
     table = to_points(trace) if aggregate else trace
     if aggregate and rate is not None:
-        # The simulator steps whole SD cycles: the stepped form's capacity is its own.
-        capacity = float(saturation_rate(coef, k=k, alpha=alpha, output_len=output_len,
-                                         variant="stepped"))
+        # The simulator steps whole SD cycles: the stepped form's capacity is its own
+        # (the filling form's where it charges filling costs).
+        capacity = float(saturation_rate(
+            coef, k=k, alpha=alpha, output_len=output_len,
+            variant=variant if variant.form == "filling" else "stepped"))
         if rate >= capacity:
             table["steady"] = False
             errors.print(f"note: --rate {rate:g} is past this replica's capacity "
@@ -802,13 +820,10 @@ def report(
     from sdbayes.traces import read_points
 
     check_folder(out)
-    post = _load(posterior, strict)
+    post = _read_posterior(posterior, strict)
     written = write_report(post, read_points(_each_once(traces)), out)
     console.print(f"Report written to {written}")
     _verdict(post, posterior)
-
-
-EXAMPLE_TRACES = Path(__file__).parent / "data" / "example_points.csv"
 
 
 @app.command()
@@ -824,6 +839,7 @@ def demo(
     The example traces are simulated from coefficients close to a fit of real vLLM sweeps
     of Qwen3-8B with an EAGLE drafter (calibration/make_example.py). Example: sdbayes demo
     """
+    from sdbayes.examples import EXAMPLE_TRACES
     from sdbayes.report import write_report
     from sdbayes.traces import read_points, write_traces
 

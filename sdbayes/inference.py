@@ -17,8 +17,16 @@ import pandas as pd
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, init_to_median
 from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
 
-from sdbayes import calibrate, observation
-from sdbayes.calibrate import METRICS, Prior
+from sdbayes import observation
+from sdbayes.likelihood import (
+    METRICS,
+    Prior,
+    anchor,
+    data_prior,
+    effective_loads_at,
+    group_frames,
+)
+from sdbayes.likelihood import model as numpyro_model
 from sdbayes.model import VARIANTS, Variant, as_variant
 from sdbayes.observation import LIKELIHOODS
 from sdbayes.posterior import Posterior, compare, diagnose, tail_errors
@@ -89,7 +97,7 @@ def fit(
         token m, from the model's config; the expert-loading terms ``c1e, c2e`` are then
         fitted too (compare with a dense fit by :func:`sdbayes.compare`).
       prior: log-normal prior of the coefficients; by default
-        :func:`sdbayes.calibrate.data_prior`. See also :func:`sdbayes.calibrate.roofline_prior`.
+        :func:`sdbayes.likelihood.data_prior`. See also :func:`sdbayes.likelihood.roofline_prior`.
         A six-coefficient prior is extended to the variant's terms by ``Prior.for_variant``.
       metrics: which of ``"e2e", "ttft", "tpot"`` to fit; by default the mean end-to-end
         latency alone. TTFT and TPOT are still predicted, from its coefficients. Fitting
@@ -132,7 +140,7 @@ def fit(
                         "parallel" if jax.local_device_count() >= num_chains else "vectorized")
     if chain_method not in CHAIN_METHODS:
         raise ValueError(f"chain_method must be one of {CHAIN_METHODS}, got {chain_method!r}")
-    points_df, provenance = _load(traces)
+    points_df, provenance = _read_traces(traces)
     steady = points_df[points_df["steady"]].reset_index(drop=True)
     if steady.empty:
         raise TraceError([f"{provenance}: no steady operating points to fit"])
@@ -151,14 +159,14 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
                  metrics, likelihood, num_warmup, num_samples, num_chains, chain_method,
                  svi_steps, seed, progress, pool_scale) -> Posterior:
     """One variant's fit of validated steady operating points (:func:`fit`'s arguments)."""
-    points, groups = to_points(steady)
+    points, groups = to_points(steady, validated=True)
     configs = list(dict.fromkeys(config_keys(steady, points.group)))
     if metrics is None:
         metrics = ("e2e",)
     unknown = set(metrics) - set(METRICS)
     if unknown or "e2e" not in metrics:
         raise ValueError(f"metrics must include 'e2e' and be among {METRICS}, got {metrics}")
-    prior = prior if prior is not None else calibrate.data_prior(points)
+    prior = prior if prior is not None else data_prior(points)
     prior = prior.for_variant(variant)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
     args = dict(points=points, prior=prior, n_groups=len(groups), metrics=tuple(metrics),
@@ -166,7 +174,7 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
                 # The filling form's two shape terms play the discrepancy in load's part:
                 # with both, neither is identified (fill, fill_half drift 5-fold).
                 load_error_scale=0.0 if variant.form == "filling" else LOAD_ERROR_SCALE)
-    start = calibrate.anchor(points, prior, len(groups), tuple(metrics), variant)
+    start = anchor(points, prior, len(groups), tuple(metrics), variant)
     args["loads"], args["confounding"] = start.loads, start.confounding
     # Coordinates shaped like the posterior (see least_squares_frame), the start at their
     # centre.
@@ -174,7 +182,7 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         args["frame"] = start.frames[0]
         init = partial(_start_at_frame)  # NumPyro takes init strategies as partials
     else:
-        args["frame"] = calibrate.group_frames(start.frames)
+        args["frame"] = group_frames(start.frames)
         init = partial(_start_in_frames, centres=args["frame"].loc)
 
     if method == "nuts":
@@ -188,7 +196,7 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         # most 63 steps let the mass matrix adapt at a small fraction of that cost; the
         # draws then get the full depth.
         def kernel():  # a new one per run: a used kernel fails with vectorized chains
-            return NUTS(calibrate.model, init_strategy=init, target_accept_prob=0.9,
+            return NUTS(numpyro_model, init_strategy=init, target_accept_prob=0.9,
                         dense_mass=[coefficient_sites],
                         max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
 
@@ -202,7 +210,7 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
                          num_samples=min(num_samples, _PILOT_DRAWS), num_chains=num_chains,
                          progress_bar=progress, chain_method=chain_method)
             pilot.run(pilot_key, **args)
-            args["loads"] = calibrate.effective_loads_at(pilot.get_samples(), points, variant)
+            args["loads"] = effective_loads_at(pilot.get_samples(), points, variant)
         mcmc = MCMC(kernel(), num_warmup=num_warmup, num_samples=num_samples,
                     num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
         mcmc.run(key, extra_fields=("diverging", "num_steps"), **args)
@@ -338,7 +346,7 @@ def use_cpu_cores(devices: int | None = None) -> int:
     return have
 
 
-def _load(traces) -> tuple[pd.DataFrame, str]:
+def _read_traces(traces) -> tuple[pd.DataFrame, str]:
     """Operating points from a table or files (per-request rows aggregated), and their source."""
     if isinstance(traces, pd.DataFrame):
         source = "<DataFrame>"
@@ -362,7 +370,7 @@ def _group_columns(points: pd.DataFrame, groups: list[str]) -> list[dict[str, st
 
 
 def _svi(key, args, init, steps, num_samples, progress):
-    sites = numpyro.handlers.trace(numpyro.handlers.seed(calibrate.model, 0)).get_trace(**args)
+    sites = numpyro.handlers.trace(numpyro.handlers.seed(numpyro_model, 0)).get_trace(**args)
     latent = [name for name, site in sites.items()
               if site["type"] in ("sample", "deterministic") and not site.get("is_observed")]
     size = sum(int(np.size(site["value"])) for site in sites.values()
@@ -372,8 +380,8 @@ def _svi(key, args, init, steps, num_samples, progress):
     # keeps the strongest correlations (each group's coefficients) at O(size * rank).
     full = size <= _FULL_COVARIANCE_SIZE
     guide = (AutoMultivariateNormal if full else AutoLowRankMultivariateNormal)(
-        calibrate.model, init_loc_fn=init, init_scale=0.01)
-    svi = SVI(calibrate.model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
+        numpyro_model, init_loc_fn=init, init_scale=0.01)
+    svi = SVI(numpyro_model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
     fit_key, draw_key = jax.random.split(key)
     # A step whose draw leaves the model's domain (a load past saturation) is skipped
     # rather than allowed to turn every parameter into NaN.
@@ -383,11 +391,11 @@ def _svi(key, args, init, steps, num_samples, progress):
     if finite.size < tail.size / 2 or not all(
             np.isfinite(p).all() for p in jax.tree_util.tree_leaves(result.params)):
         raise RuntimeError("SVI diverged (non-finite ELBO); try NUTS or another seed")
-    draws = Predictive(calibrate.model, guide=guide, params=result.params,
+    draws = Predictive(numpyro_model, guide=guide, params=result.params,
                        num_samples=num_samples, return_sites=latent)(draw_key, **args)
     keep = {name: np.asarray(v)[None] for name, v in draws.items()}
     # Pointwise log-likelihood of the draws, so that SVI fits compare by PSIS-LOO too.
-    pointwise = numpyro.infer.log_likelihood(calibrate.model, draws, **args)
+    pointwise = numpyro.infer.log_likelihood(numpyro_model, draws, **args)
     idata = az.from_dict(posterior=keep,
                          log_likelihood={k: np.asarray(v)[None] for k, v in pointwise.items()})
     return idata, {"sdbayes_svi_final_loss": float(np.mean(finite)),

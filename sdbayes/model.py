@@ -103,6 +103,20 @@ class Variant(NamedTuple):
     def moe(self) -> bool:
         return self.experts is not None
 
+    # A dense form equals its name, so that ``posterior.variant == "paper"`` reads as it
+    # says; hashed alike, a jit-compiled function given either form compiles once.
+    def __eq__(self, other) -> bool:
+        if isinstance(other, str):
+            return not self.moe and self.form == other
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self) if self.moe else hash(self.form)
+
     def __str__(self) -> str:
         return self.form + (f" (MoE: {self.experts} experts, top-{self.top_m})"
                             if self.moe else "")
@@ -468,7 +482,7 @@ def at_load(coef, k, alpha, output_len, others, admissions, variant: Variant, de
     return total, d.independent.prefill + wait
 
 
-def _load(coef, others, variant: Variant):
+def _cycle_load(coef, others, variant: Variant):
     """Others in flight as the per-cycle load-dependent costs count them:
     :func:`batch_load` under the ``"filling"`` form, else themselves."""
     if variant.form != "filling":
@@ -484,7 +498,7 @@ def _dependent_latency(coef, d: Demands, others, variant: Variant):
         others, dependent.total, dependent.prefill, dependent.drafting + dependent.verification)
     if variant.form != "filling":
         return others * total
-    return others * prefill + _load(coef, others, variant) * cycles
+    return others * prefill + _cycle_load(coef, others, variant) * cycles
 
 
 def _marginal_demand(coef, d: Demands, others, variant: Variant):
@@ -676,11 +690,20 @@ def _per_token(total, first, stable, output_len):
     return jnp.where(stable, per_token, jnp.inf)
 
 
+def decode_step(c: Coefficients, k, phi, others, fixed=1.0):
+    """Duration of one decode step [s]: ``fixed`` times the verifier and drafter passes'
+    load-independent costs, plus ``others`` times their load-dependent ones, the MoE
+    expert terms at coverage ``phi``. Shared by the model, goodput and the simulator, for
+    JAX or NumPy arrays alike."""
+    return (fixed * (c.c1v + phi * c.c1e + k * c.c1d)
+            + others * (c.c2v + phi * c.c2e + k * c.c2d))
+
+
 def _boundary_wait(coef, k, others, throughput, variant: Variant):
     """Mean wait of an arrival for the step in progress to end [s] (see :func:`ttft`), with
     ``others`` in flight counted as the variant's load-dependent costs count them
-    (:func:`_load`) and the step's expert coverage (:func:`_step_coverage`)."""
-    loaded = _load(coef, others, variant)
+    (:func:`_cycle_load`) and the step's expert coverage (:func:`_step_coverage`)."""
+    loaded = _cycle_load(coef, others, variant)
     coverage = _step_coverage(variant, k, others, others.dtype)
     k, others, loaded, throughput, phi, *fields = jnp.broadcast_arrays(
         *(jnp.asarray(x, others.dtype)
@@ -688,8 +711,7 @@ def _boundary_wait(coef, k, others, throughput, variant: Variant):
     )
     c = Coefficients(*fields)
     busy = -jnp.expm1(-others)
-    step = (busy * (c.c1v + phi * c.c1e + k * c.c1d)
-            + (loaded - busy) * (c.c2v + phi * c.c2e + k * c.c2d))
+    step = decode_step(c, k, phi, loaded - busy, fixed=busy)
     stretch = jnp.maximum(1.0 - throughput * c.c2p, 1e-12)  # > 0 while stable
     return step / (2.0 * stretch)
 
@@ -850,13 +872,14 @@ def speedup(
     )
 
 
-@partial(jax.jit, static_argnames=("experts", "top_m"))
+@partial(jax.jit, static_argnames=("variant", "experts", "top_m"))
 def goodput(
     coef: Coefficients,
     *,
     k: ArrayLike,
     alpha: ArrayLike | PositionRates,
     batch_size: ArrayLike,
+    variant: str | Variant = "paper",
     experts: int | None = None,
     top_m: int | None = None,
 ) -> Array:
@@ -865,14 +888,16 @@ def goodput(
     SmartSpec's criterion (docs/model.md section 4): ``B * E(k, alpha) / T_cycle`` with
     ``T_cycle = (c1v + k*c1d) + (B - 1) * (c2v + k*c2d)``, plus the MoE terms
     ``phi * (c1e + (B - 1) * c2e)`` with ``phi`` the :func:`expert_coverage` of the step's
-    ``B * (k + 1)`` tokens (full coverage without ``experts``, ``top_m``).
+    ``B * (k + 1)`` tokens (full coverage without ``experts``, ``top_m``). Under the
+    ``"filling"`` form the ``B - 1`` others count as :func:`batch_load` of them.
 
     Args:
       coef: cost coefficients [s].
       k: draft length, >= 0, may be real.
       alpha: acceptance probability in [0, 1], or :class:`PositionRates`.
       batch_size: requests decoding in the batch, >= 1.
-      experts, top_m: an MoE verifier's M and m (static), as for :func:`latency`.
+      variant, experts, top_m: the model variant and an MoE verifier's M and m (static),
+        as for :func:`latency`.
 
     Returns:
       Tokens per second, the broadcast shape of the arguments.
@@ -883,7 +908,7 @@ def goodput(
         *(jnp.asarray(x, dtype) for x in (e, k, batch_size, *coef))
     )
     c = Coefficients(*fields)
-    variant = as_variant("paper", experts, top_m)
+    variant = as_variant(variant, experts, top_m)
     phi = _step_coverage(variant, k, batch - 1.0, dtype)
-    cycle = (c.c1v + phi * c.c1e + k * c.c1d) + (batch - 1.0) * (c.c2v + phi * c.c2e + k * c.c2d)
+    cycle = decode_step(c, k, phi, _cycle_load(c, batch - 1.0, variant))
     return batch * e / cycle

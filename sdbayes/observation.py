@@ -1,6 +1,6 @@
 """The observation model: what a trace row reports, and how far a measurement strays from it.
 
-Fitting (the likelihood of :func:`sdbayes.calibrate.model`) and prediction
+Fitting (the likelihood of :func:`sdbayes.likelihood.model`) and prediction
 (:meth:`sdbayes.Posterior.predict`) both go through the functions here, so the two cannot
 drift apart:
 
@@ -165,7 +165,7 @@ def forward(coef: Coefficients, points, variant: str | Variant,
 
     Args:
       coef: cost coefficients [s]; fields scalars, [n] or [..., n].
-      points: :class:`sdbayes.traces.Points` of n rows.
+      points: :class:`sdbayes.points.Points` of n rows.
       variant: the latency model's variant.
       loads: the rows' effective-load tables (:func:`effective_loads`); without them
         every row is steady.
@@ -360,7 +360,7 @@ def load_offsets(anchor: Observation, points, n_groups: int) -> np.ndarray:
     Args:
       anchor: :func:`forward` at the anchor's coefficients, without a load error; fields
         [n].
-      points: the fitted rows (:class:`sdbayes.traces.Points`).
+      points: the fitted rows (:class:`sdbayes.points.Points`).
       n_groups: the number of groups.
     """
     weight = np.where(~np.asarray(points.closed) & np.isfinite(np.asarray(anchor.e2e)),
@@ -445,7 +445,7 @@ def effective_loads(anchor: Coefficients, points, variant: str | Variant,
 
     Args:
       anchor: coefficients [s], fields scalars or [n].
-      points: :class:`sdbayes.traces.Points` of n rows.
+      points: :class:`sdbayes.points.Points` of n rows.
       variant: the latency model's variant.
       span, c1_span: half-widths of the tables in ``u`` and ``log C1``, scalars or [n].
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,6 @@ from sdbayes.model import (
     saturation_rate,
 )
 from sdbayes.observation import LoadError
-from sdbayes.posterior import Posterior
 
 Array = jax.Array
 
@@ -232,6 +231,23 @@ def replicas_needed(traffic: ArrayLike, rate: ArrayLike) -> np.ndarray:
     return np.ceil(traffic / np.asarray(rate) - 1e-12).astype(int)
 
 
+@runtime_checkable
+class Fitted(Protocol):
+    """What planning and tuning need of a fit; :class:`sdbayes.Posterior` is one. Named
+    by its methods so that planning does not import the fitting machinery."""
+
+    FitWarning: type[Warning]
+    diagnostics: object  # with .trustworthy and .verdict, or None
+    variant: Variant
+    arrival_excess: float
+
+    def coefficients(self, group: str | int = 0) -> Coefficients: ...
+
+    def new_configuration(self, key: jax.Array, group: str | int = 0): ...
+
+    def tail_error(self, metric: str, q: float, closed: bool = False): ...
+
+
 def coefficient_draws(source, group: str | int = 0, variant: str | Variant | None = None,
                       stacklevel: int = 3):
     """Coefficient draws and model variant from a ``Posterior`` or plain ``Coefficients``;
@@ -242,10 +258,10 @@ def coefficient_draws(source, group: str | int = 0, variant: str | Variant | Non
       (``Coefficients`` with fields of shape [n_draws], variant). Plain coefficients with
       scalar fields count as one draw; their variant is ``variant`` or ``"paper"``.
     """
-    if isinstance(source, Posterior):
-        if variant is not None and as_variant(variant) != as_variant(source.variant):
-            raise ValueError(f"the posterior was fitted with variant {source.variant!r}, "
-                             f"not {variant!r}")
+    if isinstance(source, Fitted):
+        if variant is not None and as_variant(variant) != source.variant:
+            raise ValueError(f"the posterior was fitted with variant {source.variant}, "
+                             f"not {as_variant(variant)}")
         if source.diagnostics is not None and not source.diagnostics.trustworthy:
             warnings.warn(f"planning on a fit that is {source.diagnostics.verdict}",
                           source.FitWarning, stacklevel=stacklevel)
@@ -284,7 +300,7 @@ def plan_draws(source, key: jax.Array, group: str | int = 0,
     """
     coef, variant = coefficient_draws(source, group, variant, stacklevel + 1)
     n_draws = coef.c1p.shape[0]
-    if not isinstance(source, Posterior):
+    if not isinstance(source, Fitted):
         return PlanDraws(coef, variant, None, np.zeros(n_draws))
     configuration_key, shape_key = jax.random.split(key)
     coef, load_error = source.new_configuration(configuration_key, group)
@@ -319,7 +335,7 @@ def tail_settings(source, quantile: float | None, arrival_cv2: float,
     for name, value in (("arrival_cv2", arrival_cv2), ("output_len_sd", output_len_sd)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    excess = source.arrival_excess if isinstance(source, Posterior) else 0.0
+    excess = source.arrival_excess if isinstance(source, Fitted) else 0.0
     return dict(quantile=None if quantile is None else float(quantile),
                 arrival_cv2=float(arrival_cv2), output_len_sd=float(output_len_sd),
                 arrival_excess=float(excess))

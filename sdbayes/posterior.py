@@ -17,10 +17,11 @@ import pandas as pd
 import xarray as xr
 
 from sdbayes import observation, predictive, tails
-from sdbayes.calibrate import coefficient_names
 from sdbayes.files import replacing
+from sdbayes.likelihood import coefficient_names
 from sdbayes.model import Coefficients, Variant
-from sdbayes.traces import Points, TraceError, group_labels, to_points
+from sdbayes.points import Points
+from sdbayes.traces import TraceError, group_labels, to_points
 
 _RHAT_LIMIT = 1.01
 _RHAT_MIXED = 1.05  # above it chains plainly disagree; below, a short fit's R-hat is noisy
@@ -160,14 +161,14 @@ class Posterior:
         self.diagnostics = diagnostics
 
     @property
-    def variant(self) -> str | Variant:
-        """The model variant fitted: a form's name, or a :class:`~sdbayes.model.Variant`
-        carrying an MoE verifier's ``experts`` and ``top_m``."""
+    def variant(self) -> Variant:
+        """The model variant fitted, with an MoE verifier's ``experts`` and ``top_m`` where
+        it has one; a dense form equals its name (``post.variant == "paper"``)."""
         attrs = self.idata.attrs
         if "sdbayes_experts" in attrs:
             return Variant(attrs["sdbayes_variant"], int(attrs["sdbayes_experts"]),
                            int(attrs["sdbayes_top_m"]))
-        return attrs["sdbayes_variant"]
+        return Variant(attrs["sdbayes_variant"])
 
     @property
     def coefficient_names(self) -> tuple[str, ...]:
@@ -549,9 +550,9 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
 
 def _fitted_rows(posterior: Posterior, points: pd.DataFrame):
     """The fitted points' coefficient draws (their groups' and configurations'; fields
-    [D, R]), arrays and validated grid."""
+    [D, R]), arrays and grid; ``points`` as the fit validated them."""
     grid = posterior._grid(points)
-    arrays, _ = to_points(grid, posterior.groups, posterior.configs)
+    arrays, _ = to_points(grid, posterior.groups, posterior.configs, validated=True)
     resolved = posterior._new_group_rows(grid, arrays)
     key = jax.random.key(0)  # the fitted points' groups and configurations draw nothing
     _, rows, _ = posterior._row_draws(resolved, arrays.config, (key, key, key))

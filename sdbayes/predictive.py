@@ -26,7 +26,8 @@ import pandas as pd
 
 from sdbayes import observation, tails
 from sdbayes.model import Coefficients, demands, saturation_rate, speedup
-from sdbayes.traces import Points, config_keys, group_labels
+from sdbayes.points import Points
+from sdbayes.traces import config_keys, group_labels
 
 
 def bucket(n: int) -> int:
@@ -196,7 +197,7 @@ def outcomes(sites: dict, arrays: Points, resolved, novel, loads, relative_se: d
 
     Args:
       sites, names, student_load: the posterior's draws (:func:`row_draws`).
-      arrays: the rows (:class:`sdbayes.traces.Points`, [R]).
+      arrays: the rows (:class:`sdbayes.points.Points`, [R]).
       resolved: each row's group [R], -1 for one the fit has not seen.
       novel: each row's id of a configuration the fit has not seen [R] (:func:`row_draws`).
       loads: the finite runs' effective loads (or None), of the same draws.

@@ -12,7 +12,8 @@ tail latencies (docs/model.md section 1). It reads the cost coefficients mechani
 - A decode step with ``n`` requests decoding lasts ``(c1v + k*c1d) + (n - 1)*(c2v + k*c2d)``
   plus, for an MoE verifier (``experts``, ``top_m``), ``phi * (c1e + (n - 1)*c2e)`` with
   ``phi`` the fraction of experts its ``n * (k + 1)`` tokens load
-  (:func:`sdbayes.model.expert_coverage`; full coverage without them). With ``fill > 0``
+  (:func:`sdbayes.model.expert_coverage`; full coverage without them). Under the
+  ``"filling"`` form (``variant="filling"``)
   the ``n - 1`` others count as :func:`sdbayes.model.batch_load` of them (the marginal cost
   of a request grows as the batch fills the GPU). Each request in a step emits ``1 +``
   (drafts accepted before the first rejection, at most ``k``) tokens. A request leaves once
@@ -35,7 +36,15 @@ import jax
 import numpy as np
 import pandas as pd
 
-from sdbayes.model import Coefficients, PositionRates, as_variant, batch_load, expert_coverage
+from sdbayes.model import (
+    Coefficients,
+    PositionRates,
+    Variant,
+    as_variant,
+    batch_load,
+    decode_step,
+    expert_coverage,
+)
 
 
 class Uniform(NamedTuple):
@@ -66,6 +75,7 @@ def simulate(
     concurrency: int | None = None,
     arrival_times: np.ndarray | None = None,
     max_batch: int = 256,
+    variant: str | Variant = "paper",
     experts: int | None = None,
     top_m: int | None = None,
     seed: int | jax.Array = 0,
@@ -92,6 +102,11 @@ def simulate(
       concurrency: requests kept in flight, >= 1.
       arrival_times: arrival time of each request [s], shape [n_requests], >= 0.
       max_batch: most requests in the engine at once (prefilling or decoding), >= 1.
+      variant: the model variant whose step costs the engine charges: under
+        ``"filling"`` a step with n decoding costs :func:`~sdbayes.model.batch_load` of the
+        n - 1 others (``coef.fill, fill_half``), under the others the others themselves
+        (the simulator always runs whole steps, so ``"paper"`` and ``"stepped"`` are one).
+        A :class:`~sdbayes.model.Variant` carries an MoE verifier.
       experts, top_m: an MoE verifier's number of experts M and routed experts per token
         m; without them the expert terms ``c1e, c2e`` count at full coverage.
       seed: an int or a JAX PRNG key; the same seed gives the same trace.
@@ -106,15 +121,20 @@ def simulate(
       ValueError: a bad argument, named.
     """
     rates = _survival(k, alpha)
-    n, arrivals = _load(n_requests, rate, concurrency, arrival_times)
+    n, arrivals = _arrivals(n_requests, rate, concurrency, arrival_times)
     if max_batch < 1 or int(max_batch) != max_batch:
         raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch}")
     for name in Coefficients._fields:
         value = float(getattr(coef, name))
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"coefficient {name} must be finite and >= 0, got {value}")
-    if coef.fill > 0 and not coef.fill_half > 0:
-        raise ValueError(f"fill_half must be > 0 when fill > 0, got {coef.fill_half}")
+    variant = as_variant(variant, experts, top_m)
+    filling = variant.form == "filling"
+    if coef.fill > 0 and not filling:
+        raise ValueError(f"coefficient fill={float(coef.fill):g} belongs to the filling form; "
+                         "give variant='filling'")
+    if filling and not coef.fill_half > 0:
+        raise ValueError(f"fill_half must be > 0 under the filling form, got {coef.fill_half}")
 
     rng = _generator(seed)
     prompts = _draw_lengths(rng, prompt_len, n, "prompt_len")
@@ -126,13 +146,12 @@ def simulate(
     batch = np.arange(max_batch + 1, dtype=float)
     c = Coefficients(*(float(x) for x in coef))
     phi = 1.0
-    if as_variant("paper", experts, top_m).moe:
-        phi = np.asarray(expert_coverage(batch * (k + 1), experts, top_m), float)
+    if variant.moe:
+        phi = np.asarray(expert_coverage(batch * (k + 1), variant.experts, variant.top_m), float)
     others = batch - 1
-    if c.fill > 0:
+    if filling:
         others = np.asarray(batch_load(np.maximum(others, 0), c.fill, c.fill_half), float)
-    step_time = ((c.c1v + phi * c.c1e + k * c.c1d)
-                 + others * (c.c2v + phi * c.c2e + k * c.c2d))
+    step_time = decode_step(c, k, phi, others)
     in_flight = n if concurrency is None else min(int(concurrency), n)
     arrivals, admitted, ready, finished = _run(arrivals, in_flight, steps, step_time,
                                                c.c1p, c.c2p, max_batch)
@@ -183,7 +202,7 @@ def _survival(k, alpha) -> np.ndarray:
     return np.cumprod(conditional)
 
 
-def _load(n_requests, rate, concurrency, arrival_times):
+def _arrivals(n_requests, rate, concurrency, arrival_times):
     given = [name for name, value in
              (("rate", rate), ("concurrency", concurrency), ("arrival_times", arrival_times))
              if value is not None]

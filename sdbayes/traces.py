@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from sdbayes.files import replacing
+from sdbayes.points import Points  # noqa: F401  (what to_points returns; its old home)
 
 SCHEMA_VERSION = 1
 
@@ -123,29 +123,6 @@ _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 _SHOWN_PROBLEMS = 20
 _SHOWN_VALUES = 3  # unreadable values quoted one by one, the rest by row
-
-
-class Points(NamedTuple):
-    """Operating points as arrays, each of shape [n] (see :func:`to_points`).
-
-    Observations missing for a point are NaN; their standard errors 0 where unknown.
-    """
-
-    group: np.ndarray  # int, index into the group labels
-    config: np.ndarray  # int, index of the configuration (group, k, alpha, lengths)
-    k: np.ndarray  # draft length
-    alpha: np.ndarray  # acceptance probability
-    output_len: np.ndarray  # [tokens]
-    rate: np.ndarray  # [req/s], 0 for closed-loop points
-    concurrency: np.ndarray  # requests in flight, 1 for open-loop points
-    closed: np.ndarray  # bool: closed-loop point
-    e2e: np.ndarray  # mean end-to-end latency [s]
-    e2e_se: np.ndarray
-    ttft: np.ndarray  # mean time to first token [s]
-    ttft_se: np.ndarray
-    tpot: np.ndarray  # mean time per output token [s]
-    tpot_se: np.ndarray
-    duration: np.ndarray  # length of the run [s], +inf where not given
 
 
 class TraceError(ValueError):
@@ -673,22 +650,24 @@ def config_keys(points: pd.DataFrame, group: np.ndarray) -> list[tuple]:
 
 
 def to_points(points: pd.DataFrame, groups: list[str] | None = None,
-              configs: list[tuple] | None = None):
+              configs: list[tuple] | None = None, *, validated: bool = False):
     """Turn a validated operating-point table into arrays for the latency model.
 
     Args:
-      points: operating points (validated here).
+      points: operating points (validated here unless ``validated``).
       groups: the group labels the indices refer to; by default the table's own, in order
         of first appearance. A row whose group is not among them gets index -1.
       configs: the configuration keys (:func:`config_keys`) the indices refer to; by
         default the table's own, in order of first appearance. A row whose configuration
         is not among them gets index -1.
+      validated: ``points`` is what :func:`validate` returned, unchanged since: a fit
+        validates its table once and passes it on.
 
     Returns:
       ``(arrays, groups)``: :class:`Points` of arrays of shape [n],
       and the list of group labels.
     """
-    df = validate(points)
+    df = points if validated else validate(points)
     if grain(df) != "operating_point":
         raise TraceError(["expected operating points; aggregate per-request rows first"])
     labels = group_labels(df)

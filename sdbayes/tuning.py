@@ -335,9 +335,9 @@ def tune_k(
     return KChoice(*(np.asarray(x) for x in result))
 
 
-@partial(jax.jit, static_argnames="k_max")
+@partial(jax.jit, static_argnames=("k_max", "variant"))
 def goodput_k(coef: Coefficients, *, alpha: ArrayLike, batch_size: ArrayLike,
-              k_max: int = 16) -> Array:
+              k_max: int = 16, variant: str | Variant = "paper") -> Array:
     """SmartSpec-style rule: the whole k in 0..k_max maximising goodput at a batch size.
 
     Goodput is :func:`sdbayes.goodput`, emitted tokens per second of batch time.
@@ -347,13 +347,14 @@ def goodput_k(coef: Coefficients, *, alpha: ArrayLike, batch_size: ArrayLike,
       alpha: acceptance rate(s), shape [...].
       batch_size: requests decoding together, shape [...].
       k_max: largest draft length considered.
+      variant: the model variant (static; an MoE verifier's record included).
 
     Returns:
       Integer k of the broadcast shape [...].
     """
     ks = jnp.arange(k_max + 1, dtype=float)
     rates = goodput(coef, k=ks, alpha=jnp.asarray(alpha, float)[..., None],
-                    batch_size=jnp.asarray(batch_size, float)[..., None])
+                    batch_size=jnp.asarray(batch_size, float)[..., None], variant=variant)
     return jnp.argmax(rates, axis=-1)
 
 

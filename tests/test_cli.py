@@ -58,6 +58,20 @@ def test_simulate_aggregate_marks_an_overloaded_run(tmp_path, rate, steady):
     assert ("past this replica's capacity (13.2 req/s)" in result.stderr) == (not steady)
 
 
+def test_simulate_charges_the_filling_form_when_asked(tmp_path):
+    """A batch that fills the GPU costs more per request: the same load is slower."""
+    common = ("--k", 4, "--alpha", 0.7, "--concurrency", 32, "--requests", 400, "--aggregate")
+    for name, extra in (("paper", ()), ("filling", ("--variant", "filling", "--fill", 2.0,
+                                                    "--fill-half", 8))):
+        result = run("simulate", "--out", tmp_path / f"{name}.csv", *common, *extra)
+        assert result.exit_code == 0, result.output
+    slower = pd.read_csv(tmp_path / "filling.csv")["e2e_mean_s"].iloc[0]
+    assert slower > 1.3 * pd.read_csv(tmp_path / "paper.csv")["e2e_mean_s"].iloc[0]
+    refused = run("simulate", "--out", tmp_path / "x.csv", *common, "--fill", 2.0)
+    assert refused.exit_code == 2 and "give --variant filling" in refused.stderr
+    assert not (tmp_path / "x.csv").exists()
+
+
 def test_predict_writes_intervals(workdir):
     grid = workdir / "grid.csv"
     grid.write_text("k,acceptance,output_len,request_rate\n4,0.7,128,3\n8,0.9,128,2\n")

@@ -86,7 +86,8 @@ def test_simulator_agrees_with_the_filling_form(k, load):
     with the same coefficients is 5-20% low."""
     point = dict(POINT, k=k)
     rate = load * saturation(k=k)
-    trace = sb.simulate(COEF, rate=rate, n_requests=4000, seed=3, prompt_len=512, **point)
+    trace = sb.simulate(COEF, rate=rate, n_requests=4000, seed=3, prompt_len=512, **point,
+                        **FILLING)
     simulated = trace["e2e_s"].iloc[400:].mean()
     assert float(sb.latency(COEF, rate=rate, **point, **FILLING)) == pytest.approx(
         simulated, rel=0.06)
@@ -107,7 +108,23 @@ def test_the_filling_form_takes_no_moe_verifier():
 
 
 def test_the_prior_is_extended_with_the_fill_terms():
-    prior = sb.calibrate.Prior(np.log(np.full(6, 0.01)), np.ones(6)).for_variant("filling")
+    prior = sb.likelihood.Prior(np.log(np.full(6, 0.01)), np.ones(6)).for_variant("filling")
     median = prior.median("filling")
     assert median.fill == pytest.approx(0.5) and median.fill_half == pytest.approx(8.0)
-    assert sb.calibrate.coefficient_names("filling")[-2:] == ("fill", "fill_half")
+    assert sb.likelihood.coefficient_names("filling")[-2:] == ("fill", "fill_half")
+
+
+def test_simulator_and_goodput_take_the_form_not_the_coefficients_alone():
+    """The filling form is asked for by name: fill > 0 under another form is refused, and
+    goodput charges the filling batch load where the form says so."""
+    point = dict(POINT, k=4)
+    with pytest.raises(ValueError, match="belongs to the filling form"):
+        sb.simulate(COEF, concurrency=4, n_requests=10, prompt_len=512, **point)
+    batch = 16.0
+    dense = float(sb.goodput(COEF, k=4, alpha=0.7, batch_size=batch))
+    filling = float(sb.goodput(COEF, k=4, alpha=0.7, batch_size=batch, **FILLING))
+    others = float(batch_load(batch - 1.0, COEF.fill, COEF.fill_half))
+    c = COEF
+    cycle = (c.c1v + 4 * c.c1d) + others * (c.c2v + 4 * c.c2d)
+    assert filling == pytest.approx(batch * float(sb.tokens_per_step(4, 0.7)) / cycle, rel=1e-9)
+    assert filling < dense

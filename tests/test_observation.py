@@ -12,9 +12,9 @@ from numpyro.infer.util import log_density
 from scipy import stats
 
 import sdbayes as sb
-from sdbayes import calibrate, observation
+from sdbayes import likelihood, observation
 from sdbayes.fluid import finite_run
-from sdbayes.traces import Points
+from sdbayes.points import Points
 
 USES_NUMPYRO = True  # conftest: NumPyro needs implicit rank promotion
 jax.config.update("jax_enable_x64", True)
@@ -125,18 +125,18 @@ def test_fitting_and_prediction_share_the_forward_model(monkeypatch):
                              e2e_mean_s=[1.0, 1.2], e2e_se_s=[0.01, 0.012]))
     points, _ = sb.traces.to_points(sb.traces.validate(grid.assign(
         hardware="h", verifier="v", drafter="d", method="m")))
-    prior = calibrate.data_prior(points)
+    prior = likelihood.data_prior(points)
     args = dict(points=points, prior=prior, n_groups=1, metrics=("e2e",))
     values = dict(log_c_std=np.zeros(6), sigma_e2e=0.02, tau_q=0.01,
                   discrepancy=np.array([0.02, 0.03]), delta_free=np.zeros((2, 2)),
                   load_scale=0.02, load_weights=np.full((1, observation.LOAD_BASIS), 0.5))
 
-    def likelihood(points):
-        return float(log_density(calibrate.model, (), dict(args, points=points), values)[0])
+    def log_likelihood(points):
+        return float(log_density(likelihood.model, (), dict(args, points=points), values)[0])
 
     before = posterior.predict(grid)
     halved = points._replace(e2e=points.e2e / 2, e2e_se=points.e2e_se / 2)
-    plain = likelihood(halved)
+    plain = log_likelihood(halved)
     original = observation.forward
 
     def doubled(*arguments, **options):
@@ -146,7 +146,7 @@ def test_fitting_and_prediction_share_the_forward_model(monkeypatch):
     monkeypatch.setattr(observation, "forward", doubled)
     after = posterior.predict(grid)
     # Twice the latency predicted: measurements twice as long are as likely as before.
-    assert likelihood(points) == pytest.approx(plain, rel=1e-9)
+    assert log_likelihood(points) == pytest.approx(plain, rel=1e-9)
     for column in ("e2e_median_s", "e2e_lower_s", "e2e_upper_s"):
         assert np.allclose(after[column], 2.0 * before[column], rtol=1e-6)
     assert np.allclose(after["ttft_median_s"], before["ttft_median_s"], rtol=1e-9)

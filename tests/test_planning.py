@@ -1,6 +1,8 @@
 """Capacity planning: the rate per draw, the risk-aware rate, replicas, break-even acceptance."""
 
 import json
+import subprocess
+import sys
 
 import arviz as az
 import jax
@@ -108,10 +110,20 @@ def test_an_slo_below_the_zero_load_latency_is_infeasible_at_any_rate():
 def test_a_posterior_takes_its_variant_as_a_record_or_a_name():
     """``variant=sb.Variant("paper")`` and ``"paper"`` are the same form; another is refused."""
     post = as_posterior(draws(50))
+    assert isinstance(post.variant, sb.Variant) and post.variant == "paper"
+    assert post.variant != "stepped" and post.variant != sb.Variant("paper", 8, 2)
     by_name = sb.max_rate(post, slo=2.0, variant="paper", **POINT).rate
     assert sb.max_rate(post, slo=2.0, variant=sb.Variant("paper"), **POINT).rate == by_name
-    with pytest.raises(ValueError, match="fitted with variant 'paper'"):
+    with pytest.raises(ValueError, match="fitted with variant paper, not stepped"):
         sb.max_rate(post, slo=2.0, variant="stepped", **POINT)
+
+
+def test_planning_and_tuning_import_no_fitting_machinery():
+    """They need something with draws (``planning.Fitted``), not the Posterior's module."""
+    code = ("import sys, sdbayes.planning, sdbayes.tuning; "
+            "loaded = [m for m in ('arviz', 'pandas', 'sdbayes.posterior') if m in sys.modules]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("kwargs, message", [

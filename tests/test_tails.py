@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import sdbayes as sb
-from sdbayes.__main__ import EXAMPLE_COEFFICIENTS as COEF
+from sdbayes.examples import EXAMPLE_COEFFICIENTS as COEF
 from sdbayes.tails import QUANTILES, percentile
 
 POSTERIOR = Path(__file__).resolve().parents[1] / "calibration" / "example_posterior.nc"

@@ -54,7 +54,7 @@ from scipy.optimize import least_squares
 from sdbayes import observation
 from sdbayes.model import Coefficients, Variant, _demands, as_variant, tokens_per_step
 from sdbayes.observation import EffectiveLoads
-from sdbayes.traces import Points
+from sdbayes.points import Points
 
 COEFFICIENTS = ("c1p", "c1v", "c1d", "c2p", "c2v", "c2d")
 MOE_COEFFICIENTS = ("c1e", "c2e")
