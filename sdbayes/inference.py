@@ -241,7 +241,8 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
     )
     posterior = Posterior(idata)
     posterior.diagnostics = diagnose(posterior, len(steady))
-    posterior.idata.attrs["sdbayes_tail_errors"] = json.dumps(tail_errors(posterior, steady))
+    posterior.idata.attrs["sdbayes_tail_errors"] = json.dumps(tail_errors(posterior, steady,
+                                                                        validated=True))
     return posterior
 
 

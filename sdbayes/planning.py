@@ -46,11 +46,13 @@ METRICS = ("e2e", "ttft", "tpot")
 def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=None,
                  concurrency=None, variant: str | Variant = "paper", quantile=None,
                  arrival_cv2=tails.POISSON, output_len_sd=0.0, arrival_excess=0.0,
-                 tail_scale=None, load_error: LoadError | None = None) -> Array:
+                 tail_scale=None, tail_window=None,
+                 load_error: LoadError | None = None) -> Array:
     """One of :data:`METRICS` [s]: its mean from the one model solve
     (:func:`sdbayes.model.metrics`), or with ``quantile`` its quantile over requests
     (:func:`sdbayes.tails.percentile`, with ``arrival_cv2``, ``output_len_sd`` and
-    ``arrival_excess``; its log ratio to the mean scaled by ``tail_scale``,
+    ``arrival_excess``; its log ratio to the mean scaled by ``tail_scale`` and, for an
+    open loop, the :func:`~sdbayes.tails.burst_delay` of a ``tail_window`` added,
     :func:`sdbayes.tails.quantile`).
 
     With ``load_error`` (a group's discrepancy in load, fields broadcasting with the
@@ -70,7 +72,9 @@ def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=
     if quantile is not None:
         s = tails.spread(coef, **point, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                          arrival_excess=arrival_excess)
-        value = tails.quantile(s, quantile, metric, tail_scale)
+        delay = (None if tail_window is None or rate is None
+                 else tails.burst_delay(coef.c2p, rate, tail_window))
+        value = tails.quantile(s, quantile, metric, tail_scale, delay)
     else:
         value = select_metric(m, metric)
     if not moves:
@@ -106,6 +110,7 @@ def rate_at_slo(
     output_len_sd: ArrayLike = 0.0,
     arrival_excess: ArrayLike = 0.0,
     tail_scale: ArrayLike | None = None,
+    tail_window: ArrayLike | None = None,
     load_error: LoadError | None = None,
 ) -> Array:
     """Highest open-loop arrival rate [req/s] at which ``metric`` is at most ``slo``: its
@@ -124,7 +129,8 @@ def rate_at_slo(
       arrival_cv2, output_len_sd, arrival_excess: the arrivals' squared CV, the output
         lengths' sd [tokens] and the load's excess dispersion, for a quantile
         (:func:`sdbayes.tails.percentile`).
-      tail_scale: the scale of a quantile's log ratio to the mean (:func:`metric_value`).
+      tail_scale, tail_window: the scale of a quantile's log ratio to the mean and its
+        burst window [s] (:func:`metric_value`).
       load_error: a discrepancy in load the metric moves by (:func:`metric_value`).
 
     Returns:
@@ -143,7 +149,8 @@ def rate_at_slo(
         lambda rate: metric_value(coef, metric, rate=rate, quantile=quantile,
                                   arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                                   arrival_excess=arrival_excess, tail_scale=tail_scale,
-                                  load_error=load_error, **point) - slo,
+                                  tail_window=tail_window, load_error=load_error,
+                                  **point) - slo,
         jnp.zeros_like(saturation), saturation)
 
 
@@ -280,6 +287,7 @@ class PlanDraws(NamedTuple):
     load_error: LoadError | None  # the group's discrepancy in load, fields [D, ...]
     log_error: np.ndarray  # [D] the tail model's error at the quantile (log); 0 for a mean
     tail_scale: float | None = None  # the fitted scale of the quantile's log ratio to the mean
+    tail_window: float | None = None  # its fitted burst window [s]
 
 
 def plan_draws(source, key: jax.Array, group: str | int = 0,
@@ -304,9 +312,10 @@ def plan_draws(source, key: jax.Array, group: str | int = 0,
         return PlanDraws(coef, variant, None, np.zeros(n_draws))
     configuration_key, shape_key = jax.random.split(key)
     coef, load_error = source.new_configuration(configuration_key, group)
-    scale, sd = (None, 0.0) if quantile is None else source.tail_error(metric, quantile)
+    scale, sd, window = ((None, 0.0, None) if quantile is None
+                         else source.tail_error(metric, quantile))
     return PlanDraws(coef, variant, load_error,
-                     sd * np.asarray(jax.random.normal(shape_key, (n_draws,))), scale)
+                     sd * np.asarray(jax.random.normal(shape_key, (n_draws,))), scale, window)
 
 
 def check_point(**values) -> None:
@@ -420,7 +429,7 @@ def max_rate(
     point = {name: jnp.asarray(np.broadcast_to(value, shape), float)[..., None]
              for name, value in dict(k=k, alpha=alpha, output_len=output_len).items()}
     model = dict(variant=draws.variant, load_error=draws.load_error,
-                 tail_scale=draws.tail_scale, **tail, **point)
+                 tail_scale=draws.tail_scale, tail_window=draws.tail_window, **tail, **point)
     # A draw whose tail runs e^x above the model's meets the SLO where the model meets
     # the SLO over e^x.
     scale = np.exp(draws.log_error)  # [D]

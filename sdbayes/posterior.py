@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import xarray as xr
+from scipy.optimize import least_squares
 
 from sdbayes import observation, predictive, tails
 from sdbayes.files import replacing
@@ -125,17 +126,26 @@ TAIL_SCALES = (0.25, 4.0)
 """The bounds of the scale a fit puts on the tail model's log ratios (:func:`tail_errors`):
 past them the model misses a mechanism, and its error is left to the sd."""
 
+BURST_WINDOWS = (0.0, 5.0)
+"""The bounds of the burst window a fit measures (:func:`tail_errors`,
+:func:`sdbayes.tails.burst_delay`) [s]: a backlog of more than 5 s of arrivals is an
+outage, not a tail."""
+
+_BODY = 0.9  # the highest percentile that measures the load's excess dispersion
+
 CLOSED = "closed_"
 """Prefix of the tail errors measured on closed loops in :func:`tail_errors`' result."""
 
 
 class TailError(NamedTuple):
-    """The tail model's error on a percentile's log ratio to the mean, as a fit measured it
-    (:meth:`Posterior.tail_error`): the measured log ratio is ``scale`` times the model's,
-    give or take ``sd``."""
+    """The tail model's error on a percentile, as a fit measured it
+    (:meth:`Posterior.tail_error`): the measured percentile is the mean times the model's
+    ratio to it raised to ``scale``, plus the :func:`~sdbayes.tails.burst_delay` of a
+    ``window`` of arrivals (open loops), give or take ``sd`` in log."""
 
-    scale: float  # least squares through 0 of log(measured ratio) on log(the model's)
+    scale: float  # of log(the model's ratio), fitted in log by least squares
     sd: float  # the rms of what is left, net of the percentiles' sampling
+    window: float = 0.0  # [s] of arrivals whose prefills the slowest requests wait for
 
 
 class Posterior:
@@ -406,7 +416,8 @@ class Posterior:
         mine, other = (CLOSED + name, name) if closed else (name, CLOSED + name)
         name = mine if mine in errors else other
         return TailError(float(errors.get(f"{name}_scale", 1.0)),
-                         float(errors.get(name, tails.SHAPE_SD)))
+                         float(errors.get(name, tails.SHAPE_SD)),
+                         float(errors.get(f"{name}_window", 0.0)))
 
     @property
     def variant_choice(self) -> tuple[str, pd.DataFrame] | None:
@@ -483,7 +494,8 @@ class Posterior:
                           student_load="sdbayes_load_df" in self.idata.attrs)
 
 
-def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
+def tail_errors(posterior: Posterior, points: pd.DataFrame, *,
+                validated: bool = False) -> dict[str, float]:
     """Calibrate the tail model on fitted points that measured percentiles.
 
     First the load's excess dispersion: where at least
@@ -508,7 +520,8 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     enough points: a GuideLLM throughput run (every request sent at once) has TTFT tails
     that an open loop never shows.
 
-    Not a likelihood term: the coefficients do not learn from percentiles.
+    Not a likelihood term: the coefficients do not learn from percentiles. ``validated``:
+    ``points`` is what :func:`sdbayes.traces.validate` returned (a fit's own table).
 
     Returns:
       ``{"arrival_excess": float, "e2e_p99": sd, "e2e_p99_scale": scale,
@@ -523,36 +536,60 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame) -> dict[str, float]:
     if not measured:
         return {}
     points = points.reset_index(drop=True)
-    rows, arrays, grid = _fitted_rows(posterior, points)
-    excess = _arrival_excess(posterior, points, [(j, c) for m, j, c in measured if m == "e2e"],
-                             rows, arrays, grid)
+    rows, arrays, grid = _fitted_rows(posterior, points, validated)
+    # The body of the distribution, which a burst reaching a few percent of the requests
+    # leaves alone, measures the load's excess dispersion; the burst is the p99's.
+    body = [(j, c) for m, j, c in measured if m == "e2e" and tails.QUANTILES[j] <= _BODY]
+    excess = _arrival_excess(posterior, points, body, rows, arrays, grid)
     shapes = predictive.tail_shapes(rows, arrays, *predictive.row_spreads(grid),
                                     posterior.variant, excess)
     n = predictive.column(grid, "n_requests")
+    # A window's delay per second of it, [R]: the prefills of a second's arrivals.
+    per_window = np.asarray(tails.burst_delay(np.median(np.asarray(rows.c2p), axis=0),
+                                              np.where(arrays.closed, 0.0, arrays.rate), 1.0))
     errors = {"arrival_excess": excess}
     for metric, j, name in measured:
         ratio, cv = shapes[metric]
         ratio, cv = np.median(np.asarray(ratio)[j], axis=0), np.median(np.asarray(cv), axis=0)
         model = np.log(ratio)
-        measured_log = np.log(points[f"{name}_s"] / points[f"{metric}_mean_s"]).to_numpy(float)
+        mean = points[f"{metric}_mean_s"].to_numpy(float)
+        measured_log = np.log(points[f"{name}_s"].to_numpy(float) / mean)
+        burst = np.asarray(tails.per_metric(per_window, metric, arrays.output_len)) / mean
         sampling = np.nan_to_num(predictive.sampling_sd(tails.QUANTILES[j], n, cv, ratio))
         for prefix, kind in (("", ~arrays.closed), (CLOSED, arrays.closed)):
             kept = np.isfinite(measured_log - model) & kind
             if kept.sum() < tails.CALIBRATION_POINTS:
                 continue
-            x, y = model[kept], measured_log[kept]
-            scale = float(np.clip((x @ y) / (x @ x), *TAIL_SCALES)) if x @ x > 1e-12 else 1.0
-            left = np.sum((y - scale * x) ** 2) / (kept.sum() - 1)
+            x, y, b = model[kept], measured_log[kept], burst[kept]
+            scale, window = _tail_fit(x, y, b)
+            left = np.sum((y - np.log(np.exp(scale * x) + window * b)) ** 2) / (kept.sum() - 1)
             errors[prefix + name] = float(np.sqrt(max(left - np.mean(sampling[kept] ** 2), 0.0)))
             errors[f"{prefix}{name}_scale"] = scale
+            if prefix != CLOSED:
+                errors[f"{name}_window"] = window
     return errors
 
 
-def _fitted_rows(posterior: Posterior, points: pd.DataFrame):
+def _tail_fit(x: np.ndarray, y: np.ndarray, burst: np.ndarray) -> tuple[float, float]:
+    """``(scale, window)`` within :data:`TAIL_SCALES` and :data:`BURST_WINDOWS` that bring
+    ``log(exp(scale * x) + window * burst)`` closest to ``y`` (least squares): ``x`` the
+    model's log ratios of a percentile to the mean, ``y`` the measured ones, ``burst`` a
+    second's :func:`~sdbayes.tails.burst_delay` over the mean (0 on closed loops).
+    Without a burst it is least squares through 0 of ``y`` on ``x``."""
+    through_zero = float(np.clip((x @ y) / (x @ x), *TAIL_SCALES)) if x @ x > 1e-12 else 1.0
+    if not np.any(burst > 0):
+        return through_zero, 0.0
+    bounds = tuple(zip(TAIL_SCALES, BURST_WINDOWS, strict=True))
+    fit = least_squares(lambda p: np.log(np.exp(p[0] * x) + p[1] * burst) - y,
+                        [through_zero, 0.0], bounds=bounds)
+    return float(fit.x[0]), float(fit.x[1])
+
+
+def _fitted_rows(posterior: Posterior, points: pd.DataFrame, validated: bool):
     """The fitted points' coefficient draws (their groups' and configurations'; fields
-    [D, R]), arrays and grid; ``points`` as the fit validated them."""
+    [D, R]), arrays and grid (:func:`tail_errors`)."""
     grid = posterior._grid(points)
-    arrays, _ = to_points(grid, posterior.groups, posterior.configs, validated=True)
+    arrays, _ = to_points(grid, posterior.groups, posterior.configs, validated=validated)
     resolved = posterior._new_group_rows(grid, arrays)
     key = jax.random.key(0)  # the fitted points' groups and configurations draw nothing
     _, rows, _ = posterior._row_draws(resolved, arrays.config, (key, key, key))

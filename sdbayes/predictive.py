@@ -177,8 +177,8 @@ class TailInputs(NamedTuple):
     coefficient of variation, the spread of output lengths, the load's excess dispersion
     (a scalar), the requests a measured percentile is over (NaN where not given); and the
     tail model's calibration per metric, quantile and row [3, Q, R], the scale of its log
-    ratio and the sd of its error (:class:`sdbayes.posterior.TailError`, of the row's kind
-    of loop)."""
+    ratio, the sd of its error and the burst window (:class:`sdbayes.posterior.TailError`,
+    of the row's kind of loop)."""
 
     arrival_cv2: np.ndarray
     output_len_sd: np.ndarray
@@ -186,6 +186,7 @@ class TailInputs(NamedTuple):
     n_requests: np.ndarray
     shape_scale: jax.Array
     shape_sd: jax.Array
+    window: jax.Array
 
 
 @partial(jax.jit, static_argnames=("names", "student_load", "variant", "likelihood",
@@ -274,8 +275,9 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: TailInputs, *,
                       means: dict, spreads: dict, noise, key) -> dict:
     """Draws of p50/p90/p99 of each metric over requests and of a measured one: each draw's
     mean times the tail model's quantile-to-mean ratio at the row
-    (:func:`sdbayes.tails.relative`) raised to its fitted scale (``tail.shape_scale``), each
-    percentile at least the one below it.
+    (:func:`sdbayes.tails.relative`) raised to its fitted scale (``tail.shape_scale``), plus
+    the delay of its fitted burst window (``tail.window``, :func:`sdbayes.tails.burst_delay`;
+    open loops), each percentile at least the one below it.
 
     A measured percentile varies as the measured mean does (the same ``noise`` draw [D, R],
     so the fitted relative error ``spreads``), by the tail model's own error (a normal draw
@@ -285,18 +287,25 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: TailInputs, *,
     shapes = tail_shapes(rows, arrays, tail.arrival_cv2, tail.output_len_sd, variant,
                           tail.excess)
     shape_noise = jax.random.normal(key, (len(tails.QUANTILES),) + noise.shape)
+    rate = jnp.where(arrays.closed, 0.0, arrays.rate)
     names = iter(percentile_names())
     draws = {}
     for m, metric in enumerate(("e2e", "ttft", "tpot")):
         ratio, cv = shapes[metric]
-        ratio = jax.lax.cummax(ratio ** tail.shape_scale[m][:, None, :], axis=0)
+        delay = tails.per_metric(tails.burst_delay(rows.c2p[None], rate[None, None],
+                                                   tail.window[m][:, None]),
+                                 metric, arrays.output_len[None, None])  # [Q, D, R]
+        mean = means[metric]  # [D, R]
+        scaled = ratio ** tail.shape_scale[m][:, None, :]
+        x = jax.lax.cummax(mean[None] * scaled + delay, axis=0)  # [Q, D, R]
+        proper = jnp.isfinite(mean) & (mean > 0)
+        ratio = jnp.where(proper[None], x / jnp.where(proper, mean, 1.0)[None], scaled)
         for j, q in enumerate(tails.QUANTILES):
             name = next(names)
-            x = means[metric] * ratio[j]  # [D, R]
             sampling = jnp.nan_to_num(sampling_sd(q, tail.n_requests, cv, ratio[j]))
             sd = jnp.sqrt(spreads[metric] ** 2 + sampling**2)
-            draws[name] = x
-            draws[f"{name}_measured"] = _noisy(x, sd * noise
+            draws[name] = x[j]
+            draws[f"{name}_measured"] = _noisy(x[j], sd * noise
                                                + tail.shape_sd[m, j][None] * shape_noise[j])
     return draws
 
