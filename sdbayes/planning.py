@@ -73,7 +73,8 @@ def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=
         s = tails.spread(coef, **point, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                          arrival_excess=arrival_excess)
         delay = (None if tail_window is None or rate is None
-                 else tails.burst_delay(coef.c2p, rate, tail_window))
+                 else tails.burst_delay(jnp.broadcast_to(coef.c2p, s.latency.shape), rate,
+                                        tail_window))
         value = tails.quantile(s, quantile, metric, tail_scale, delay)
     else:
         value = select_metric(m, metric)
@@ -286,8 +287,6 @@ class PlanDraws(NamedTuple):
     variant: str | Variant
     load_error: LoadError | None  # the group's discrepancy in load, fields [D, ...]
     log_error: np.ndarray  # [D] the tail model's error at the quantile (log); 0 for a mean
-    tail_scale: float | None = None  # the fitted scale of the quantile's log ratio to the mean
-    tail_window: float | None = None  # its fitted burst window [s]
 
 
 def plan_draws(source, key: jax.Array, group: str | int = 0,
@@ -312,10 +311,9 @@ def plan_draws(source, key: jax.Array, group: str | int = 0,
         return PlanDraws(coef, variant, None, np.zeros(n_draws))
     configuration_key, shape_key = jax.random.split(key)
     coef, load_error = source.new_configuration(configuration_key, group)
-    scale, sd, window = ((None, 0.0, None) if quantile is None
-                         else source.tail_error(metric, quantile))
+    sd = 0.0 if quantile is None else source.tail_error(metric, quantile).sd
     return PlanDraws(coef, variant, load_error,
-                     sd * np.asarray(jax.random.normal(shape_key, (n_draws,))), scale, window)
+                     sd * np.asarray(jax.random.normal(shape_key, (n_draws,))))
 
 
 def check_point(**values) -> None:
@@ -334,20 +332,26 @@ def check_point(**values) -> None:
 
 
 def tail_settings(source, quantile: float | None, arrival_cv2: float,
-                  output_len_sd: float) -> dict:
+                  output_len_sd: float, metric: str = "e2e") -> dict:
     """The tail model's settings of :func:`max_rate` and :func:`sdbayes.tune_k`, checked
-    (ValueError naming the first bad one), with the load's excess dispersion a posterior
-    ``source`` fitted (``Posterior.arrival_excess``; 0 for plain coefficients), as the
-    floats their jit-compiled kernels take."""
+    (ValueError naming the first bad one), with what a posterior ``source`` fitted: the
+    load's excess dispersion (``Posterior.arrival_excess``; 0 for plain coefficients) and,
+    for a quantile of ``metric``, the scale of its log ratio to the mean and its burst
+    window (``Posterior.tail_error``; None for plain coefficients), as the floats their
+    jit-compiled kernels take."""
     if quantile is not None and not 0 < quantile < 1:
         raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
     for name, value in (("arrival_cv2", arrival_cv2), ("output_len_sd", output_len_sd)):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    excess = source.arrival_excess if isinstance(source, Fitted) else 0.0
+    fitted = isinstance(source, Fitted)
+    calibrated = fitted and quantile is not None
+    error = source.tail_error(metric, quantile) if calibrated else None
     return dict(quantile=None if quantile is None else float(quantile),
                 arrival_cv2=float(arrival_cv2), output_len_sd=float(output_len_sd),
-                arrival_excess=float(excess))
+                arrival_excess=float(source.arrival_excess) if fitted else 0.0,
+                tail_scale=error.scale if calibrated else None,
+                tail_window=error.window if calibrated else None)
 
 
 def order_statistic_index(n_draws: int, confidence: float) -> int:
@@ -419,7 +423,7 @@ def max_rate(
     check_point(k=k, alpha=alpha, output_len=output_len)
     if not np.all(np.asarray(slo) > 0):
         raise ValueError(f"slo must be > 0 seconds, got {slo}")
-    tail = tail_settings(source, quantile, arrival_cv2, output_len_sd)
+    tail = tail_settings(source, quantile, arrival_cv2, output_len_sd, metric)
     draws = plan_draws(source, jax.random.PRNGKey(seed), group, variant, metric, quantile,
                        stacklevel=3)
     n_draws = draws.coef.c1p.shape[0]
@@ -428,8 +432,7 @@ def max_rate(
                                 np.shape(slo))
     point = {name: jnp.asarray(np.broadcast_to(value, shape), float)[..., None]
              for name, value in dict(k=k, alpha=alpha, output_len=output_len).items()}
-    model = dict(variant=draws.variant, load_error=draws.load_error,
-                 tail_scale=draws.tail_scale, tail_window=draws.tail_window, **tail, **point)
+    model = dict(variant=draws.variant, load_error=draws.load_error, **tail, **point)
     # A draw whose tail runs e^x above the model's meets the SLO where the model meets
     # the SLO over e^x.
     scale = np.exp(draws.log_error)  # [D]

@@ -105,6 +105,8 @@ def risk_objective(
     arrival_cv2: ArrayLike = tails.POISSON,
     output_len_sd: ArrayLike = 0.0,
     arrival_excess: ArrayLike = 0.0,
+    tail_scale: ArrayLike | None = None,
+    tail_window: ArrayLike | None = None,
 ) -> Array:
     """Risk over posterior draws of a metric [s] at each operating point: its mean over
     requests, or with ``quantile`` that quantile over requests (:mod:`sdbayes.tails`).
@@ -118,7 +120,8 @@ def risk_objective(
       variant: model variant.
       quantile: None for the mean, else in (0, 1); arrival_cv2, output_len_sd,
         arrival_excess: the arrivals' squared CV, the output lengths' sd and the load's
-        excess dispersion (:func:`sdbayes.tails.percentile`).
+        excess dispersion (:func:`sdbayes.tails.percentile`); tail_scale, tail_window: a
+        fit's calibration of the quantile (:func:`sdbayes.planning.metric_value`).
 
     Returns:
       The risk [s], shape [...]; ``+inf`` where (enough) draws are saturated.
@@ -126,12 +129,13 @@ def risk_objective(
     return _risk_and_pressure(coef, k, alpha=alpha, output_len=output_len, rate=rate,
                               concurrency=concurrency, risk=risk, level=level, metric=metric,
                               variant=variant, quantile=quantile, arrival_cv2=arrival_cv2,
-                              output_len_sd=output_len_sd, arrival_excess=arrival_excess)[0]
+                              output_len_sd=output_len_sd, arrival_excess=arrival_excess,
+                              tail_scale=tail_scale, tail_window=tail_window)[0]
 
 
 def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, level, metric,
                        variant, quantile=None, arrival_cv2=tails.POISSON, output_len_sd=0.0,
-                       arrival_excess=0.0):
+                       arrival_excess=0.0, tail_scale=None, tail_window=None):
     """The risk, and how close the load is to saturation, both of shape [...].
 
     The pressure is the draws' mean of rate * C2 (0 in a closed loop): where the risk is
@@ -144,7 +148,10 @@ def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, l
     if quantile is not None:
         s = tails.spread(coef, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                          arrival_excess=arrival_excess, **point)
-        per_draw = tails.quantile(s, quantile, metric)
+        delay = (None if tail_window is None or rate is None
+                 else tails.burst_delay(jnp.broadcast_to(coef.c2p, s.latency.shape),
+                                        point["rate"], tail_window))
+        per_draw = tails.quantile(s, quantile, metric, tail_scale, delay)
     value = risk_measure(per_draw, risk, level)
     if rate is None:
         return value, jnp.zeros(value.shape)
@@ -227,6 +234,8 @@ def optimal_k(
     arrival_cv2: ArrayLike = tails.POISSON,
     output_len_sd: ArrayLike = 0.0,
     arrival_excess: ArrayLike = 0.0,
+    tail_scale: ArrayLike | None = None,
+    tail_window: ArrayLike | None = None,
 ) -> KChoice:
     """The draft length minimising the risk of a metric over posterior draws.
 
@@ -241,7 +250,8 @@ def optimal_k(
       metric: ``"e2e"``, ``"ttft"`` or ``"tpot"``.
       k_max: the largest draft length considered.
       variant: model variant.
-      quantile, arrival_cv2, output_len_sd, arrival_excess: as for :func:`risk_objective`.
+      quantile, arrival_cv2, output_len_sd, arrival_excess, tail_scale, tail_window: as for
+        :func:`risk_objective`.
 
     Returns:
       :class:`KChoice` with arrays of shape [...].
@@ -252,7 +262,8 @@ def optimal_k(
                                  else np.shape(alpha))
     point = dict(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency,
                  metric=metric, variant=variant, quantile=quantile, arrival_cv2=arrival_cv2,
-                 output_len_sd=output_len_sd, arrival_excess=arrival_excess)
+                 output_len_sd=output_len_sd, arrival_excess=arrival_excess,
+                 tail_scale=tail_scale, tail_window=tail_window)
     median = Coefficients(*(jnp.median(jnp.asarray(f, float), keepdims=True)
                             for f in coef))
 
@@ -327,7 +338,7 @@ def tune_k(
     if not (isinstance(k_max, int) and k_max >= 1):
         raise ValueError(f"k_max must be a whole number >= 1, got {k_max!r}")
     check_point(alpha=alpha, output_len=output_len, rate=rate, concurrency=concurrency)
-    tail = tail_settings(source, quantile, arrival_cv2, output_len_sd)
+    tail = tail_settings(source, quantile, arrival_cv2, output_len_sd, metric)
     coef, variant = coefficient_draws(source, group, variant)
     result = optimal_k(coef, alpha=alpha, output_len=output_len, rate=rate,
                        concurrency=concurrency, risk=risk, level=level, metric=metric,

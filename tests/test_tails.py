@@ -166,7 +166,8 @@ def test_a_burst_of_arrivals_is_measured_and_planned_on():
     """Measured e2e p99s that are the model's plus the prefills of a second's arrivals
     (``c2p * rate * 1 s``; 2-15% of the p99 at these rates), to 1%: the fit measures that
     window (to 0.2 s: it trades off with the scale; measured 0.87) and no scale, predicts the
-    p99s with it, leaves the closed loops and the mean alone, and plans a lower rate."""
+    p99s with it, leaves the closed loops and the mean alone, plans a lower rate and tunes k
+    on the longer p99."""
     post = sb.load_posterior(POSTERIOR)
     grid = pd.DataFrame({"k": [2, 4, 4, 8, 8, 6, 3, 4], "output_len": G,
                          "acceptance": [0.6, 0.7, 0.95, 0.7, 0.95, 0.6, 0.95, 0.9],
@@ -192,9 +193,11 @@ def test_a_burst_of_arrivals_is_measured_and_planned_on():
                                rtol=0.02)  # the closed loops take the scale, not the burst
     plan = dict(slo=float(before["e2e_p99_pred_s"].median()), quantile=0.99, k=4, alpha=0.7,
                 output_len=G)
-    with_burst = sb.max_rate(post, **plan).rate
+    tune = dict(rate=np.array([2.0, 6.0]), alpha=0.7, output_len=G, quantile=0.99)
+    with_burst = sb.max_rate(post, **plan).rate, sb.tune_k(post, **tune).objective
     post.idata.attrs["sdbayes_tail_errors"] = json.dumps({**errors, "e2e_p99_window": 0.0})
-    assert 0 < with_burst < sb.max_rate(post, **plan).rate
+    assert 0 < with_burst[0] < sb.max_rate(post, **plan).rate
+    assert np.all(with_burst[1] > sb.tune_k(post, **tune).objective)  # tuning weighs it too
 
 
 def test_planning_and_tuning_on_a_tail():
