@@ -161,7 +161,7 @@ def bayes_fits(train, test, variants, quick, metrics=("e2e",)):
         steps = float(posterior.idata.sample_stats["n_steps"].mean())
         CONVERGENCE.setdefault(variant, []).append(
             (d.max_rhat, min(d.min_ess_bulk, d.min_ess_tail), d.divergences, steps))
-    chosen = sb.choose_variant(dict(fits)).variant if len(fits) > 1 else variants[0]
+    chosen = sb.choose_variant(dict(fits)).variant.form if len(fits) > 1 else variants[0]
     predictions = {}
     for variant, posterior in fits.items():
         out = posterior.predict(test)
@@ -276,7 +276,7 @@ def run_size(size: str, folder: Path, variants, quick: bool, throughput: bool,
 def main() -> None:
     quick = "--quick" in sys.argv
     throughput = "--without-throughput" not in sys.argv
-    metrics = None if "--all-metrics" in sys.argv else ("e2e",)
+    metrics = ("e2e", "ttft", "tpot") if "--all-metrics" in sys.argv else ("e2e",)
     variants = [a.split("=")[1] for a in sys.argv if a.startswith("--variant=")]
     sizes = [a.split("=")[1] for a in sys.argv if a.startswith("--size=")]
     found = studies()

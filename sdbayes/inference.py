@@ -100,10 +100,11 @@ def fit(
         :func:`sdbayes.likelihood.data_prior`. See also :func:`sdbayes.likelihood.roofline_prior`.
         A six-coefficient prior is extended to the variant's terms by ``Prior.for_variant``.
       metrics: which of ``"e2e", "ttft", "tpot"`` to fit; by default the mean end-to-end
-        latency alone. TTFT and TPOT are still predicted, from its coefficients. Fitting
-        all three broke extrapolation in load on the source study's 8B sweeps (341% error
-        beyond the fitted loads, against 10% for e2e alone; ``bench/real_data.py
-        --all-metrics``): ask for them where the traces' loads span what you predict.
+        latency alone. TTFT and TPOT are still predicted, from its coefficients. Fitted,
+        they leave out closed loops of more than one request
+        (:func:`sdbayes.observation.fitted`); on the source study's 8B sweeps all three
+        then extrapolate in load to 10.3% (the e2e alone: 9.9%; ``bench/real_data.py
+        --all-metrics``).
       likelihood: ``"lognormal"`` or ``"student_t"`` (robust to outliers).
       num_warmup, num_samples, num_chains: NUTS settings (``num_samples`` draws from SVI).
       chain_method: how NUTS runs its chains: ``"parallel"`` (one per JAX device; the

@@ -307,7 +307,7 @@ def model(
     predicted = observation.forward(coef, points, variant, loads, load_error)
     tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))
     for metric in metrics:
-        present, log_observed, relative_se = observation.observed(points, metric)
+        present, log_observed, relative_se = observation.fitted(points, metric)
         if not present.any():
             continue
         sigma = numpyro.sample(f"sigma_{metric}",
@@ -410,7 +410,7 @@ def least_squares_frame(points: Points, prior: Prior, metrics: tuple[str, ...],
       fails.
     """
     names = coefficient_names(variant)
-    observed = [observation.observed(points, m) for m in metrics]
+    observed = [observation.fitted(points, m) for m in metrics]
     weights = [1.0 / np.sqrt(error**2 + se**2) for _, _, se in observed]
 
     def residuals(log_c):  # [n_observations + n_coefficients]

@@ -424,6 +424,20 @@ def observed(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return present, np.log(np.where(present, measured, 1.0)), relative_se
 
 
+def fitted(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`observed`, where the metric enters the likelihood: everywhere for e2e; TTFT
+    and TPOT not on closed loops of more than one request. A closed loop sends its
+    requests at once (GuideLLM's throughput run: 128), so their prefills queue behind each
+    other in a burst the mean-value model does not describe; fitted, its TTFT pulled the
+    prefill costs until the 8B sweeps' loads beyond the fitted ones came out 4.4x too slow
+    (``bench/real_data.py --all-metrics``)."""
+    present, log_value, relative_se = observed(points, metric)
+    if metric != "e2e":
+        present = present & ~(np.asarray(points.closed, bool)
+                              & (np.asarray(points.concurrency, float) > 1))
+    return present, log_value, relative_se
+
+
 def log_mean(value, present):
     """The log of predicted means, shape [..., n], where a metric was measured. A
     coefficient set that puts a measured steady point past saturation has zero likelihood;

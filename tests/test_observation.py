@@ -194,3 +194,21 @@ def test_standard_noise_follows_its_likelihood(likelihood, law):
     n = 100_000
     draws = np.asarray(observation.standard_noise(likelihood, jax.random.key(7), (n,)))
     assert stats.kstest(draws, law.cdf).statistic < 1.63 / np.sqrt(n)
+
+
+def test_ttft_and_tpot_of_a_closed_burst_are_measured_not_fitted():
+    """A closed loop of many requests (GuideLLM's throughput run) keeps its e2e in the
+    likelihood, not its TTFT and TPOT; the synchronous point (one in flight) and the open
+    loops keep all three."""
+    grid = pd.DataFrame(dict(k=4, acceptance=0.7, output_len=128.0, prompt_len=512.0,
+                             request_rate=[2.0, None, None], concurrency=[None, 1.0, 128.0],
+                             e2e_mean_s=[1.0, 0.9, 5.0], ttft_mean_s=[0.1, 0.08, 2.0],
+                             tpot_mean_s=[0.007, 0.006, 0.02], hardware="h", verifier="v",
+                             drafter="d", method="m"))
+    points, _ = sb.traces.to_points(sb.traces.validate(grid))
+    for metric, kept in (("e2e", [True, True, True]), ("ttft", [True, True, False]),
+                         ("tpot", [True, True, False])):
+        present, log_value, _ = observation.fitted(points, metric)
+        assert present.tolist() == kept, metric
+        assert observation.observed(points, metric)[0].all()  # measured, all of them
+        np.testing.assert_allclose(log_value, np.log(grid[f"{metric}_mean_s"]))
