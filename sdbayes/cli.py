@@ -274,8 +274,8 @@ def fit(
         help="MoE verifier: experts routed per token m.")] = None,
     metric: Annotated[list[str] | None, typer.Option(
         help="Metric to fit (e2e, ttft, tpot); repeat for several. Default: e2e alone "
-             "(TTFT and TPOT are predicted from it; fitting them too can bend "
-             "extrapolation in load).")
+             "(TTFT and TPOT are predicted from it; fitted, they leave out closed loops "
+             "of more than one request).")
     ] = None,
     chains: Annotated[int, typer.Option(min=1)] = 4,
     warmup: Annotated[int, typer.Option(min=0)] = 1000,
