@@ -499,33 +499,35 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame, *,
     """Calibrate the tail model on fitted points that measured percentiles.
 
     First the load's excess dispersion: where at least
-    :data:`sdbayes.tails.CALIBRATION_POINTS` open loops measured e2e percentiles, the
+    :data:`sdbayes.tails.CALIBRATION_POINTS` open loops measured e2e p50s or p90s, the
     ``arrival_excess`` (from :data:`sdbayes.tails.EXCESS_GRID`; the tail model's term of
-    load fluctuations beyond the arrivals' spacing) that brings the predicted
-    p50/p90/p99-to-mean ratios closest to the measured ones (least squares in log). A
-    server sees its load fluctuate more than the client's spacing says (the study's
-    "constant" GuideLLM rates do not reach the server evenly spaced); a simulator's Poisson
-    arrivals need none. Then, for each column ``e2e_p50_s``, ``ttft_p99_s``... with that
-    many values beside their metric's mean, the sd of the tail model's own error, keyed
-    ``"e2e_p50"``: of ``log(measured percentile / measured mean) - log(predicted ratio)``,
+    load fluctuations beyond the arrivals' spacing) that brings the predicted ratios of
+    those to the mean closest to the measured ones (least squares in log). A server sees
+    its load fluctuate more than the client's spacing says (the study's "constant"
+    GuideLLM rates do not reach the server evenly spaced); a simulator's Poisson arrivals
+    need none. The p99 is left out: a burst reaching a few percent of the requests moves it
+    alone. Then, for each column ``e2e_p50_s``, ``ttft_p99_s``... with that many values
+    beside their metric's mean, two terms fitted together by least squares in log
+    (:func:`_tail_fit`): a scale of the model's log ratio to the mean (keyed
+    ``"e2e_p50_scale"``, within :data:`TAIL_SCALES`), which moves a tail the model places
+    too near the mean (or too far) where its log ratio is large and leaves it where it is
+    near 0, as at light load without SD, where the model is exact; and on open loops a
+    burst window (keyed ``"e2e_p50_window"``, within :data:`BURST_WINDOWS`,
+    :func:`sdbayes.tails.burst_delay`). Prediction and planning apply both. What is left,
     less what the percentiles' sampling over ``n_requests`` explains (in variance; see
-    :func:`sdbayes.predictive.sampling_sd`). It is what the model does not know about the
-    truth: a plan weighs it (:func:`sdbayes.planning.plan_draws`), a prediction adds the
-    sampling back. Before that sd, the model's log ratio is scaled to the measured ones
-    (least squares through 0, keyed ``"e2e_p50_scale"``, within :data:`TAIL_SCALES`), a
-    scale prediction and planning apply: a tail the model places too near the mean (or too
-    far) is moved where its log ratio is large and left where it is near 0, as at light load
-    without SD, where the model is exact. Open and closed loops are
-    measured apart (a closed loop's keys start with :data:`CLOSED`) where each kind has
-    enough points: a GuideLLM throughput run (every request sent at once) has TTFT tails
-    that an open loop never shows.
+    :func:`sdbayes.predictive.sampling_sd`), is the sd of the tail model's own error, keyed
+    ``"e2e_p50"``: what the model does not know about the truth. A plan weighs it
+    (:func:`sdbayes.planning.plan_draws`), a prediction adds the sampling back. Open and
+    closed loops are measured apart (a closed loop's keys start with :data:`CLOSED`) where
+    each kind has enough points: a GuideLLM throughput run (every request sent at once)
+    has TTFT tails that an open loop never shows.
 
     Not a likelihood term: the coefficients do not learn from percentiles. ``validated``:
     ``points`` is what :func:`sdbayes.traces.validate` returned (a fit's own table).
 
     Returns:
       ``{"arrival_excess": float, "e2e_p99": sd, "e2e_p99_scale": scale,
-      "closed_e2e_p99": sd, ...}``.
+      "e2e_p99_window": window, "closed_e2e_p99": sd, ...}``.
     """
     columns = [(m, j, f"{m}_p{100 * q:g}") for m in ("e2e", "ttft", "tpot")
                for j, q in enumerate(tails.QUANTILES)]
