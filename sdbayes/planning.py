@@ -72,10 +72,7 @@ def metric_value(coef: Coefficients, metric: str, *, k, alpha, output_len, rate=
     if quantile is not None:
         s = tails.spread(coef, **point, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                          arrival_excess=arrival_excess)
-        delay = (None if tail_window is None or rate is None
-                 else tails.burst_delay(jnp.broadcast_to(coef.c2p, s.latency.shape), rate,
-                                        tail_window))
-        value = tails.quantile(s, quantile, metric, tail_scale, delay)
+        value = tails.quantile(s, quantile, metric, tail_scale, tail_window)
     else:
         value = select_metric(m, metric)
     if not moves:

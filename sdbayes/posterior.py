@@ -546,9 +546,10 @@ def tail_errors(posterior: Posterior, points: pd.DataFrame, *,
     shapes = predictive.tail_shapes(rows, arrays, *predictive.row_spreads(grid),
                                     posterior.variant, excess)
     n = predictive.column(grid, "n_requests")
-    # A window's delay per second of it, [R]: the prefills of a second's arrivals.
+    # A window's delay per second of it, [R]: the prefills of a second's arrivals (the
+    # arrays' rate is 0 on closed loops).
     per_window = np.asarray(tails.burst_delay(np.median(np.asarray(rows.c2p), axis=0),
-                                              np.where(arrays.closed, 0.0, arrays.rate), 1.0))
+                                              arrays.rate, 1.0))
     errors = {"arrival_excess": excess}
     for metric, j, name in measured:
         ratio, cv = shapes[metric]

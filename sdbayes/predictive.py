@@ -287,12 +287,12 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: TailInputs, *,
     shapes = tail_shapes(rows, arrays, tail.arrival_cv2, tail.output_len_sd, variant,
                           tail.excess)
     shape_noise = jax.random.normal(key, (len(tails.QUANTILES),) + noise.shape)
-    rate = jnp.where(arrays.closed, 0.0, arrays.rate)
     names = iter(percentile_names())
     draws = {}
     for m, metric in enumerate(("e2e", "ttft", "tpot")):
         ratio, cv = shapes[metric]
-        delay = tails.per_metric(tails.burst_delay(rows.c2p[None], rate[None, None],
+        # The arrays' rate is 0 on closed rows: no burst there.
+        delay = tails.per_metric(tails.burst_delay(rows.c2p[None], arrays.rate[None, None],
                                                    tail.window[m][:, None]),
                                  metric, arrays.output_len[None, None])  # [Q, D, R]
         mean = means[metric]  # [D, R]

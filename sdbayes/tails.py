@@ -108,6 +108,7 @@ class Spread(NamedTuple):
     decode_var: Array  # its variance [s^2] at the mean output length: acceptance and load
     length_var: Array  # what the spread of output lengths adds to it [s^2]
     output_len: Array  # mean tokens emitted [tokens]
+    arriving: Array  # an open loop's burst_delay of a 1 s window [s]; 0 on a closed one
 
     @property
     def ttft(self) -> Array:
@@ -184,14 +185,15 @@ def spread(coef: Coefficients, *, k, alpha, output_len, rate=None, concurrency=N
     load_var = marginal**2 * others * (
         jnp.asarray(arrival_cv2, dtype) * (_LIGHT + utilisation) / (1.0 - utilisation)
         + jnp.asarray(arrival_excess, dtype) * _LIGHT)
+    arriving = burst_delay(c2p, throughput, 1.0)
     if rate is None:
-        load_var = jnp.zeros_like(load_var)
+        load_var, arriving = jnp.zeros_like(load_var), jnp.zeros_like(arriving)
     elif concurrency is not None:
-        load_var = jnp.where(closed, 0.0, load_var)
+        load_var, arriving = jnp.where(closed, 0.0, load_var), jnp.where(closed, 0.0, arriving)
     decode_var = tau**2 * cycles_var + load_var
     length_var = (tau * jnp.asarray(output_len_sd, dtype) / e) ** 2  # C ~ g / E per request
     return Spread(total, d.independent.prefill, 1.0 - busy, wait, wait_cv2,
-                  jnp.where(stable, decode, jnp.inf), decode_var, length_var, g)
+                  jnp.where(stable, decode, jnp.inf), decode_var, length_var, g, arriving)
 
 
 def _residual_cv2(wait, throughput, c2p):
@@ -226,11 +228,11 @@ def _gamma_quantile(mean, var, z):
 
 
 def quantile(s: Spread, q: ArrayLike, metric: str, scale: ArrayLike | None = None,
-             delay: ArrayLike | None = None) -> Array:
+             window: ArrayLike | None = None) -> Array:
     """The ``q``-quantile [s] of ``metric`` ("e2e", "ttft" or "tpot") per request at the
     operating point whose :class:`Spread` is ``s``; ``q`` in (0, 1), broadcasting. With
-    ``scale``, its log ratio to the mean is scaled by that much, and with ``delay`` (the
-    :func:`burst_delay` of a request, [s]) that is added, as a fit calibrated them
+    ``scale``, its log ratio to the mean is scaled by that much, and with ``window`` [s]
+    the :func:`burst_delay` of that window is added (open loops), as a fit calibrated them
     (:meth:`sdbayes.Posterior.tail_error`)."""
     value = _quantile(s, q, metric)
     if scale is not None:
@@ -238,9 +240,9 @@ def quantile(s: Spread, q: ArrayLike, metric: str, scale: ArrayLike | None = Non
         proper = jnp.isfinite(value) & (mean > 0) & (value > 0)
         ratio = jnp.where(proper, value, 1.0) / jnp.where(proper, mean, 1.0)
         value = jnp.where(proper, mean * ratio ** jnp.asarray(scale, value.dtype), value)
-    if delay is None:
+    if window is None:
         return value
-    return value + per_metric(delay, metric, s.output_len)
+    return value + per_metric(jnp.asarray(window) * s.arriving, metric, s.output_len)
 
 
 def burst_delay(c2p: ArrayLike, rate: ArrayLike, window: ArrayLike) -> Array:

@@ -148,10 +148,7 @@ def _risk_and_pressure(coef, k, *, alpha, output_len, rate, concurrency, risk, l
     if quantile is not None:
         s = tails.spread(coef, arrival_cv2=arrival_cv2, output_len_sd=output_len_sd,
                          arrival_excess=arrival_excess, **point)
-        delay = (None if tail_window is None or rate is None
-                 else tails.burst_delay(jnp.broadcast_to(coef.c2p, s.latency.shape),
-                                        point["rate"], tail_window))
-        per_draw = tails.quantile(s, quantile, metric, tail_scale, delay)
+        per_draw = tails.quantile(s, quantile, metric, tail_scale, tail_window)
     value = risk_measure(per_draw, risk, level)
     if rate is None:
         return value, jnp.zeros(value.shape)
