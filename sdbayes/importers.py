@@ -1,8 +1,10 @@
 """Importers from benchmark tools' files into canonical operating points.
 
+What each file must hold is stated by its pydantic schema in :mod:`sdbayes.schemas`; this
+module says what the fields mean.
+
 vLLM: ``vllm bench serve`` result JSON (:func:`read_vllm_bench`) and the
 spec-decode counters of its Prometheus /metrics (:func:`read_spec_decode_metrics`).
-
 
 GuideLLM: a benchmark's ``metrics`` hold ``request_latency`` [s],
 ``time_to_first_token_ms``, ``inter_token_latency_ms`` (GuideLLM's ITL is vLLM's TPOT,
@@ -26,7 +28,10 @@ import numpy as np
 import pandas as pd
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
+from sdbayes import schemas
+from sdbayes.schemas import GuideLLMMetrics, GuideLLMRun, GuideLLMStrategy, VllmResult
 from sdbayes.traces import TraceError, acceptance_from_length, validate
 
 # The source study's file names, e.g.
@@ -158,15 +163,26 @@ def _guidellm_points(path: Path, data, *, hardware, verifier, drafter, method, k
 
     rows, problems = [], []
     for i, benchmark in enumerate(benchmarks):
-        metrics = benchmark.get("metrics", benchmark) if isinstance(benchmark, dict) else None
         where = f"{path}: benchmark {i + 1}"
-        if not isinstance(metrics, dict):
+        if not isinstance(benchmark, dict):
             problems.append(f"{where}: not a JSON object")
             continue
+        found = []
         try:
-            row = _point(metrics, _strategy(benchmark, i), _duration(benchmark))
-        except _Malformed as problem:
-            problems.append(f"{where}: {problem}")
+            run = GuideLLMRun.model_validate(benchmark)
+        except ValidationError as error:
+            found += schemas.problems(error, where)
+        try:
+            metrics = GuideLLMMetrics.model_validate(benchmark.get("metrics", benchmark))
+        except ValidationError as error:
+            found += schemas.problems(error, where)
+        if not found:
+            try:
+                row = _point(metrics, run.strategy or _by_position(i), _window(run.duration))
+            except _Malformed as problem:
+                found.append(f"{where}: {problem}")
+        if found:
+            problems += found
             continue
         rows.append(dict(hardware=hardware, verifier=verifier, drafter=drafter, method=method,
                          k=k, acceptance=acceptance, benchmark=i + 1, **row))
@@ -176,95 +192,52 @@ def _guidellm_points(path: Path, data, *, hardware, verifier, drafter, method, k
 
 
 class _Malformed(ValueError):
-    """A field missing or not a number; the message names it ("missing field 'a.b'")."""
+    """A field a file lacks where its other fields need it, or a value out of its range;
+    the message names it ("missing field 'a.b'")."""
 
 
-def _get(obj, *keys):
-    for key in keys:
-        if not isinstance(obj, dict) or key not in obj or obj[key] is None:
-            raise _Malformed(f"missing field '{'.'.join(keys)}'")
-        obj = obj[key]
-    return obj
+def _by_position(index: int) -> GuideLLMStrategy:
+    """The strategy of a benchmark that does not name its own (the source study's bare
+    lists of metrics): a sweep runs synchronous, throughput, then constant rates."""
+    return GuideLLMStrategy(type_=("synchronous", "throughput")[index] if index < 2
+                            else "constant")
 
 
-def _has(obj, *keys) -> bool:
-    """Whether a field is present and not null."""
-    try:
-        _get(obj, *keys)
-    except _Malformed:
-        return False
-    return True
+def _window(duration: float | None) -> float | None:
+    """The benchmark's measured window [s] where the report states a usable one."""
+    return duration if duration is not None and math.isfinite(duration) and duration > 0 \
+        else None
 
 
-def _count(obj, *keys) -> int:
-    """A field that counts something: a whole number, at least 0."""
-    value = _number(obj, *keys)
-    if not (math.isfinite(value) and value >= 0 and value == int(value)):
-        raise _Malformed(f"field '{'.'.join(keys)}': not a count: {_get(obj, *keys)!r}")
-    return int(value)
-
-
-def _number(obj, *keys) -> float:
-    """A numeric field (a number, or a string of one such as JSON's "inf"), as a float."""
-    value = _get(obj, *keys)
-    try:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ValueError
-        return float(value)
-    except (ValueError, OverflowError):
-        raise _Malformed(f"field '{'.'.join(keys)}': not a number: {value!r}") from None
-
-
-_STRATEGIES = ("synchronous", "concurrent", "throughput", "constant", "poisson")
-
-
-def _strategy(benchmark: dict, index: int) -> dict:
-    """The benchmark's scheduling strategy, ``{"type_": ..., "streams": ..., "rate": ...}``:
-    GuideLLM 0.5 and later keep it in ``config.strategy``, earlier reports in
-    ``args.strategy``; a bare list of metrics (the source study's files) has none, and its
-    position says it (a sweep runs synchronous, throughput, then constant rates)."""
-    for parent in ("config", "args"):
-        holder = benchmark.get(parent)
-        strategy = holder.get("strategy") if isinstance(holder, dict) else None
-        if isinstance(strategy, dict) and "type_" in strategy:
-            if strategy["type_"] not in _STRATEGIES:
-                raise _Malformed(f"field '{parent}.strategy.type_': {strategy['type_']!r} is "
-                                 f"no strategy sdbayes reads ({', '.join(_STRATEGIES)})")
-            return strategy
-    return {"type_": ("synchronous", "throughput")[index] if index < 2 else "constant"}
-
-
-def _duration(benchmark: dict) -> float | None:
-    """The benchmark's measured window [s] where the report states it (``duration``), else
-    None."""
-    try:
-        duration = _number(benchmark, "duration")
-    except _Malformed:
-        return None
-    return duration if math.isfinite(duration) and duration > 0 else None
-
-
-def _point(metrics: dict, strategy: dict, duration: float | None = None) -> dict:
-    def latency(*keys):
-        return _number(metrics, "request_latency", "successful", *keys)
-
-    kind = strategy["type_"]
-    count = _count(metrics, "request_latency", "successful", "count")
+def _point(metrics: GuideLLMMetrics, strategy: GuideLLMStrategy,
+           duration: float | None = None) -> dict:
+    kind = strategy.type_
+    latency = metrics.request_latency.successful
+    count = latency.count
     if count < 1:
         raise _Malformed("field 'request_latency.successful.count': no request completed")
-    errored = _count(metrics, "request_latency", "errored", "count")
-    incomplete = _count(metrics, "request_latency", "incomplete", "count")
+    errored = metrics.request_latency.errored.count
+    incomplete = metrics.request_latency.incomplete.count
     # GuideLLM 0.5 changed ``requests_per_second`` to a mean over time windows (0.120 req/s
     # for 4 requests in 24.9 s): the report's window is the measure where it has one.
-    rate = (count / duration if duration is not None
-            else _number(metrics, "requests_per_second", "successful", "mean"))
+    if duration is not None:
+        rate = count / duration
+    elif metrics.requests_per_second is not None:
+        rate = metrics.requests_per_second.successful.mean
+    else:
+        raise _Malformed("missing field 'requests_per_second.successful.mean' (or the "
+                         "benchmark's 'duration')")
+    ttft = metrics.time_to_first_token_ms.successful
+    tpot = metrics.inter_token_latency_ms.successful
     row = dict(
-        e2e_mean_s=latency("mean"),
-        e2e_se_s=latency("std_dev") / math.sqrt(count),
-        ttft_mean_s=_number(metrics, "time_to_first_token_ms", "successful", "mean") / 1e3,
-        tpot_mean_s=_number(metrics, "inter_token_latency_ms", "successful", "mean") / 1e3,
-        prompt_len=_number(metrics, "prompt_token_count", "successful", "mean"),
-        output_len=_number(metrics, "output_token_count", "successful", "mean"),
+        e2e_mean_s=latency.mean,
+        e2e_se_s=latency.std_dev / math.sqrt(count),
+        ttft_mean_s=ttft.mean / 1e3,
+        tpot_mean_s=tpot.mean / 1e3,
+        ttft_se_s=ttft.std_dev / 1e3 / math.sqrt(count),
+        tpot_se_s=tpot.std_dev / 1e3 / math.sqrt(count),
+        prompt_len=metrics.prompt_token_count.successful.mean,
+        output_len=metrics.output_token_count.successful.mean,
         n_requests=count,
         throughput_rps=rate,
         errored_requests=errored,
@@ -272,31 +245,34 @@ def _point(metrics: dict, strategy: dict, duration: float | None = None) -> dict
         steady=kind != "throughput",
         # GuideLLM's rate is the successful count over the benchmark's window.
         duration_s=duration if duration is not None else count / rate if rate > 0 else math.nan,
+        e2e_p50_s=latency.median,
+        e2e_p90_s=latency.percentiles.p90,
+        e2e_p99_s=latency.percentiles.p99,
     )
-    for name in ("ttft", "tpot"):
-        source = "time_to_first_token_ms" if name == "ttft" else "inter_token_latency_ms"
-        row[f"{name}_se_s"] = _number(metrics, source, "successful", "std_dev") / 1e3 / \
-            math.sqrt(count)
-    if _has(metrics, "output_token_count", "successful", "std_dev"):
-        row["output_len_sd"] = _number(metrics, "output_token_count", "successful", "std_dev")
-    for name, source, scale in (("e2e", "request_latency", 1.0),
-                                ("ttft", "time_to_first_token_ms", 1e-3),
-                                ("tpot", "inter_token_latency_ms", 1e-3)):
-        for q, keys in ((50, ("median",)), (90, ("percentiles", "p90")),
-                        (99, ("percentiles", "p99"))):
-            where = (source, "successful", *keys)
-            if name == "e2e" or _has(metrics, *where):  # e2e's are required, as before
-                row[f"{name}_p{q}_s"] = _number(metrics, *where) * scale
+    if metrics.output_token_count.successful.std_dev is not None:
+        row["output_len_sd"] = metrics.output_token_count.successful.std_dev
+    for name, summary in (("ttft", ttft), ("tpot", tpot)):
+        tail = summary.percentiles
+        for q, value in ((50, summary.median), (90, tail and tail.p90), (99, tail and tail.p99)):
+            if value is not None:
+                row[f"{name}_p{q}_s"] = value / 1e3
     if kind == "synchronous":
         row["concurrency"] = 1
     elif kind == "concurrent":
-        row["concurrency"] = _count(strategy, "streams")
+        if strategy.streams is None:
+            raise _Malformed("missing field 'strategy.streams' of a concurrent benchmark")
+        row["concurrency"] = strategy.streams
     elif kind == "throughput":
         # A closed loop at GuideLLM's cap: the concurrency it held, all requests counted.
-        held = _number(metrics, "request_concurrency", "total", "mean")
+        if metrics.request_concurrency is None:
+            raise _Malformed("missing field 'request_concurrency.total.mean' of a throughput "
+                             "benchmark")
+        held = metrics.request_concurrency.total.mean
+        if not math.isfinite(held):
+            raise _Malformed(f"field 'request_concurrency.total.mean': {held} requests")
         row["concurrency"] = max(1, round(held))
-    elif strategy.get("rate") is not None and _number(strategy, "rate") > 0:
-        row["request_rate"] = _number(strategy, "rate")  # the arrival rate GuideLLM kept
+    elif strategy.rate is not None and strategy.rate > 0:
+        row["request_rate"] = strategy.rate  # the arrival rate GuideLLM kept
     else:
         # The load is the arrival rate. The successful rate leaves out the requests still
         # in flight when the run stops (about rate * latency of them), so it understates
@@ -453,165 +429,118 @@ def _vllm_point(path: Path, data, *, hardware, verifier, drafter, method, k, acc
     if not isinstance(data, dict):
         raise TraceError([f"{where}: expected a vllm bench serve result (a JSON object)"])
     try:
-        completed = _count(data, "completed")
-        if completed < 1:
-            failed = data.get("failed")
-            raise _Malformed("no request completed" + (f" ({failed} failed)" if failed else "")
-                             + ": nothing to import")
-        missing = [name for name in ("request_rate", "request_throughput", "total_input_tokens",
-                                     "total_output_tokens") if name not in data]
-        if missing:
-            raise TraceError([f"{where}: missing field '{name}'" for name in missing])
-        problems = _check_detailed(data, completed, where)
-        if problems:
-            raise TraceError(problems)
-        k = _same_k(k, _tokens_per_draft(data), f"{where}: its spec_decode fields' draft "
-                    "tokens per draft")
-        if k is None:
-            raise TraceError([f"{where}: a vllm bench serve result without spec_decode fields "
-                              "does not record k; give --k (k= in Python)"])
-        row = _vllm_row(data, completed, where)
-        row.update(hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
-                   acceptance=_acceptance(data, k, acceptance, metrics_before, metrics_after,
-                                          where))
+        result = VllmResult.model_validate(data)
+    except ValidationError as error:
+        raise TraceError(schemas.problems(error, where)) from None
+    k = _same_k(k, _tokens_per_draft(result), f"{where}: its spec_decode fields' draft "
+                "tokens per draft")
+    if k is None:
+        raise TraceError([f"{where}: a vllm bench serve result without spec_decode fields "
+                          "does not record k; give --k (k= in Python)"])
+    try:
+        row = _vllm_row(result, where)
     except _Malformed as problem:
         raise TraceError([f"{where}: {problem}"]) from None
+    row.update(hardware=hardware, verifier=verifier, drafter=drafter, method=method, k=k,
+               acceptance=_acceptance(result, k, acceptance, metrics_before, metrics_after,
+                                      where))
     return validate(pd.DataFrame([row]), source=where)
 
 
-def _tokens_per_draft(data: dict) -> float | None:
+def _tokens_per_draft(result: VllmResult) -> float | None:
     """Draft tokens per draft from a result's ``spec_decode_*`` fields (newer vLLM), the
     draft length it ran; None without them."""
-    if data.get("spec_decode_num_drafts") and data.get("spec_decode_draft_tokens") is not None:
-        return (_number(data, "spec_decode_draft_tokens")
-                / _number(data, "spec_decode_num_drafts"))
-    per_position = data.get("spec_decode_per_position_acceptance_rates")
-    return float(len(per_position)) if isinstance(per_position, list) and per_position else None
+    if result.spec_decode_num_drafts and result.spec_decode_draft_tokens is not None:
+        return result.spec_decode_draft_tokens / result.spec_decode_num_drafts
+    per_position = result.spec_decode_per_position_acceptance_rates
+    return float(len(per_position)) if per_position else None
 
 
-def _vllm_row(data: dict, completed: int, where: str) -> dict:
+def _vllm_row(result: VllmResult, where: str) -> dict:
     """The operating point of a vLLM result's fields, less its configuration."""
-    rate = _number(data, "request_rate")  # vLLM writes "inf" (or Infinity) for a burst
-    output_len = _number(data, "total_output_tokens") / completed
+    completed = result.completed
+    output_len = result.total_output_tokens / completed
     row = dict(
-        prompt_len=_number(data, "total_input_tokens") / completed,
+        prompt_len=result.total_input_tokens / completed,
         output_len=output_len,
-        n_requests=completed, errored_requests=_failed(data, completed),
-        throughput_rps=_number(data, "request_throughput"),
-        **_end_to_end(data, completed, output_len, where),
+        n_requests=completed, errored_requests=_failed(result),
+        throughput_rps=result.request_throughput,
+        **_end_to_end(result, output_len, where),
     )
     for name in ("ttft", "tpot"):
-        if f"mean_{name}_ms" in data:
-            row[f"{name}_mean_s"] = _number(data, f"mean_{name}_ms") / 1e3
-        if f"median_{name}_ms" in data:
-            row[f"{name}_p50_s"] = _number(data, f"median_{name}_ms") / 1e3
-        for q in ("90", "99"):  # those of vLLM's --metric-percentiles that the schema keeps
-            if f"p{q}_{name}_ms" in data:
-                row[f"{name}_p{q}_s"] = _number(data, f"p{q}_{name}_ms") / 1e3
-    if isinstance(data.get("output_lens"), list) and data["output_lens"]:
-        errors = data.get("errors") or [""] * len(data["output_lens"])
-        lengths = [_token_count(n, f"output_lens[{i}]")
-                   for i, (n, error) in enumerate(zip(data["output_lens"], errors, strict=True))
-                   if not error]
-        if lengths:
-            row["output_len_sd"] = float(np.std(lengths))
-    duration = _number(data, "duration") if data.get("duration") is not None else 0.0
-    if duration > 0:
-        row["duration_s"] = duration
-    if data.get("run_number") is not None:
-        row["run"] = _count(data, "run_number")
+        # Those of vLLM's --metric-percentiles that the trace schema keeps.
+        for column, field in (("mean", "mean"), ("p50", "median"), ("p90", "p90"),
+                              ("p99", "p99")):
+            value = getattr(result, f"{field}_{name}_ms")
+            if value is not None:
+                row[f"{name}_{column}_s"] = value / 1e3
+    lengths = result.per_request(result.output_lens or [])
+    if lengths:
+        row["output_len_sd"] = float(np.std(lengths))
+    if result.duration is not None and result.duration > 0:
+        row["duration_s"] = result.duration
+    if result.run_number is not None:
+        row["run"] = result.run_number
+    rate = result.request_rate  # vLLM writes "inf" (or Infinity) for a burst
     if math.isfinite(rate):
         # Gamma-distributed gaps of shape `burstiness` (1: Poisson): CV^2 = 1 / burstiness.
-        burstiness = _number(data, "burstiness") if data.get("burstiness") is not None else 1.0
+        burstiness = 1.0 if result.burstiness is None else result.burstiness
         if not burstiness > 0:
             raise _Malformed(f"field 'burstiness': must be > 0, got {burstiness!r}")
         row.update(request_rate=rate, steady=True, arrival_cv2=1.0 / burstiness)
-    elif data.get("max_concurrency"):
-        row.update(concurrency=_count(data, "max_concurrency"), steady=True)
+    elif result.max_concurrency:
+        row.update(concurrency=result.max_concurrency, steady=True)
     else:
         row.update(request_rate=row["throughput_rps"], steady=False)
     return row
 
 
-def _failed(data: dict, completed: int) -> int:
+def _failed(result: VllmResult) -> int:
     """Failed requests: ``failed``, else the non-empty ``errors`` of ``--save-detailed``,
     else ``num_prompts - completed`` (``benchmark_serving.py`` before ``failed`` existed)."""
-    if "failed" in data:
-        return _count(data, "failed")
-    if isinstance(data.get("errors"), list):
-        return sum(1 for error in data["errors"] if error)
-    if "num_prompts" in data and _count(data, "num_prompts") >= completed:
-        return _count(data, "num_prompts") - completed
+    if result.failed is not None:
+        return result.failed
+    if result.errors is not None:
+        return len(result.errors) - result.completed_requests
+    if result.num_prompts is not None and result.num_prompts >= result.completed:
+        return result.num_prompts - result.completed
     raise _Malformed("missing field 'failed' (and no 'errors' or 'num_prompts' to count it "
                      "from)")
 
 
-def _end_to_end(data: dict, completed: int, output_len: float, where: str) -> dict:
+def _end_to_end(result: VllmResult, output_len: float, where: str) -> dict:
     """End-to-end latency columns: vLLM's ``*_e2el_ms`` summary (``--percentile-metrics
     ...,e2el``); else each completed request's ``ttft + sum(itls)`` from ``--save-detailed``
     arrays; else ``mean TTFT + mean TPOT * (output - 1)``, exact when every request has the
     same output length (vLLM's random dataset), with a note."""
-    if "mean_e2el_ms" in data:
-        row = dict(e2e_mean_s=_number(data, "mean_e2el_ms") / 1e3)
-        if "std_e2el_ms" in data:
-            row["e2e_se_s"] = _number(data, "std_e2el_ms") / 1e3 / math.sqrt(completed)
+    completed = result.completed
+    if result.mean_e2el_ms is not None:
+        row = dict(e2e_mean_s=result.mean_e2el_ms / 1e3)
+        if result.std_e2el_ms is not None:
+            row["e2e_se_s"] = result.std_e2el_ms / 1e3 / math.sqrt(completed)
         for q in ("50", "90", "99"):
-            if f"p{q}_e2el_ms" in data:
-                row[f"e2e_p{q}_s"] = _number(data, f"p{q}_e2el_ms") / 1e3
+            value = getattr(result, f"p{q}_e2el_ms")
+            if value is not None:
+                row[f"e2e_p{q}_s"] = value / 1e3
         return row
-    if isinstance(data.get("ttfts"), list) and isinstance(data.get("itls"), list):
-        errors = data.get("errors") or [""] * len(data["ttfts"])
-        try:
-            latency = np.array([float(ttft) + sum(float(x) for x in itl) for ttft, itl, error
-                                in zip(data["ttfts"], data["itls"], errors, strict=True)
-                                if not error])
-        except (TypeError, ValueError):
-            raise _Malformed("fields 'ttfts', 'itls': not numbers") from None
+    if result.ttfts is not None and result.itls is not None:
+        latency = np.array([ttft + sum(itl) for ttft, itl in zip(
+            result.per_request(result.ttfts), result.per_request(result.itls), strict=True)])
         p50, p90, p99 = np.percentile(latency, [50, 90, 99])
         return dict(e2e_mean_s=latency.mean(), e2e_se_s=latency.std(ddof=1) / math.sqrt(
             completed) if completed > 1 else 0.0, e2e_p50_s=p50, e2e_p90_s=p90, e2e_p99_s=p99)
-    if "mean_ttft_ms" in data and "mean_tpot_ms" in data:
+    if result.mean_ttft_ms is not None and result.mean_tpot_ms is not None:
         warnings.warn(f"{where}: no end-to-end latency in the file (vllm bench serve "
                       "--percentile-metrics without e2el): its mean is TTFT + TPOT * (output "
                       "- 1), exact when every request had the same output length",
                       ImportNote, stacklevel=4)
-        return dict(e2e_mean_s=(_number(data, "mean_ttft_ms") + _number(data, "mean_tpot_ms")
+        return dict(e2e_mean_s=(result.mean_ttft_ms + result.mean_tpot_ms
                                 * max(output_len - 1.0, 0.0)) / 1e3)
     raise _Malformed("missing field 'mean_e2el_ms' (run vllm bench serve with "
                      "--percentile-metrics ttft,tpot,itl,e2el, or --save-detailed)")
 
 
-MAX_TOKENS = 10**9
-"""More tokens than any request holds: a larger count in a file is junk."""
-
-
-def _token_count(value, field: str) -> float:
-    """A per-request token count: a whole number in [0, :data:`MAX_TOKENS`]."""
-    if (isinstance(value, bool) or not isinstance(value, int | float)
-            or not (0 <= value <= MAX_TOKENS and float(value).is_integer())):
-        raise _Malformed(f"field '{field}': {value!r} is not a token count")
-    return float(value)
-
-
-def _check_detailed(data: dict, completed: int, where: str) -> list[str]:
-    arrays = [name for name in ("input_lens", "output_lens", "ttfts", "itls", "errors")
-              if name in data]
-    if not arrays:
-        return []
-    if not all(isinstance(data[name], list) for name in arrays):
-        return [f"{where}: per-request fields {arrays} must be lists"]
-    lengths = {name: len(data[name]) for name in arrays}
-    if len(set(lengths.values())) > 1:
-        return [f"{where}: per-request arrays of different lengths {lengths}"]
-    if "errors" in data:
-        ok = sum(1 for e in data["errors"] if not e)
-        if ok != completed:
-            return [f"{where}: field 'errors': {ok} requests without an error, but "
-                    f"'completed' is {completed}"]
-    return []
-
-
-def _acceptance(data, k, given, before, after, path) -> float:
+def _acceptance(data: VllmResult, k, given, before, after, path) -> float:
     if k == 0:
         return 0.0
     if given is not None:
@@ -621,8 +550,8 @@ def _acceptance(data, k, given, before, after, path) -> float:
     if before is not None:
         scrapes = [read_spec_decode_metrics(Path(p).read_text(), str(p)) for p in (before, after)]
         return acceptance_between(*scrapes, k, source=f"{before} -> {after}")
-    if "spec_decode_acceptance_length" in data:
-        return _from_length(k, _number(data, "spec_decode_acceptance_length"),
+    if data.spec_decode_acceptance_length is not None:
+        return _from_length(k, data.spec_decode_acceptance_length,
                             f"{path}: field 'spec_decode_acceptance_length'")
     raise TraceError([f"{path}: no acceptance rate: give acceptance=, or /metrics scrapes "
                       "from before and after the run"])
