@@ -749,7 +749,7 @@ def profile(
     import shlex
     from itertools import groupby
 
-    from sdbayes.sweep import read_sweep_config, run_sweep
+    from sdbayes.sweep import read_sweep_config, run_sweep, vllm_bench_command
 
     if executor not in ("local", "ray"):
         raise ValueError(f"--executor must be local or ray, got {executor!r}")
@@ -761,6 +761,11 @@ def profile(
                               highlight=False, soft_wrap=True)
                 for point in points:
                     console.print(f"  {point.name}: {point.n_prompts} requests")
+                    if sweep.client == "vllm":
+                        command = vllm_bench_command(
+                            sweep, point, Path(out) / "vllm" / f"{point.name}.json")
+                        console.print("    " + shlex.join(command), markup=False,
+                                      highlight=False, soft_wrap=True)
         return
     if executor == "ray":
         _profile_on_ray(configs, sweeps, out, address, retries)

@@ -208,7 +208,8 @@ class VllmResult(_Schema):
     """A ``vllm bench serve`` result (or ``benchmark_serving.py``'s, or one run of
     ``vllm bench sweep``): counts, rates, latency statistics in ms, and with
     ``--save-detailed`` one entry per request in each of ``input_lens``, ``output_lens``,
-    ``ttfts`` [s], ``itls`` [s] and ``errors`` (empty where the request completed)."""
+    ``ttfts`` [s], ``itls`` [s], ``errors`` (empty where the request completed) and, in
+    newer versions, ``start_times`` [s]."""
 
     completed: Count
     failed: MaybeCount = None
@@ -241,6 +242,7 @@ class VllmResult(_Schema):
     ttfts: list[StrictFloat] | None = None
     itls: list[list[StrictFloat]] | None = None
     errors: list[str | None] | None = None
+    start_times: list[StrictFloat] | None = None  # when each request was sent [s], newer vLLM
 
     spec_decode_num_drafts: MaybeNumber = None
     spec_decode_draft_tokens: MaybeNumber = None
@@ -254,7 +256,7 @@ class VllmResult(_Schema):
                 "nothing", "no request completed{failed}: nothing to import",
                 {"failed": f" ({self.failed} failed)" if self.failed else ""})
         arrays = {name: len(getattr(self, name)) for name in
-                  ("input_lens", "output_lens", "ttfts", "itls", "errors")
+                  ("input_lens", "output_lens", "ttfts", "itls", "errors", "start_times")
                   if getattr(self, name) is not None}
         if len(set(arrays.values())) > 1:
             raise PydanticCustomError("arrays", "per-request arrays of different lengths "

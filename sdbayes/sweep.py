@@ -13,6 +13,11 @@ another's, :func:`_prompt_note`; ``ignore_eos`` so every request emits the asked
 tokens), and scrapes ``/metrics`` again; acceptance comes from the spec-decode counters'
 difference.
 
+With ``[sweep] client = "vllm"``, ``vllm bench serve`` drives each point in place of the
+runner's client (:func:`vllm_bench_command`: vLLM's random dataset seeded by the point, every
+latency statistic, the per-request arrays); its own JSON is kept in ``vllm/<point>.json``,
+and the point is measured from it.
+
 Resumable and robust: each point is written to ``raw/<point>.json`` as soon as it ends,
 finished or failed. A rerun skips finished points and retries failed ones. A server that
 exits or stops answering (no answer within ``request_timeout_s``) fails the point with the
@@ -23,6 +28,8 @@ Output folder::
     raw/<point>.json   settings, server version, how prompts were chosen, per-request
                        timings, both /metrics scrapes, status, reason
     logs/k<k>-<time>.log   the server's output, one file per start
+    vllm/<point>.json      vllm bench serve's own result, with client = "vllm"
+    logs/<point>.vllm-bench.log   its output
     requests.csv       per-request canonical traces of the finished points
     points.csv         their operating points (:func:`sdbayes.aggregate`), one per point
 """
@@ -50,15 +57,23 @@ from typing import NamedTuple
 import aiohttp
 import numpy as np
 import pandas as pd
+from pydantic import ValidationError
 
-from sdbayes.importers import acceptance_between, read_spec_decode_metrics
+from sdbayes import schemas
+from sdbayes.importers import acceptance_between, read_spec_decode_metrics, read_vllm_bench
 from sdbayes.prompts import PromptError, read_prompts
+from sdbayes.schemas import VllmResult
 from sdbayes.traces import TraceError, aggregate, write_traces
 
 # Random prompts are token ids drawn from this range: inside every modern vocabulary and
 # clear of the special tokens most tokenizers put first.
 _TOKEN_IDS = (1000, 20000)
 _HEALTH_POLL_S = 0.5
+
+
+VLLM_BENCH = ("vllm", "bench", "serve")
+CLIENTS = ("sdbayes", "vllm")
+"""The load generators: the runner's own asyncio client, or ``vllm bench serve``."""
 
 
 class SweepError(ValueError):
@@ -108,6 +123,8 @@ class SweepConfig:
     gpus: int = 1  # GPUs one server uses (its tensor-parallel size): what a Ray task asks
     gpu_kind: str = ""  # a Ray custom resource, "gpu_kind:<this>", the task asks for too
     prompts: tuple[str, ...] = ()  # the dataset's, where [sweep] dataset names one
+    client: str = "sdbayes"  # the load generator: "sdbayes" or "vllm" (vllm bench serve)
+    client_command: tuple[str, ...] = VLLM_BENCH
 
     @property
     def url(self) -> str:
@@ -128,7 +145,8 @@ _KEYS = {
     "server": {"model", "command", "args", "port", "startup_timeout_s", "gpus", "gpu_kind"},
     "speculative": None,  # method, model, and anything vLLM's --speculative-config takes
     "sweep": {"k", "request_rates", "concurrency", "prompt_len", "output_len", "n_prompts",
-              "seed", "request_timeout_s", "acceptance", "dataset", "repeats"},
+              "seed", "request_timeout_s", "acceptance", "dataset", "repeats", "client",
+              "client_command"},
     "trace": {"hardware", "verifier", "drafter"},
 }
 
@@ -149,7 +167,9 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
                        acceptance (forced; default: measured from /metrics), dataset
                        (prompts from a file, :func:`sdbayes.prompts.read_prompts`, its
                        path relative to the config's; in place of prompt_len), repeats
-                       [1] (runs of each point, each with its own prompts)
+                       [1] (runs of each point, each with its own prompts),
+                       client ["sdbayes": the runner's own; "vllm": ``vllm bench serve``,
+                       random prompts only], client_command [["vllm", "bench", "serve"]]
         [trace]        hardware (required), verifier [server.model],
                        drafter [speculative.model]
 
@@ -197,7 +217,11 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
                for key, default in (("prompt_len", 512), ("output_len", 128))]
     n_prompts = get("sweep", "n_prompts", _whole(1), 200, "a whole number >= 1")
     seed = get("sweep", "seed", _whole(0), 0, "a whole number >= 0")
+    client = get("sweep", "client", lambda c: c in CLIENTS, "sdbayes", " or ".join(CLIENTS))
     prompts, dataset = (), ""
+    if "dataset" in data.get("sweep", {}) and client == "vllm":
+        raise SweepError(f"{path}: [sweep] client = \"vllm\" sends vLLM's random prompts; "
+                         "a dataset's go with the runner's own client (client = \"sdbayes\")")
     if "dataset" in data.get("sweep", {}):
         if "prompt_len" in data["sweep"]:
             raise SweepError(f"{path}: [sweep] prompt_len and dataset: a dataset's prompts "
@@ -237,6 +261,9 @@ def read_sweep_config(path: str | Path) -> SweepConfig:
         gpus=get("server", "gpus", _whole(1), 1, "a whole number >= 1"),
         gpu_kind=get("server", "gpu_kind", _text, "", "a name"),
         prompts=prompts,
+        client=client,
+        client_command=tuple(get("sweep", "client_command", _each(_text), list(VLLM_BENCH),
+                                 "a list of strings")),
     )
 
 
@@ -297,11 +324,15 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
     (out / "logs").mkdir(exist_ok=True)
     done = {p.name for p in config.points if finished_record(out, p) is not None}
     todo = [p for p in config.points if p.name not in done]
-    if todo and shutil.which(config.command[0]) is None:
-        # One line now rather than one failed point for each of them.
-        raise SweepError(f"server command {config.command[0]!r} not found: install vLLM on "
-                         "this GPU host (pip install 'sdbayes[vllm]'), or set [server] "
-                         "command in the sweep config")
+    commands = [("server", config.command)] + (
+        [("sweep", config.client_command)] if config.client == "vllm" else [])
+    for table, command in commands:
+        if todo and shutil.which(command[0]) is None:
+            # One line now rather than one failed point for each of them.
+            raise SweepError(f"{table} command {command[0]!r} not found: install vLLM on "
+                             "this GPU host (pip install 'sdbayes[vllm]'), or set "
+                             f"[{table}] {'command' if table == 'server' else 'client_command'}"
+                             " in the sweep config")
     failed: dict[str, str] = {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -311,7 +342,7 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
                 for point in group:
                     bar.update(task, description=point.name)
                     try:
-                        record = _measure(config, slot.server(), point,
+                        record = _measure(config, slot.server(), point, out,
                                           lambda: bar.advance(task))  # once per request
                     except PointFailed as why:
                         failed[point.name] = str(why)
@@ -464,22 +495,27 @@ class _Server:
         self._log.close()
 
 
-def _measure(config: SweepConfig, server: _Server, point: Point,
+def _measure(config: SweepConfig, server: _Server, point: Point, out: Path,
              on_request: Callable[[], None]) -> dict:
     """Measure one point; its record (per-request timings, scrapes), or PointFailed."""
     started = time.time()
     before = server.scrape()
-    requests = asyncio.run(_drive(config, point, on_request))
     record = dict(started=started, server_version=server.version,
-                  prompts=_prompt_note(config, point),
-                  requests=requests, metrics_before=before)
+                  prompts=_prompt_note(config, point), metrics_before=before)
     try:
+        if config.client == "vllm":
+            record.update(_run_vllm_bench(config, point, out))
+            for _ in range(point.n_prompts):
+                on_request()
+        else:
+            record["requests"] = asyncio.run(_drive(config, point, on_request))
+        requests = record["requests"] or dict(error=[], transport=[])
         lost = [e for e, t in zip(requests["error"], requests["transport"], strict=True) if t]
         note = server._exit_note()
         if lost or note:
             raise PointFailed(f"{len(lost)} of {point.n_prompts} requests lost "
                               f"({lost[0] if lost else 'no error'}){note}")
-        if all(requests["error"]):
+        if requests["error"] and all(requests["error"]):
             raise PointFailed(f"all {point.n_prompts} requests failed ({requests['error'][0]})")
         record["metrics_after"] = server.scrape()
         record["acceptance"] = _acceptance(config, point, before, record["metrics_after"])
@@ -508,6 +544,9 @@ PROMPTS = ("random token ids, a fresh set for each point: no point shares a prom
 
 def _prompt_note(config: SweepConfig, point: Point) -> str:
     """How the runner chose a point's prompts (:data:`PROMPTS` for random ones)."""
+    if config.client == "vllm":
+        return (f"vLLM's random dataset, seeded by the point ({_vllm_seed(point)}): a fresh "
+                "prompt set for each point, as with the runner's own client")
     if not point.dataset:
         return PROMPTS
     needed, have = point.n_prompts * len(config.points), len(config.prompts)
@@ -625,6 +664,85 @@ async def _stream(session, url: str, body: dict, start: float, timeout_s: float)
     return record
 
 
+# --- vllm bench serve as the load generator ([sweep] client = "vllm") -----------------
+
+def _vllm_seed(point: Point) -> int:
+    """The seed ``vllm bench serve`` draws a point's random prompts from: the point's own,
+    since one seed for every point would send the same prompts and let vLLM's prefix cache
+    serve them."""
+    return int(_generator(point).integers(2**31))
+
+
+def vllm_bench_command(config: SweepConfig, point: Point, result: Path) -> list[str]:
+    """The ``vllm bench serve`` command line that measures ``point`` and writes its result
+    JSON to ``result``: vLLM's random dataset at the point's lengths, every latency
+    statistic, the per-request arrays."""
+    load = (["--request-rate", f"{point.request_rate:g}"] if point.request_rate is not None
+            else ["--request-rate", "inf", "--max-concurrency", str(point.concurrency)])
+    # --random-range-ratio is left at its default, which gives every prompt the asked
+    # length in every version; 0 would not in the older ones, where it set a lower bound.
+    return [*config.client_command, "--backend", "vllm", "--base-url", config.url,
+            "--endpoint", "/v1/completions", "--model", config.model,
+            "--dataset-name", "random", "--random-input-len", str(point.prompt_len),
+            "--random-output-len", str(point.output_len), "--ignore-eos",
+            "--num-prompts", str(point.n_prompts), "--seed", str(_vllm_seed(point)), *load,
+            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,90,99",
+            "--save-result", "--save-detailed", "--result-dir", str(result.parent),
+            "--result-filename", result.name]
+
+
+def _run_vllm_bench(config: SweepConfig, point: Point, out: Path) -> dict:
+    """Measure a point with ``vllm bench serve``; the record's ``vllm_result`` (vLLM's own
+    JSON, under ``out/vllm/``) and ``requests`` (per-request timings, or None where the
+    result has no ``start_times`` to place the requests in time), or PointFailed."""
+    result = out / "vllm" / f"{point.name}.json"
+    result.parent.mkdir(exist_ok=True)
+    result.unlink(missing_ok=True)
+    command = vllm_bench_command(config, point, result)
+    log = out / "logs" / f"{point.name}.vllm-bench.log"
+    # An upper bound on an honest run: the arrivals' span (or the closed loop's rounds),
+    # each round at most a request's timeout, and a minute to load the tokenizer.
+    rounds = (1 if point.request_rate is not None
+              else math.ceil(point.n_prompts / point.concurrency))
+    span = point.n_prompts / point.request_rate if point.request_rate is not None else 0.0
+    limit = span + rounds * config.request_timeout_s + 60.0
+    try:
+        with log.open("w") as sink:
+            code = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT,
+                                  timeout=limit).returncode
+    except subprocess.TimeoutExpired:
+        raise PointFailed(f"vllm bench serve did not finish within {limit:g} s (server "
+                          f"hung?); its output is in {log}") from None
+    if code != 0 or not result.is_file():
+        last = next((line for line in reversed(log.read_text().splitlines()) if line.strip()),
+                    "no output")
+        raise PointFailed(f"vllm bench serve exited with {code} ({last.strip()[:200]}); its "
+                          f"output is in {log}")
+    try:
+        parsed = VllmResult.model_validate_json(result.read_text())
+    except ValidationError as error:
+        raise PointFailed("; ".join(schemas.problems(error, str(result)))) from None
+    return dict(client=command, vllm_result=str(result.relative_to(out)),
+                requests=_vllm_requests(parsed))
+
+
+def _vllm_requests(result: VllmResult) -> dict | None:
+    """Per-request timings from a result's ``--save-detailed`` arrays, in the form
+    :func:`_drive` gives them; None without ``start_times`` (older vLLM)."""
+    if result.start_times is None or result.ttfts is None or result.itls is None:
+        return None
+    n = len(result.ttfts)
+    errors = [error or "" for error in (result.errors or [""] * n)]
+    first = min(result.start_times)
+    return dict(arrival_s=[t - first for t in result.start_times],
+                prompt_len=result.input_lens or [math.nan] * n,
+                output_len=result.output_lens or [math.nan] * n,
+                ttft_s=result.ttfts,
+                e2e_s=[ttft + sum(itl) for ttft, itl in zip(result.ttfts, result.itls,
+                                                            strict=True)],
+                error=errors, transport=[False] * n)
+
+
 # --- traces ----------------------------------------------------------------------------
 
 def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
@@ -632,7 +750,9 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
 
     Writes ``requests.csv`` (per request, answered requests only) and ``points.csv`` (one
     operating point per finished point, with ``errored_requests`` counting the requests the
-    server answered with an error) and returns the points.
+    server answered with an error) and returns the points. A point ``vllm bench serve``
+    measured without per-request start times (vLLM before them) is read from vLLM's own
+    summary (:func:`sdbayes.importers.read_vllm_bench`) and has no rows in ``requests.csv``.
     """
     out = Path(out)
     rows, points = [], []
@@ -641,9 +761,17 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
         record = finished_record(out, point)
         if record is None:
             continue
+        sd = point.k > 0
+        if record.get("requests") is None:  # vLLM's result without start times
+            measured = read_vllm_bench(
+                out / record["vllm_result"], hardware=config.hardware,
+                verifier=config.verifier, drafter=config.drafter if sd else "",
+                method=config.method if sd else "none", k=point.k,
+                acceptance=record["acceptance"]).assign(point=point.name)
+            points.append(measured.assign(run=point.run) if repeated else measured)
+            continue
         requests = pd.DataFrame(record["requests"])
         good = requests[requests["error"] == ""]  # a finished point has some
-        sd = point.k > 0
         frame = pd.DataFrame(dict(
             hardware=config.hardware, verifier=config.verifier,
             drafter=config.drafter if sd else "", method=config.method if sd else "none",
@@ -662,7 +790,8 @@ def collect(config: SweepConfig, out: str | Path) -> pd.DataFrame:
     columns = ["point", "k", "request_rate", "concurrency", "e2e_mean_s"]
     if not points:
         return pd.DataFrame(columns=columns)
-    write_traces(pd.concat(rows, ignore_index=True), out / "requests.csv")
+    if rows:
+        write_traces(pd.concat(rows, ignore_index=True), out / "requests.csv")
     table = pd.concat(points, ignore_index=True)
     write_traces(table, out / "points.csv")
     return table

@@ -458,6 +458,22 @@ def test_profile_runs_a_sweep_against_the_loopback_server(tmp_path):
     assert again.exit_code == 0 and "0 points run, 2 already finished" in again.output
 
 
+def test_a_dry_run_prints_each_vllm_bench_serve_command(tmp_path):
+    from .test_sweep import write_config
+
+    config = write_config(tmp_path, ks=[2], rates=[20, 40], n_prompts=8,
+                          sweep_extra='client = "vllm"')
+    dry = run("profile", config, "--dry-run", "--out", tmp_path / "sweep")
+    assert dry.exit_code == 0, dry.output
+    commands = [line.strip() for line in dry.output.splitlines()
+                if line.strip().startswith("vllm bench serve")]
+    assert len(commands) == 2 and all("--save-detailed" in c for c in commands)
+    assert len({c.split("--seed ")[1].split()[0] for c in commands}) == 2
+    assert str(tmp_path / "sweep" / "vllm" / "k2_p32_g24_rate40.json").endswith(
+        commands[1].split("--result-filename ")[1].split()[0])
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_profile_failed_points_exit_1_and_say_how_to_retry(tmp_path):
     import sys
 

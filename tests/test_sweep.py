@@ -16,6 +16,7 @@ import pytest
 from sdbayes.sweep import SweepError, read_sweep_config, run_sweep
 
 SERVER = Path(__file__).parent / "loopback_server.py"
+FAKE_BENCH = Path(__file__).parent / "fake_vllm_bench.py"  # stands in for vllm bench serve
 EXAMPLE = Path(__file__).parents[1] / "profiling" / "example-sweep.toml"
 # Milliseconds-scale costs so that a point of 40 requests takes about a second.
 COSTS = dict(c1p=0.004, c1v=0.003, c1d=0.0003, c2p=0.0005, c2v=0.0008, c2d=0.0001)
@@ -207,6 +208,45 @@ def test_repeated_runs_are_points_of_their_own_with_fresh_prompts(tmp_path):
     assert points["request_rate"].tolist() == [20, 20, 40, 40]
 
 
+@pytest.mark.parametrize("start_times", [True, False], ids=["start-times", "older-vllm"])
+def test_vllm_bench_serve_drives_the_load_and_its_own_json_is_kept(tmp_path, start_times):
+    """With [sweep] client = "vllm" each point is one run of vllm bench serve against the
+    server: at the point's load and lengths, a seed of its own (so no two points share a
+    prompt), every latency statistic and the per-request arrays. vLLM's JSON is kept beside
+    the raw record; the point's latency is vLLM's, its acceptance the /metrics scrapes'.
+    Without start times (older vLLM) the point comes from vLLM's summary alone."""
+    log = tmp_path / "prompts.jsonl"
+    client = [sys.executable, str(FAKE_BENCH), *([] if start_times else ["--no-start-times"])]
+    config = read_sweep_config(write_config(
+        tmp_path, ks=[3], rates=[20], n_prompts=30, server_args=["--prompt-log", str(log)],
+        sweep_extra=f'concurrency = [4]\nclient = "vllm"\nclient_command = {json.dumps(client)}'))
+    report = run_sweep(config, tmp_path / "out", progress=False)
+    assert not report.failed and len(report.points) == 2
+    prompts = [tuple(json.loads(line)) for line in log.read_text().splitlines()]
+    assert len(prompts) == 1 + 2 * 30 and len({p[:16] for p in prompts[1:]}) == 60
+    for point in config.points:
+        raw = json.loads((tmp_path / "out" / "raw" / f"{point.name}.json").read_text())
+        result = json.loads((tmp_path / "out" / raw["vllm_result"]).read_text())
+        argv = result["argv"]
+        assert [argv[argv.index(flag) + 1] for flag in
+                ("--random-input-len", "--random-output-len", "--num-prompts")] == \
+            ["32", "24", "30"]
+        assert "e2el" in argv[argv.index("--percentile-metrics") + 1]
+        if point.concurrency:
+            assert argv[argv.index("--max-concurrency") + 1] == "4"
+        else:
+            assert argv[argv.index("--request-rate") + 1] == "20"
+        measured = report.points.set_index("point").loc[point.name]
+        assert measured["e2e_mean_s"] == pytest.approx(result["mean_e2el_ms"] / 1e3, rel=1e-9)
+        assert measured["n_requests"] == 30
+        drafts = 30 * 24 / 3  # fewer drafts than this: each cycle gives at least one token
+        assert abs(measured["acceptance"] - ALPHA) < acceptance_tolerance(3, ALPHA, drafts)
+    requests = pd.read_csv(tmp_path / "out" / "requests.csv") \
+        if (tmp_path / "out" / "requests.csv").exists() else pd.DataFrame()
+    assert len(requests) == (60 if start_times else 0)
+    assert run_sweep(config, tmp_path / "out", progress=False).ran == []
+
+
 def test_latency_measured_is_the_servers(tmp_path):
     """At low load the loopback server's latency is C1 of the model; the runner's timings
     (arrival to last token, in seconds) must land near it, not off by a unit."""
@@ -311,6 +351,10 @@ GOOD = "[server]\nmodel = 'm'\n[speculative]\nmethod = 'ngram'\n[trace]\nhardwar
     ("k = [2]\nrequest_rates = [1]\nacceptance = 1.5", "[sweep] acceptance = 1.5"),
     ("k = [2]\nrequest_rates = [1]\nn_prompts = 'ten'", "[sweep] n_prompts = 'ten'"),
     ("k = [2\n", "not valid TOML"),
+    ("k = [2]\nrequest_rates = [1]\nclient = 'guidellm'",
+     "[sweep] client = 'guidellm': expected sdbayes or vllm"),
+    ("k = [2]\nrequest_rates = [1]\nclient = 'vllm'\ndataset = 'p.jsonl'",
+     "client = \"vllm\" sends vLLM's random prompts"),
 ])
 def test_bad_configs_name_the_key(tmp_path, sweep, message):
     path = tmp_path / "bad.toml"
