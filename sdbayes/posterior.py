@@ -36,6 +36,10 @@ _IDENTIFIED_SD_RATIO = 0.5  # posterior sd of log c over prior sd above this: no
 UNITS = {"fill": "1", "fill_half": "requests"}
 """Units of the fitted terms that are not seconds."""
 
+_IN_FILE = {"s": ("ms", 1e3)}
+"""How :meth:`Posterior.save` writes a unit (as what, times what): the file shows costs in
+milliseconds for people and for ArviZ's summaries; a load turns them back into seconds."""
+
 
 # Each site's dimensions past (chain, draw); the coefficients' own are ("group",).
 _DIMENSIONS = {"log_c": ("coefficient",), "log_c_std": ("coefficient",), "mu": ("coefficient",),
@@ -58,6 +62,9 @@ def _name_dimensions(idata: az.InferenceData, groups: list[str], names: tuple[st
             array = xr.DataArray(array.values, dims=("chain", "draw", *dims),
                                  attrs=array.attrs)
         if name in names:
+            written = {shown: scale for shown, scale in _IN_FILE.values()}
+            if array.attrs.get("units") in written:  # as saved: back to seconds
+                array = array / written[array.attrs["units"]]
             array.attrs["units"] = UNITS.get(name, "s")
         variables[name] = array
     coords = {"chain": draws["chain"].values, "draw": draws["draw"].values, "group": groups,
@@ -256,12 +263,19 @@ class Posterior:
 
     def save(self, path: str | Path) -> None:
         """Write the posterior (with diagnostics and provenance) as netCDF; an existing
-        file is replaced only once the new one is complete."""
+        file is replaced only once the new one is complete. Costs are written in ms (their
+        ``units`` attribute says so), for ``az.summary`` of the file; :func:`load_posterior`
+        reads them back in seconds."""
         if self.diagnostics is not None:
             self.idata.attrs["sdbayes_diagnostics"] = json.dumps(
                 {**self.diagnostics._asdict(), "problems": list(self.diagnostics.problems)})
+        saved = self.idata.copy()
+        for name in self.coefficient_names:
+            array = saved.posterior[name]
+            shown, scale = _IN_FILE.get(array.attrs["units"], (array.attrs["units"], 1.0))
+            saved.posterior[name] = (array * scale).assign_attrs(units=shown)
         with replacing(path) as temporary:
-            self.idata.to_netcdf(str(temporary))
+            saved.to_netcdf(str(temporary))
 
     def predict(self, points: pd.DataFrame, ci: float = 0.9, seed: int = 0,
                 percentiles: bool = True, arrival_excess: float | None = None) -> pd.DataFrame:

@@ -94,6 +94,15 @@ def test_draws_have_named_dimensions_and_units(tmp_path):
         assert all(draws[name].attrs["units"] == "s" for name in post.coefficient_names)
     summary = az.summary(post.idata, var_names=["c1p"], kind="stats")
     assert list(summary.index) == [f"c1p[{label}]" for label in post.groups]
+    # The file holds costs in ms, as its units say; loading gives seconds back, to the
+    # two roundings of float32 draws (2 x 2^-24 relative).
+    in_file = az.from_netcdf(str(tmp_path / "named.nc")).posterior
+    assert in_file["c1p"].attrs["units"] == "ms"
+    np.testing.assert_allclose(in_file["c1p"].values, 1e3 * post.idata.posterior["c1p"].values)
+    loaded = sb.load_posterior(tmp_path / "named.nc")
+    for name in post.coefficient_names:
+        np.testing.assert_allclose(loaded.idata.posterior[name].values,
+                                   post.idata.posterior[name].values, rtol=2.4e-7)
     # The library's own summary still finds each coefficient's R-hat and ESS.
     assert post.summary()[["r_hat", "ess_bulk"]].notna().all().all()
 
