@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 from scipy.optimize import least_squares
+from scipy.stats import norm
 
 from sdbayes import observation, predictive, tails
 from sdbayes.files import replacing
@@ -415,8 +416,16 @@ class Posterior:
         """How much the fit found the server's load to fluctuate beyond its arrivals'
         spacing (:func:`tail_errors`, :func:`sdbayes.tails.percentile`); 0 where it
         measured nothing."""
-        errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
-        return float(errors.get("arrival_excess", 0.0))
+        return float(self._tail_errors.get("arrival_excess", 0.0))
+
+    @property
+    def _tail_errors(self) -> dict[str, float]:
+        """:func:`tail_errors`' result as the fit stored it, parsed once per stored text
+        (prediction asks for it per metric and percentile)."""
+        text = self.idata.attrs.get("sdbayes_tail_errors", "{}")
+        if getattr(self, "_parsed_tail_errors", (None,))[0] != text:
+            self._parsed_tail_errors = (text, json.loads(text))
+        return self._parsed_tail_errors[1]
 
     def tail_error(self, metric: str, q: float, closed: bool = False) -> TailError:
         """The error of the log of the tail model's ``q``-quantile of ``metric`` relative to
@@ -424,14 +433,29 @@ class Posterior:
         of open loops, or with ``closed`` of closed ones (the other kind's where it measured
         too few): how far to scale the model's log ratio (``scale``, which prediction and
         planning apply) and the sd of what is left; scale 1 and sd
-        :data:`sdbayes.tails.SHAPE_SD` where it measured none."""
-        errors = json.loads(self.idata.attrs.get("sdbayes_tail_errors", "{}"))
-        name = f"{metric}_p{100 * q:g}"
-        mine, other = (CLOSED + name, name) if closed else (name, CLOSED + name)
-        name = mine if mine in errors else other
-        return TailError(float(errors.get(f"{name}_scale", 1.0)),
-                         float(errors.get(name, tails.SHAPE_SD)),
-                         float(errors.get(f"{name}_window", 0.0)))
+        :data:`sdbayes.tails.SHAPE_SD` where it measured none.
+
+        A quantile between two measured ones (the p95 of an SLO, between the p90 and the
+        p99) takes their errors interpolated linearly in the normal quantile of ``q``; one
+        outside the measured ones (a p99.9) is taken as measured nowhere, since the
+        calibration says nothing of how the tail goes on past what it saw."""
+        errors = self._tail_errors
+
+        def measured(prefix: str) -> dict[float, TailError]:
+            named = {p: f"{prefix}{metric}_p{100 * p:g}" for p in tails.QUANTILES}
+            return {p: TailError(float(errors.get(f"{name}_scale", 1.0)), float(errors[name]),
+                                 float(errors.get(f"{name}_window", 0.0)))
+                    for p, name in named.items() if name in errors}
+
+        mine, other = measured(CLOSED if closed else ""), measured("" if closed else CLOSED)
+        known = mine if q in mine or _between(q, mine) else other
+        if q in known:
+            return known[q]
+        if not _between(q, known):
+            return TailError(1.0, tails.SHAPE_SD, 0.0)
+        z = norm.ppf(list(known))
+        return TailError(*(float(np.interp(norm.ppf(q), z, [e[i] for e in known.values()]))
+                           for i in range(3)))
 
     @property
     def variant_choice(self) -> tuple[str, pd.DataFrame] | None:
@@ -506,6 +530,11 @@ class Posterior:
         return predictive.row_draws(self._sites, group, config, novel, keys,
                           names=self.coefficient_names,
                           student_load="sdbayes_load_df" in self.idata.attrs)
+
+
+def _between(q: float, measured: dict) -> bool:
+    """Whether ``q`` lies between the lowest and the highest of the measured quantiles."""
+    return len(measured) >= 2 and min(measured) < q < max(measured)
 
 
 def tail_errors(posterior: Posterior, points: pd.DataFrame, *,

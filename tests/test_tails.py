@@ -263,3 +263,25 @@ def test_output_lengths_that_vary_widen_the_tail(k, alpha):
     cap = [sb.max_rate(COEF, slo=float(simulated[2]), quantile=0.99, output_len=mean,
                        output_len_sd=s, **point).rate for s in (0.0, sd)]
     assert cap[1] < cap[0]
+
+
+def test_a_percentile_between_two_measured_ones_is_calibrated_between_them():
+    """An SLO's p95 lies between the p90 and the p99 a fit measured: its scale, sd and
+    burst window are theirs interpolated in the normal quantile (z 1.645 between 1.282 and
+    2.326: 35% of the way to the p99's), and a plan on it uses them. Past the measured
+    ones (p99.9) and below (the p50 here) nothing is known, as before."""
+    post = sb.load_posterior(POSTERIOR)
+    errors = {"e2e_p90": 0.02, "e2e_p90_scale": 1.1, "e2e_p90_window": 0.0,
+              "e2e_p99": 0.06, "e2e_p99_scale": 1.5, "e2e_p99_window": 1.0}
+    post.idata.attrs["sdbayes_tail_errors"] = json.dumps(errors)
+    share = (1.6449 - 1.2816) / (2.3263 - 1.2816)
+    assert post.tail_error("e2e", 0.95) == pytest.approx(
+        (1.1 + 0.4 * share, 0.02 + 0.04 * share, 1.0 * share), abs=1e-3)
+    assert post.tail_error("e2e", 0.99) == (1.5, 0.06, 1.0)
+    uncalibrated = (1.0, sb.tails.SHAPE_SD, 0.0)
+    assert post.tail_error("e2e", 0.999) == uncalibrated == post.tail_error("e2e", 0.5)
+    assert post.tail_error("e2e", 0.95, closed=True) == post.tail_error("e2e", 0.95)
+    plan = dict(slo=2.0, quantile=0.95, k=4, alpha=0.7, output_len=G)
+    calibrated = sb.max_rate(post, **plan).rate
+    post.idata.attrs["sdbayes_tail_errors"] = "{}"
+    assert 0 < calibrated < sb.max_rate(post, **plan).rate  # a longer tail, a lower rate
