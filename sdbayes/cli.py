@@ -724,8 +724,9 @@ def import_(
 def profile(
     configs: Annotated[list[Path], typer.Argument(
         help="Sweep config(s) (TOML); see profiling/. Several need --executor ray.")],
-    out: Annotated[Path, typer.Option(help="Output folder; rerun with it to resume.")] = Path(
-        "sweep"),
+    out: Annotated[str, typer.Option(
+        help="Output folder; rerun with it to resume. With --executor ray also a URI of "
+             "object storage (s3://bucket/prefix).")] = "sweep",
     dry_run: Annotated[bool, typer.Option(help="Print the server commands and points, "
                                           "run nothing.")] = False,
     executor: Annotated[str, typer.Option(
@@ -770,6 +771,10 @@ def profile(
     if executor == "ray":
         _profile_on_ray(configs, sweeps, out, address, retries)
         return
+    if "://" in out:
+        raise ValueError(f"--out {out}: a URI takes --executor ray; the local executor "
+                         "writes to a folder")
+    out = Path(out)
     if len(configs) != 1:
         raise ValueError(f"{len(configs)} sweep configs: the local executor takes one; "
                          "give --executor ray to profile several")
@@ -784,17 +789,20 @@ def profile(
     _exit_on_failures(report.failed, "points failed")
 
 
-def _profile_on_ray(configs, sweeps, out: Path, address, retries: int) -> None:
+def _profile_on_ray(configs, sweeps, out: str, address, retries: int) -> None:
     """`profile --executor ray`: every (config, k) a Ray task; the gathered points."""
     from sdbayes.fleet import check_names, run_fleet
+    from sdbayes.results import Results
 
     check_names([path.stem for path in configs])
     try:
         report = run_fleet(sweeps, out, address=address, retries=retries)
-    except ImportError:
-        raise ValueError("--executor ray needs Ray: pip install 'sdbayes[cluster]'") from None
+    except ImportError as missing:
+        raise ValueError(f"--executor ray needs {missing.name or 'Ray'}: pip install "
+                         "'sdbayes[cluster]'") from None
     console.print(f"{len(report.done)} configurations run, {len(report.skipped)} already "
-                  f"finished, {len(report.points)} points in {out / 'points.csv'}")
+                  f"finished, {len(report.points)} points in "
+                  f"{Results(out).where('points.csv')}")
     _exit_on_failures(report.failed, "configurations failed after their retries")
 
 

@@ -5,15 +5,16 @@ kind): its points are measured by one Ray task, which asks for the GPUs the serv
 (``[server] gpus``, 1 by default) and, where the config names one, ``gpu_kind`` as a
 custom resource (``gpu_kind:H100``: start each node with ``ray start --resources
 '{"gpu_kind:H100": 8}'``). The task picks a free port, runs :func:`sdbayes.sweep.run_sweep`
-on its points into its own folder, ``<out>/<sweep>/k<k>/``, and fails if any point failed,
-so that Ray retries it (``retries`` times; also when its worker or node is lost). A retry,
-like a rerun, skips the points already finished: each is written once, atomically, as soon
-as it ends, so no finished point is lost or measured twice. Each attempt is logged in the
-unit's ``attempts.log``.
+on its points into its own folder of the results, ``<out>/<sweep>/k<k>/``, and fails if
+any point failed, so that Ray retries it (``retries`` times; also when its worker or node
+is lost). A retry, like a rerun, skips the points already finished: each is written once,
+atomically, as soon as it ends, so no finished point is lost or measured twice. Each
+attempt is logged in the unit's ``attempts.log``.
 
-The results folder must be one every node writes to (a shared file system); the driver
-gathers every finished point into ``<out>/points.csv`` and ``<out>/requests.csv``, with a
-``sweep`` column naming the config. A rerun submits only the units with points left.
+The results (``out``) are a folder every node writes to (a shared file system) or a URI of
+object storage (``s3://bucket/prefix``; :mod:`sdbayes.results`). The driver gathers every
+finished point into ``<out>/points.csv`` and ``<out>/requests.csv``, with a ``sweep``
+column naming the config. A rerun submits only the units with points left.
 
 Ray is an optional dependency (``pip install 'sdbayes[cluster]'``), imported on use.
 """
@@ -28,17 +29,16 @@ from typing import NamedTuple
 
 import pandas as pd
 
+from sdbayes.results import Results
 from sdbayes.sweep import SweepConfig, SweepError, collect, finished_record, run_sweep
-from sdbayes.traces import write_traces
 
 
 class Unit(NamedTuple):
     """One sweep config's server at one k: the points one Ray task measures."""
 
-    name: str  # "<sweep>/k<k>"
+    name: str  # "<sweep>/k<k>", also its folder in the results
     sweep: str  # the sweep config's name
     config: SweepConfig  # holding only this k's points
-    folder: Path
 
 
 class FleetReport(NamedTuple):
@@ -54,21 +54,20 @@ class UnitFailed(RuntimeError):
     """Some points of a unit failed; raised inside its task so that Ray retries it."""
 
 
-def units(sweeps: dict[str, SweepConfig], out: str | Path) -> list[Unit]:
-    """Every (sweep config, k) of ``sweeps`` (name -> config), with its results folder."""
-    out = Path(out)
+def units(sweeps: dict[str, SweepConfig]) -> list[Unit]:
+    """Every (sweep config, k) of ``sweeps`` (name -> config)."""
     found = []
     for name, config in sweeps.items():
         for k in dict.fromkeys(p.k for p in config.points):
             points = tuple(p for p in config.points if p.k == k)
-            found.append(Unit(f"{name}/k{k}", name, replace(config, points=points),
-                              out / name / f"k{k}"))
+            found.append(Unit(f"{name}/k{k}", name, replace(config, points=points)))
     return found
 
 
-def _left(unit: Unit) -> bool:
-    """Whether some point of the unit is not finished in its folder."""
-    return any(finished_record(unit.folder, point) is None for point in unit.config.points)
+def _left(unit: Unit, results: Results) -> bool:
+    """Whether some point of the unit is not finished in the results."""
+    with results.working(unit.name) as folder:
+        return any(finished_record(folder, point) is None for point in unit.config.points)
 
 
 def run_fleet(sweeps: dict[str, SweepConfig], out: str | Path, *, address: str | None = None,
@@ -78,7 +77,7 @@ def run_fleet(sweeps: dict[str, SweepConfig], out: str | Path, *, address: str |
     Args:
       sweeps: sweep configs (:func:`sdbayes.read_sweep_config`) by name; the names become
         folders of ``out``.
-      out: the results folder, on storage every node writes to.
+      out: the results: a folder every node writes to, or a URI (:mod:`sdbayes.results`).
       address: the Ray cluster (``"ray://head:10001"``, ``"auto"``); None joins the one
         this process already started, or starts a local one.
       retries: how many times a failed unit is run again before it is reported.
@@ -93,10 +92,10 @@ def run_fleet(sweeps: dict[str, SweepConfig], out: str | Path, *, address: str |
     """
     import ray
 
-    out = Path(out)
+    results = Results(out)
     _check_distinct(sweeps)
-    every = units(sweeps, out)
-    todo = [u for u in every if _left(u)]
+    every = units(sweeps)
+    todo = [u for u in every if _left(u, results)]
     skipped = [u.name for u in every if u not in todo]
     done: list[str] = []
     failed: dict[str, str] = {}
@@ -110,9 +109,9 @@ def run_fleet(sweeps: dict[str, SweepConfig], out: str | Path, *, address: str |
             task = ray.remote(_profile_unit).options(
                 num_gpus=unit.config.gpus, resources=resources, max_retries=retries,
                 retry_exceptions=[UnitFailed], name=unit.name)
-            pending[task.remote(unit.config, str(unit.folder))] = unit
+            pending[task.remote(unit.config, results.location, unit.name)] = unit
         done, failed = _wait(ray, pending, progress)
-    points = _gather(every, out)
+    points = _gather(every, results)
     return FleetReport(points=points, done=done, skipped=skipped, failed=failed)
 
 
@@ -139,13 +138,21 @@ def _wait(ray, pending: dict, progress: bool) -> tuple[list[str], dict[str, str]
     return done, failed
 
 
-def _profile_unit(config: SweepConfig, folder: str) -> list[str]:
+def _profile_unit(config: SweepConfig, location: str, unit: str) -> list[str]:
     """The body of one Ray task: measure the unit's points that are not finished."""
-    folder_path = Path(folder)
-    folder_path.mkdir(parents=True, exist_ok=True)
-    with open(folder_path / "attempts.log", "a") as log:
-        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()}\n")
-    report = run_sweep(replace(config, port=_free_port()), folder_path, progress=False)
+    results = Results(location)
+    with results.working(unit) as folder:
+        log = folder / "attempts.log"
+        with open(log, "a") as attempts:
+            attempts.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()}\n")
+        results.send(unit, folder, log)
+        try:
+            report = run_sweep(replace(config, port=_free_port()), folder, progress=False,
+                               on_point=lambda files: [results.send(unit, folder, file)
+                                                       for file in files])
+        finally:
+            for file in sorted((folder / "logs").glob("*")):
+                results.send(unit, folder, file)
     if report.failed:
         raise UnitFailed("; ".join(f"{name}: {why}" for name, why in report.failed.items()))
     return report.ran
@@ -158,22 +165,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gather(every: list[Unit], out: Path) -> pd.DataFrame:
-    """Every finished point of every unit into ``out``'s points.csv and requests.csv."""
+def _gather(every: list[Unit], results: Results) -> pd.DataFrame:
+    """Every finished point of every unit into the results' points.csv and requests.csv."""
     points, requests = [], []
     for unit in every:
-        if not unit.folder.is_dir():
-            continue
-        found = collect(unit.config, unit.folder)
-        if found.empty:
-            continue
-        points.append(found.assign(sweep=unit.sweep))
-        requests.append(pd.read_csv(unit.folder / "requests.csv").assign(sweep=unit.sweep))
+        with results.working(unit.name) as folder:
+            found = collect(unit.config, folder)
+            if found.empty:
+                continue
+            points.append(found.assign(sweep=unit.sweep))
+            if (folder / "requests.csv").exists():
+                requests.append(pd.read_csv(folder / "requests.csv").assign(sweep=unit.sweep))
     if not points:
         return pd.DataFrame(columns=["sweep", "point", "k", "e2e_mean_s"])
     table = pd.concat(points, ignore_index=True)
-    write_traces(pd.concat(requests, ignore_index=True), out / "requests.csv")
-    write_traces(table, out / "points.csv")
+    if requests:
+        results.write_traces(pd.concat(requests, ignore_index=True), "requests.csv")
+    results.write_traces(table, "points.csv")
     return table
 
 

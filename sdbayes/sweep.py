@@ -301,13 +301,17 @@ class SweepReport(NamedTuple):
     failed: dict[str, str]  # point name -> reason, for points not finished
 
 
-def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) -> SweepReport:
+def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True,
+              on_point: Callable[[list[Path]], None] | None = None) -> SweepReport:
     """Run (or resume) a sweep; write raw results and canonical traces under ``out``.
 
     Args:
       config: from :func:`read_sweep_config`.
       out: the output folder (created); rerunning with the same folder resumes.
       progress: show a progress bar on stderr.
+      on_point: called with the files a point wrote (its raw record, vLLM's result) as
+        soon as they are complete, finished or failed (a fleet sends them on,
+        :mod:`sdbayes.results`).
 
     Returns:
       A :class:`SweepReport`. ``requests.csv`` and ``points.csv`` in ``out`` hold every
@@ -351,6 +355,9 @@ def run_sweep(config: SweepConfig, out: str | Path, *, progress: bool = True) ->
                         slot.discard()  # the next point gets a fresh server
                     _write_json(out / "raw" / f"{point.name}.json",
                                 dict(point=asdict(point), **record))
+                    if on_point is not None:
+                        vllm = [out / record["vllm_result"]] if "vllm_result" in record else []
+                        on_point([out / "raw" / f"{point.name}.json", *vllm])
     points = collect(config, out)
     return SweepReport(points=points, ran=[p.name for p in todo], skipped=sorted(done),
                        failed=failed)

@@ -75,8 +75,8 @@ def four_configurations_in_parallel_a_crash_retried_a_rerun_idle(tmp_path):
 
     assert marker.exists()
     assert not report.failed and sorted(report.done) == [f"loop/k{k}" for k in KS]
-    attempts = {u.name: len((u.folder / "attempts.log").read_text().splitlines())
-                for u in units({"loop": config}, out)}
+    attempts = {u.name: len((out / u.name / "attempts.log").read_text().splitlines())
+                for u in units({"loop": config})}
     assert sorted(attempts.values()) == [1, 1, 1, 2]  # the crashed one ran twice
     points = report.points
     assert len(points) == len(KS) * len(RATES)  # each once
@@ -94,6 +94,31 @@ def four_configurations_in_parallel_a_crash_retried_a_rerun_idle(tmp_path):
     assert again.done == [] and sorted(again.skipped) == sorted(attempts)
     assert {p: p.read_bytes() for p in sorted(out.glob("loop/k*/raw/*.json"))} == raw
     assert len(again.points) == len(points)
+
+
+def results_in_object_storage_by_uri(tmp_path):
+    """The results at a URI (file:// here, through fsspec as s3:// would be): each task works
+    in a folder of its own node and sends each point there as it ends. A server killed mid
+    sweep is retried and the results equal a clean run's; a rerun sends nothing again."""
+    marker = tmp_path / "crashed"
+    config = sweep_config(tmp_path, server_args=["--crash-after", "30",
+                                                 "--fault-marker", str(marker)])
+    store = tmp_path / "bucket"
+    uri = f"file://{store}/fleet"
+    report = run_fleet({"loop": config}, uri, retries=2, progress=False)
+    assert marker.exists() and not report.failed
+    assert len(report.points) == len(KS) * len(RATES)
+    out = store / "fleet"
+    assert len(pd.read_csv(out / "points.csv")) == len(report.points)
+    assert len(pd.read_csv(out / "requests.csv")) == 20 * len(report.points)
+    raw = {p: p.read_bytes() for p in sorted(out.glob("loop/k*/raw/*.json"))}
+    assert len(raw) == len(report.points) and not list(out.rglob("*.partial"))
+    assert sorted(len((out / f"loop/k{k}" / "attempts.log").read_text().splitlines())
+                  for k in KS) == [1, 1, 1, 2]
+    assert list(out.glob("loop/k*/logs/*.log"))  # the servers' logs, for a post-mortem
+    again = run_fleet({"loop": config}, uri, progress=False)
+    assert again.done == [] and len(again.points) == len(report.points)
+    assert {p: p.read_bytes() for p in sorted(out.glob("loop/k*/raw/*.json"))} == raw
 
 
 def a_unit_that_keeps_failing_is_reported_and_the_others_finish(tmp_path):
@@ -145,6 +170,10 @@ def the_command_profiles_several_configs_on_ray(tmp_path):
 
 def test_four_configurations_in_parallel_a_crash_retried_a_rerun_idle(tmp_path):
     in_fresh_process(four_configurations_in_parallel_a_crash_retried_a_rerun_idle, tmp_path)
+
+
+def test_results_in_object_storage_by_uri(tmp_path):
+    in_fresh_process(results_in_object_storage_by_uri, tmp_path)
 
 
 def test_a_unit_that_keeps_failing_is_reported_and_the_others_finish(tmp_path):

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdbayes"
 LAYERS = (
     ("model", "files", "prompts", "schemas"),
     ("fluid", "tails", "simulator", "points", "examples"),
-    ("traces", "importers", "sweep", "fleet"),
+    ("traces", "importers", "sweep", "fleet", "results"),
     ("observation",),
     ("likelihood",),
     ("predictive",),
