@@ -167,6 +167,8 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
     unknown = set(metrics) - set(METRICS)
     if unknown or "e2e" not in metrics:
         raise ValueError(f"metrics must include 'e2e' and be among {METRICS}, got {metrics}")
+    # Only what some row measures: the sampler traces the points and cannot ask.
+    metrics = tuple(m for m in metrics if np.any(observation.fitted(points, m)[0]))
     prior = prior if prior is not None else data_prior(points)
     prior = prior.for_variant(variant)
     key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
@@ -187,6 +189,13 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         init = partial(_start_in_frames, centres=args["frame"].loc)
 
     if method == "nuts":
+        # The model's settings bound to it, its arrays passed to the compiled sampler as
+        # arguments (jit_model_args, _parallel_chains) rather than baked into it as
+        # constants: a later fit of data of the same shapes, in a new process too, reads
+        # the sampler from the persistent compilation cache instead of compiling it again.
+        data = ("points", "prior", "frame", "loads", "confounding")
+        model = partial(numpyro_model, n_configs=len(configs),
+                        **{name: value for name, value in args.items() if name not in data})
         # Coefficients are strongly correlated (C1 and C2 are sums of them): a dense mass
         # block for them; the many per-configuration sites stay diagonal, as dense over
         # them would cost O(d^2) a step.
@@ -197,9 +206,19 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         # most 63 steps let the mass matrix adapt at a small fraction of that cost; the
         # draws then get the full depth.
         def kernel():  # a new one per run: a used kernel fails with vectorized chains
-            return NUTS(numpyro_model, init_strategy=init, target_accept_prob=0.9,
+            return NUTS(model, init_strategy=init, target_accept_prob=0.9,
                         dense_mass=[coefficient_sites],
                         max_tree_depth=(_WARMUP_TREE_DEPTH, 10))
+
+        parallel = chain_method == "parallel"
+
+        def sampler(**draws):
+            mcmc = MCMC(kernel(), num_chains=num_chains, jit_model_args=True, **draws,
+                        chain_method=_parallel_chains if parallel else chain_method,
+                        progress_bar=progress and not parallel)
+            if parallel and progress and not {"CI", "PYTEST_XDIST_WORKER"} & set(os.environ):
+                mcmc.progress_bar = True  # NumPyro turns it off for any callable; pmap's works
+            return mcmc
 
         if start.loads is not None:
             # The finite runs' tables are exact about their anchor, a least-squares fit
@@ -207,14 +226,13 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
             # form's shape terms move most). A short pilot run finds where, and the
             # tables the draws use are built about its median.
             pilot_key, key = jax.random.split(key)
-            pilot = MCMC(kernel(), num_warmup=min(num_warmup, _PILOT_DRAWS),
-                         num_samples=min(num_samples, _PILOT_DRAWS), num_chains=num_chains,
-                         progress_bar=progress, chain_method=chain_method)
-            pilot.run(pilot_key, **args)
+            pilot = sampler(num_warmup=min(num_warmup, _PILOT_DRAWS),
+                            num_samples=min(num_samples, _PILOT_DRAWS))
+            pilot.run(pilot_key, **{name: args[name] for name in data})
             args["loads"] = effective_loads_at(pilot.get_samples(), points, variant)
-        mcmc = MCMC(kernel(), num_warmup=num_warmup, num_samples=num_samples,
-                    num_chains=num_chains, progress_bar=progress, chain_method=chain_method)
-        mcmc.run(key, extra_fields=("diverging", "num_steps"), **args)
+        mcmc = sampler(num_warmup=num_warmup, num_samples=num_samples)
+        mcmc.run(key, extra_fields=("diverging", "num_steps"),
+                 **{name: args[name] for name in data})
         idata = az.from_numpyro(mcmc, log_likelihood=True)
         extra = {}
     else:
@@ -369,6 +387,22 @@ def _group_columns(points: pd.DataFrame, groups: list[str]) -> list[dict[str, st
         columns.append({c: str(rows.iloc[0][c]) for c in ("hardware", "verifier", "drafter",
                                                           "method")})
     return columns
+
+
+def _parallel_chains(run_chain):
+    """NumPyro's parallel chains (one per device, ``jax.pmap``) with the model's arrays as
+    arguments of the mapped program: NumPyro's own "parallel" closes over them, which
+    makes them constants of the compiled program, so that a new data set compiles it
+    anew. ``run_chain`` is NumPyro's chain body with the model's arguments bound."""
+    bound = dict(getattr(run_chain, "keywords", None) or {})
+    if "args" not in bound or "kwargs" not in bound:  # another NumPyro: as it does
+        return jax.pmap(run_chain)
+    args, kwargs = bound.pop("args"), bound.pop("kwargs")
+
+    def chain(init, args, kwargs):
+        return run_chain.func(init, args=args, kwargs=kwargs, **bound)
+
+    return lambda init: jax.pmap(chain, in_axes=(0, None, None))(init, args, kwargs)
 
 
 def _svi(key, args, init, steps, num_samples, progress):

@@ -212,6 +212,7 @@ def model(
     frame: Frame | GroupFrames | None = None,
     loads: EffectiveLoads | None = None,
     confounding: Confounding | None = None,
+    n_configs: int | None = None,
 ):
     """The NumPyro model of the operating points' observed means.
 
@@ -219,7 +220,8 @@ def model(
       points: the operating points, arrays of shape [n].
       prior: log-normal prior of the coefficients (the population's, with groups).
       n_groups: number of groups; ``points.group`` indexes them.
-      metrics: which of ``"e2e", "ttft", "tpot"`` to fit (each only where observed).
+      metrics: which of ``"e2e", "ttft", "tpot"`` to fit, each measured somewhere (and
+        fitted only where measured).
       likelihood: ``"lognormal"`` or ``"student_t"``.
       pool_scale: half-normal scale of the between-group sd of log coefficients.
       error_median: prior median of each metric's relative error ``sigma`` (log-normal,
@@ -242,6 +244,9 @@ def model(
       confounding: what the coefficients explain, taken out of the discrepancies
         (:func:`confounding`); without it the discrepancies are free and trade off against
         the coefficients along a ridge, where NUTS mixes badly.
+      n_configs: the number of configurations ``points.config`` indexes, by default its
+        largest plus one. Given, the arrays may be traced (NUTS's compiled sampler takes
+        them as arguments, :func:`sdbayes.inference.fit`).
 
     Sample sites: ``c1p .. c2d`` (and ``c1e, c2e`` for MoE) of shape [n_groups] (seconds),
     ``sigma_<metric>``, ``tau_q``, ``discrepancy`` [2], ``delta_free`` [n_configs, 2] and
@@ -283,7 +288,8 @@ def model(
     coef = Coefficients(**{name: per_point[..., i] for i, name in enumerate(names)})
     if discrepancy_scale > 0:
         spread_c = numpyro.sample("discrepancy", dist.HalfNormal(discrepancy_scale).expand([2]))
-        with numpyro.plate("config", int(points.config.max()) + 1):
+        with numpyro.plate("config", n_configs if n_configs is not None
+                           else int(points.config.max()) + 1):
             # Non-centred: the spreads are often tiny, where a centred delta is a funnel.
             free = numpyro.sample("delta_free", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
         delta = numpyro.deterministic("delta", free if confounding is None else jnp.einsum(
@@ -308,8 +314,6 @@ def model(
     tau_q = numpyro.sample("tau_q", dist.HalfNormal(queue_error_scale))
     for metric in metrics:
         present, log_observed, relative_se = observation.fitted(points, metric)
-        if not present.any():
-            continue
         sigma = numpyro.sample(f"sigma_{metric}",
                                dist.LogNormal(math.log(error_median), _ERROR_LOG_SD))
         spread = observation.spread(sigma, tau_q, predicted.sensitivity, relative_se)

@@ -416,12 +416,13 @@ def standard_noise(likelihood: str, key, shape) -> jax.Array:
 
 def observed(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Where a metric was measured, the log of its measured means (0 elsewhere) and their
-    relative standard errors (0 where unknown), each of shape [n]."""
-    measured = np.asarray(getattr(points, metric), float)
-    present = np.isfinite(measured) & (measured > 0)
-    se = np.nan_to_num(np.asarray(getattr(points, f"{metric}_se"), float))
-    relative_se = np.where(present, se / np.where(present, measured, 1.0), 0.0)
-    return present, np.log(np.where(present, measured, 1.0)), relative_se
+    relative standard errors (0 where unknown), each of shape [n]. In jnp: a fit traces the
+    points."""
+    measured = jnp.asarray(getattr(points, metric))
+    present = jnp.isfinite(measured) & (measured > 0)
+    se = jnp.nan_to_num(jnp.asarray(getattr(points, f"{metric}_se")))
+    relative_se = jnp.where(present, se / jnp.where(present, measured, 1.0), 0.0)
+    return present, jnp.log(jnp.where(present, measured, 1.0)), relative_se
 
 
 def fitted(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -433,8 +434,8 @@ def fitted(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     (``bench/real_data.py --all-metrics``)."""
     present, log_value, relative_se = observed(points, metric)
     if metric != "e2e":
-        present = present & ~(np.asarray(points.closed, bool)
-                              & (np.asarray(points.concurrency, float) > 1))
+        present = present & ~(jnp.asarray(points.closed, bool)
+                              & (jnp.asarray(points.concurrency) > 1))
     return present, log_value, relative_se
 
 

@@ -214,6 +214,34 @@ def test_commands_keep_their_compiled_programs_in_a_cache(tmp_path):
     assert not (tmp_path / "off").exists()
 
 
+def test_a_new_data_set_of_the_same_shapes_reuses_the_compiled_sampler(tmp_path):
+    """The sampler takes the points as arguments, not as constants baked into it: a fit of
+    other measurements of the same shapes, in a new process, reads the compiled NUTS
+    programs (pilot and main, 8 s each to compile here) from the cache instead of
+    compiling them again."""
+    import os
+    import subprocess
+    import sys
+
+    example = pd.read_csv(Path(sb.__file__).parent / "data" / "example_points.csv")
+    first = example[example["k"] <= 2]
+    first.to_csv(tmp_path / "a.csv", index=False)
+    first.assign(e2e_mean_s=first["e2e_mean_s"] * 1.05).to_csv(tmp_path / "b.csv", index=False)
+    env = dict(os.environ, SDBAYES_CACHE_DIR=str(tmp_path / "cache"), JAX_LOG_COMPILES="1")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    logs = []
+    for data in ("a.csv", "b.csv"):
+        script = ("import sys; from sdbayes.cli import main; sys.argv = ['sdbayes', 'fit', "
+                  f"{data!r}, '--out', 'x.nc', '--chains', '2', '--warmup', '20', "
+                  "'--samples', '20', '--variant', 'paper']; main()")
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode in (0, 3), done.stderr[-3000:]
+        logs.append(done.stderr)
+    hits = "Persistent compilation cache hit for 'jit__fun'"
+    assert logs[0].count(hits) == 0 and logs[1].count(hits) >= 1, logs[1][-3000:]
+
+
 def test_tune_prints_a_schedule(workdir):
     result = run("tune", workdir / "post.nc", "--rates", "1,4", "--alpha", 0.8,
                  "--output-len", 128, "--risk", "quantile")
