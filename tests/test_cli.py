@@ -144,21 +144,22 @@ def test_a_group_named_ambiguously_is_refused(fleet_posterior):
 
 def test_plan_and_tune_write_their_tables(workdir):
     """--output writes what the table shows, with the settings it was computed for, as CSV
-    or JSON; the numbers are those of the library's max_rate."""
+    or JSON; the numbers are those of the library's max_rate. (The SLO leaves k = 0 room:
+    its latency alone is about 1.9 s here, so at 2 s its plan hung on the fit's draws.)"""
     import json
 
     from sdbayes.planning import max_rate
 
     plan = workdir / "plan.json"
-    result = run("plan", workdir / "post.nc", "--slo-ms", 2000, "--alpha", 0.7,
+    result = run("plan", workdir / "post.nc", "--slo-ms", 3000, "--alpha", 0.7,
                  "--output-len", 128, "--k", "0,4", "--traffic", 20, "--output", plan)
     assert result.exit_code == 0, result.output
     rows = json.loads(plan.read_text())
-    capacity = max_rate(sb.load_posterior(workdir / "post.nc"), slo=2.0, k=np.array([0, 4]),
+    capacity = max_rate(sb.load_posterior(workdir / "post.nc"), slo=3.0, k=np.array([0, 4]),
                         alpha=0.7, output_len=128)
     assert [row["k"] for row in rows] == [0, 4]
     assert [row["max_rate_rps"] for row in rows] == pytest.approx(list(capacity.rate))
-    assert all(row["alpha"] == 0.7 and row["slo_ms"] == 2000 and row["feasible"]
+    assert all(row["alpha"] == 0.7 and row["slo_ms"] == 3000 and row["feasible"]
                and row["replicas"] >= 1 for row in rows)
     schedule = workdir / "schedule.csv"
     result = run("tune", workdir / "post.nc", "--rates", "1,4", "--alpha", 0.8,
@@ -256,16 +257,16 @@ def test_plan_and_tune_on_a_percentile(workdir):
     from sdbayes.planning import max_rate
 
     plan = workdir / "p99.json"
-    result = run("plan", workdir / "post.nc", "--slo-ms", 2000, "--alpha", 0.7,
+    result = run("plan", workdir / "post.nc", "--slo-ms", 3000, "--alpha", 0.7,
                  "--output-len", 128, "--k", "0,4", "--quantile", 0.99, "--arrival-cv2", 0,
                  "--output", plan)
     assert result.exit_code == 0, result.output
-    assert "p99 e2e <= 2000 ms" in result.output
+    assert "p99 e2e <= 3000 ms" in result.output
     rows = json.loads(plan.read_text())
     posterior = sb.load_posterior(workdir / "post.nc")
-    tail = max_rate(posterior, slo=2.0, k=np.array([0, 4]), alpha=0.7, output_len=128,
+    tail = max_rate(posterior, slo=3.0, k=np.array([0, 4]), alpha=0.7, output_len=128,
                     quantile=0.99, arrival_cv2=0.0)
-    mean = max_rate(posterior, slo=2.0, k=np.array([0, 4]), alpha=0.7, output_len=128)
+    mean = max_rate(posterior, slo=3.0, k=np.array([0, 4]), alpha=0.7, output_len=128)
     assert [row["max_rate_rps"] for row in rows] == pytest.approx(list(tail.rate))
     assert all(row["metric"] == "p99 e2e" for row in rows) and np.all(tail.rate < mean.rate)
     result = run("tune", workdir / "post.nc", "--rates", "1,4", "--alpha", 0.8,
