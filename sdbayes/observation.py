@@ -414,7 +414,7 @@ def standard_noise(likelihood: str, key, shape) -> jax.Array:
     return jax.random.normal(normal_key, shape) / jnp.sqrt(chi_square / STUDENT_DF)
 
 
-def observed(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def observed(points, metric: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Where a metric was measured, the log of its measured means (0 elsewhere) and their
     relative standard errors (0 where unknown), each of shape [n]. In jnp: a fit traces the
     points."""
@@ -425,7 +425,7 @@ def observed(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return present, jnp.log(jnp.where(present, measured, 1.0)), relative_se
 
 
-def fitted(points, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def fitted(points, metric: str) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`observed`, where the metric enters the likelihood: everywhere for e2e; TTFT
     and TPOT not on closed loops of more than one request. A closed loop sends its
     requests at once (GuideLLM's throughput run: 128), so their prefills queue behind each

@@ -40,6 +40,7 @@ UNITS = {"fill": "1", "fill_half": "requests"}
 _IN_FILE = {"s": ("ms", 1e3)}
 """How :meth:`Posterior.save` writes a unit (as what, times what): the file shows costs in
 milliseconds for people and for ArviZ's summaries; a load turns them back into seconds."""
+_FROM_FILE = {shown: scale for shown, scale in _IN_FILE.values()}
 
 
 # Each site's dimensions past (chain, draw); the coefficients' own are ("group",).
@@ -63,9 +64,8 @@ def _name_dimensions(idata: az.InferenceData, groups: list[str], names: tuple[st
             array = xr.DataArray(array.values, dims=("chain", "draw", *dims),
                                  attrs=array.attrs)
         if name in names:
-            written = {shown: scale for shown, scale in _IN_FILE.values()}
-            if array.attrs.get("units") in written:  # as saved: back to seconds
-                array = array / written[array.attrs["units"]]
+            if array.attrs.get("units") in _FROM_FILE:  # as saved: back to seconds
+                array = array / _FROM_FILE[array.attrs["units"]]
             array.attrs["units"] = UNITS.get(name, "s")
         variables[name] = array
     coords = {"chain": draws["chain"].values, "draw": draws["draw"].values, "group": groups,
@@ -170,6 +170,7 @@ class Posterior:
 
     def __init__(self, idata: az.InferenceData, diagnostics: Diagnostics | None = None):
         self.idata = idata
+        self._parsed_tail_errors: tuple[str | None, dict] = (None, {})  # see _tail_errors
         self.groups: list[str] = json.loads(idata.attrs["sdbayes_groups"])
         self.group_columns: list[dict] = json.loads(idata.attrs["sdbayes_group_columns"])
         _name_dimensions(idata, self.groups, self.coefficient_names)
@@ -423,7 +424,7 @@ class Posterior:
         """:func:`tail_errors`' result as the fit stored it, parsed once per stored text
         (prediction asks for it per metric and percentile)."""
         text = self.idata.attrs.get("sdbayes_tail_errors", "{}")
-        if getattr(self, "_parsed_tail_errors", (None,))[0] != text:
+        if self._parsed_tail_errors[0] != text:
             self._parsed_tail_errors = (text, json.loads(text))
         return self._parsed_tail_errors[1]
 
