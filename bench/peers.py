@@ -16,11 +16,15 @@ split (a)), paper form, end-to-end latency, ``chains`` chains on the machine's c
   same points) and a log-normal error, ``log e2e ~ Normal(log L, sqrt(sigma^2 +
   (se / e2e)^2))``, sampled by PyMC's NUTS, in a new process: with an empty PyTensor
   compile folder ("cold") and again ("warm").
+- NumPyro: the same twin in NumPyro, sdbayes's engine, chains in parallel as ``sdbayes fit``
+  runs them, its sampling timed on a second run of the compiled sampler: how the engine
+  compares with PyMC's on one model, apart from what sdbayes's richer model costs.
 
 The twin is simpler than sdbayes's model (no configuration discrepancy, no queueing error,
 no finite-run correction), so its gradients are cheaper: the comparison favours PyMC. For
 each run it prints the process's whole wall time and the smallest bulk ESS, and the ESS per
-second (PyMC's also per second of its own sampling time, which excludes compilation).
+second (the twins' also per second of their own sampling time, which excludes compilation),
+and the leapfrog steps per draw where known.
 PyMC is a bench-only extra (``pip install 'sdbayes[peers]'``); without it the PyMC rows are
 skipped.
 """
@@ -69,30 +73,30 @@ def sdbayes_run(points: Path, cache: Path, out: Path, chains, warmup, samples) -
         raise SystemExit(f"sdbayes fit failed:\n{done.stderr[-2000:]}")
     import sdbayes as sb
 
-    return dict(wall=wall, ess=sb.load_posterior(out).diagnostics.min_ess_bulk)
+    posterior = sb.load_posterior(out)
+    return dict(wall=wall, ess=posterior.diagnostics.min_ess_bulk,
+                steps=float(posterior.idata.sample_stats["n_steps"].mean()))
 
 
-def pymc_run(points: Path, compiledir: Path, chains, warmup, samples) -> dict | None:
-    """The PyMC twin in a new process; None where PyMC is not installed."""
+def twin_run(engine: str, points: Path, compiledir: Path, chains, warmup, samples) -> dict | None:
+    """A twin (``engine`` "pymc" or "numpyro") in a new process; None where PyMC is not
+    installed."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--twin", str(points), str(chains),
-                           str(warmup), str(samples)], capture_output=True, text=True,
-                          env={**os.environ, "PYTENSOR_FLAGS": f"compiledir={compiledir}"})
+    done = subprocess.run([sys.executable, __file__, f"--{engine}-twin", str(points),
+                           str(chains), str(warmup), str(samples)], capture_output=True,
+                          text=True, env={**os.environ,
+                                          "PYTENSOR_FLAGS": f"compiledir={compiledir}"})
     wall = time.perf_counter() - start
     if done.returncode == 2:
         return None
     if done.returncode != 0:
-        raise SystemExit(f"the PyMC twin failed:\n{done.stderr[-2000:]}")
+        raise SystemExit(f"the {engine} twin failed:\n{done.stderr[-2000:]}")
     return dict(wall=wall, **json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def twin(points: Path, chains: int, warmup: int, samples: int) -> None:
-    """The PyMC twin (run in its own process by :func:`pymc_run`); prints a JSON line."""
-    try:
-        import pymc as pm
-    except ImportError:
-        raise SystemExit(2) from None
-    import arviz as az
+def twin_data(points: Path) -> dict:
+    """What both twins fit: per point the paper's cycles, rate, others in flight, measured
+    mean and its standard error, and the prior's loc and scale."""
     import numpy as np
     import pandas as pd
 
@@ -102,26 +106,84 @@ def twin(points: Path, chains: int, warmup: int, samples: int) -> None:
     # Tokens a cycle emits, E(k, alpha) = 1 + alpha + ... + alpha^k: data, not parameters.
     tokens = np.sum(alpha[:, None] ** np.arange(16)[None, :]
                     * (np.arange(16)[None, :] <= k[:, None]), axis=1)
-    cycles = data["output_len"].to_numpy(float) / tokens
-    rate = data["request_rate"].fillna(0.0).to_numpy(float)
-    others = (data["concurrency"].fillna(1.0) - 1.0).to_numpy(float)
-    e2e, se = data["e2e_mean_s"].to_numpy(float), data["e2e_se_s"].fillna(0.0).to_numpy(float)
+    return dict(k=k, cycles=data["output_len"].to_numpy(float) / tokens,
+                rate=data["request_rate"].fillna(0.0).to_numpy(float),
+                others=(data["concurrency"].fillna(1.0) - 1.0).to_numpy(float),
+                e2e=data["e2e_mean_s"].to_numpy(float),
+                se=data["e2e_se_s"].fillna(0.0).to_numpy(float),
+                loc=np.array(prior["loc"]), scale=np.array(prior["scale"]))
+
+
+def pymc_twin(points: Path, chains: int, warmup: int, samples: int) -> None:
+    """The PyMC twin (run in its own process by :func:`twin_run`); prints a JSON line."""
+    try:
+        import pymc as pm
+    except ImportError:
+        raise SystemExit(2) from None
+    import arviz as az
+    import numpy as np
+
+    d = twin_data(points)
     with pm.Model():
-        log_c = pm.Normal("log_c", mu=np.array(prior["loc"]), sigma=np.array(prior["scale"]),
-                          shape=6)
+        log_c = pm.Normal("log_c", mu=d["loc"], sigma=d["scale"], shape=6)
         c = pm.math.exp(log_c)
-        c1 = c[0] + cycles * (c[1] + k * c[2])
-        c2 = c[3] + cycles * (c[4] + k * c[5])
-        stretch = pm.math.maximum(1.0 - rate * c2, 1e-6)  # past saturation: very long
-        latency = pm.math.switch(rate > 0, c1 / stretch, c1 + others * c2)
+        c1 = c[0] + d["cycles"] * (c[1] + d["k"] * c[2])
+        c2 = c[3] + d["cycles"] * (c[4] + d["k"] * c[5])
+        stretch = pm.math.maximum(1.0 - d["rate"] * c2, 1e-6)  # past saturation: very long
+        latency = pm.math.switch(d["rate"] > 0, c1 / stretch, c1 + d["others"] * c2)
         sigma = pm.HalfNormal("sigma", 0.1)
         pm.Normal("obs", mu=pm.math.log(latency),
-                  sigma=pm.math.sqrt(sigma**2 + (se / e2e) ** 2), observed=np.log(e2e))
+                  sigma=pm.math.sqrt(sigma**2 + (d["se"] / d["e2e"]) ** 2),
+                  observed=np.log(d["e2e"]))
         idata = pm.sample(draws=samples, tune=warmup, chains=chains, cores=chains,
                           random_seed=0, progressbar=False, compute_convergence_checks=False)
     ess = az.ess(idata, var_names=["log_c", "sigma"])
     print(json.dumps(dict(ess=float(min(ess["log_c"].min(), ess["sigma"]).values),
                           sampling=float(idata.posterior.attrs["sampling_time"]))))
+
+
+def numpyro_twin(points: Path, chains: int, warmup: int, samples: int) -> None:
+    """The same twin in NumPyro, sdbayes's engine, its chains in parallel on the CPU's cores
+    as ``sdbayes fit`` runs them (run in its own process by :func:`twin_run`): what the
+    engine does with the twin's model, apart from sdbayes's richer one. Prints a JSON line
+    with the smallest bulk ESS, the sampling time (a second run of the compiled sampler)
+    and the leapfrog steps per draw."""
+    import numpyro
+
+    numpyro.set_host_device_count(chains)
+    import arviz as az
+    import jax
+    import jax.numpy as jnp
+    import numpyro.distributions as dist
+    from numpyro.infer import MCMC, NUTS, init_to_median
+
+    d = twin_data(points)
+
+    def model():
+        log_c = numpyro.sample("log_c", dist.Normal(d["loc"], d["scale"]).to_event(1))
+        c = jnp.exp(log_c)
+        c1 = c[0] + d["cycles"] * (c[1] + d["k"] * c[2])
+        c2 = c[3] + d["cycles"] * (c[4] + d["k"] * c[5])
+        stretch = jnp.maximum(1.0 - d["rate"] * c2, 1e-6)
+        latency = jnp.where(d["rate"] > 0, c1 / stretch, c1 + d["others"] * c2)
+        sigma = numpyro.sample("sigma", dist.HalfNormal(0.1))
+        numpyro.sample("obs", dist.Normal(jnp.log(latency),
+                                          jnp.sqrt(sigma**2 + (d["se"] / d["e2e"]) ** 2)),
+                       obs=jnp.log(d["e2e"]))
+
+    # Started at the prior's median, as PyMC starts at its mean (NumPyro's default start,
+    # uniform in [-2, 2] on the log scale, lies past saturation, where the chains stick).
+    mcmc = MCMC(NUTS(model, init_strategy=init_to_median), num_warmup=warmup,
+                num_samples=samples, num_chains=chains, chain_method="parallel",
+                progress_bar=False)
+    mcmc.run(jax.random.key(0), extra_fields=("num_steps",))
+    start = time.perf_counter()
+    mcmc.run(jax.random.key(0), extra_fields=("num_steps",))
+    sampling = time.perf_counter() - start
+    ess = az.ess(az.from_numpyro(mcmc))
+    print(json.dumps(dict(ess=float(min(ess["log_c"].min(), ess["sigma"]).values),
+                          sampling=sampling,
+                          steps=float(mcmc.get_extra_fields()["num_steps"].mean()))))
 
 
 def main() -> None:
@@ -152,22 +214,29 @@ def main() -> None:
                  ("sdbayes, warm (same data again)",
                   sdbayes_run(points, folder / "cache", folder / "d.nc", *fit))]
         for label in ("cold", "warm"):
-            run = pymc_run(points, folder / "pytensor", *fit)
+            run = twin_run("pymc", points, folder / "pytensor", *fit)
             if run is None:
                 print("PyMC is not installed (pip install 'sdbayes[peers]'): no PyMC rows")
                 break
             rows.append((f"PyMC twin, {label} (compile folder "
                          f"{'empty' if label == 'cold' else 'kept'})", run))
+        rows.append(("NumPyro twin (sdbayes's engine, the twin's model)",
+                     twin_run("numpyro", points, folder, *fit)))
     table = pd.DataFrame([dict(run=label, wall_s=r["wall"], min_ess_bulk=r["ess"],
                                ess_per_s=r["ess"] / r["wall"],
                                ess_per_sampling_s=r["ess"] / r["sampling"]
-                               if "sampling" in r else float("nan"))
+                               if "sampling" in r else float("nan"),
+                               steps_per_draw=r.get("steps", float("nan")))
                           for label, r in rows])
     print(table.to_string(index=False, float_format=lambda x: f"{x:,.1f}"))
     peers = table[table["run"].str.startswith("PyMC")]
     if len(peers):
+        engine = table[table["run"].str.startswith("NumPyro")].iloc[0]
+        print(f"\nthe twin's model, NumPyro's sampling against PyMC's: "
+              f"{engine['ess_per_sampling_s'] / peers.iloc[-1]['ess_per_sampling_s']:.2f}x "
+              "ESS per second")
         cold = table.iloc[1]
-        print(f"\ncold sdbayes fit / PyMC's whole cold run: "
+        print(f"cold sdbayes fit / PyMC's whole cold run: "
               f"{cold['wall_s'] / peers.iloc[0]['wall_s']:.2f}x the wall")
         print(f"warm ESS/s, sdbayes's whole run against PyMC's sampling alone: "
               f"{table.iloc[2]['ess_per_s'] / peers.iloc[-1]['ess_per_sampling_s']:.2f}x; "
@@ -175,7 +244,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--twin"]:
+    twins = {"--pymc-twin": pymc_twin, "--numpyro-twin": numpyro_twin}
+    if sys.argv[1:2] and sys.argv[1] in twins:
+        twin = twins[sys.argv[1]]
         twin(Path(sys.argv[2]), *map(int, sys.argv[3:6]))
     else:
         main()
