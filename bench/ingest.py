@@ -6,7 +6,7 @@ aggregated and fitted on one machine.
 Writes ``n_rows`` (default 10,000,000) per-request rows in ``n_files`` (default 8) Parquet
 files to a temporary folder: 92 open-loop operating points (k 0..16, acceptance 0.6 and
 0.8, four rates from 20% to 80% of saturation), each point's requests in one file, their
-latencies gamma-distributed about means drawn from the model's observation model at the
+latencies gamma-distributed about means drawn from the observation model at the
 example posterior's medians: its coefficients, each configuration's discrepancy and each
 point's relative error. Then, in a fresh process that splits the CPU into devices as the
 ``sdbayes`` command does (``sb.use_cpu_cores``), ``sb.read_points`` over the files (read,
