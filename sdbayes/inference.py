@@ -28,7 +28,8 @@ from sdbayes.likelihood import (
 )
 from sdbayes.likelihood import model as numpyro_model
 from sdbayes.model import VARIANTS, Variant, as_variant
-from sdbayes.observation import LIKELIHOODS
+from sdbayes.observation import LIKELIHOODS, EffectiveLoads
+from sdbayes.points import Points, bucket, pad_rows
 from sdbayes.posterior import Posterior, compare, diagnose, tail_errors
 from sdbayes.traces import (
     SCHEMA_VERSION,
@@ -55,6 +56,10 @@ simulator the mean-value form errs by 8-16% in latency at 85% of saturation (doc
 section 1), where the sensitivity ``S`` is about 5.7: an ``eta`` of 1.4-2.8%, well inside
 its prior, leaving room (the Student-t tail, :data:`sdbayes.observation.LOAD_DF`) for a
 real server to need more."""
+_SAMPLER_STEPS = 8
+"""Sizes per doubling that the sampler pads the rows and configurations to
+(:func:`sdbayes.points.bucket`): data sets whose sizes fall in one bucket share a compiled
+sampler, and padding adds at most an eighth to each gradient's work."""
 _PILOT_DRAWS = 200  # warm-up and draws of the pilot run that places the finite-run tables
 
 
@@ -193,9 +198,15 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
         # arguments (jit_model_args, _parallel_chains) rather than baked into it as
         # constants: a later fit of data of the same shapes, in a new process too, reads
         # the sampler from the persistent compilation cache instead of compiling it again.
+        # Padded to size buckets too, so that data of a similar size share the program.
         data = ("points", "prior", "frame", "loads", "confounding")
-        model = partial(numpyro_model, n_configs=len(configs),
+        n_configs = bucket(len(configs), _SAMPLER_STEPS)
+        model = partial(numpyro_model, n_configs=n_configs,
                         **{name: value for name, value in args.items() if name not in data})
+
+        def padded():
+            return _padded({name: args[name] for name in data}, n_configs)
+
         # Coefficients are strongly correlated (C1 and C2 are sums of them): a dense mass
         # block for them; the many per-configuration sites stay diagonal, as dense over
         # them would cost O(d^2) a step.
@@ -228,12 +239,12 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
             pilot_key, key = jax.random.split(key)
             pilot = sampler(num_warmup=min(num_warmup, _PILOT_DRAWS),
                             num_samples=min(num_samples, _PILOT_DRAWS))
-            pilot.run(pilot_key, **{name: args[name] for name in data})
+            pilot.run(pilot_key, **padded())
             args["loads"] = effective_loads_at(pilot.get_samples(), points, variant)
         mcmc = sampler(num_warmup=num_warmup, num_samples=num_samples)
-        mcmc.run(key, extra_fields=("diverging", "num_steps"),
-                 **{name: args[name] for name in data})
-        idata = az.from_numpyro(mcmc, log_likelihood=True)
+        mcmc.run(key, extra_fields=("diverging", "num_steps"), **padded())
+        idata = _unpadded(az.from_numpyro(mcmc, log_likelihood=True), len(points.k),
+                          len(configs))
         extra = {}
     else:
         idata, extra = _svi(key, args, init, svi_steps, num_samples, progress)
@@ -263,6 +274,40 @@ def _fit_variant(steady: pd.DataFrame, provenance: str, variant: Variant, *, met
     posterior.idata.attrs["sdbayes_tail_errors"] = json.dumps(tail_errors(posterior, steady,
                                                                         validated=True))
     return posterior
+
+
+def _padded(data: dict, n_configs: int) -> dict:
+    """The sampler's data (the model's ``points, loads, confounding``, ...) padded to
+    :func:`sdbayes.points.bucket` sizes, ``n_configs`` configurations (a bucket): rows
+    repeat the last with no measurement, so the likelihood masks them, and the
+    configurations past the data's have no rows and a projection of zero, so their
+    ``delta`` is 0 and their ``delta_free`` keeps its prior. :func:`_unpadded` cuts the
+    draws back."""
+    points, confounding = data["points"], data["confounding"]
+    n = len(points.k)
+    pad = partial(pad_rows, size=bucket(n, _SAMPLER_STEPS))
+    unmeasured = np.arange(bucket(n, _SAMPLER_STEPS)) >= n
+    padded = Points(*map(pad, points))
+    padded = padded._replace(**{m: np.where(unmeasured, np.nan, getattr(padded, m))
+                                for m in METRICS})
+    extra = n_configs - confounding.projection.shape[-1]
+    projection = np.pad(confounding.projection, ((0, 0), (0, extra), (0, extra)))
+    loads = None if data["loads"] is None else EffectiveLoads(*map(pad, data["loads"]))
+    return dict(data, points=padded, loads=loads,
+                confounding=confounding._replace(projection=projection))
+
+
+def _unpadded(idata: az.InferenceData, n_rows: int, n_configs: int) -> az.InferenceData:
+    """``idata`` of a sampler run on :func:`_padded` data, cut back to the data's
+    ``n_rows`` rows (log-likelihoods, observations) and ``n_configs`` configurations."""
+    draws = idata.posterior
+    idata.posterior = draws.isel({draws[name].dims[2]: slice(n_configs)
+                                  for name in ("delta", "delta_free") if name in draws})
+    for group in set(idata.groups()) & {"log_likelihood", "observed_data"}:
+        rows = getattr(idata, group)
+        setattr(idata, group, rows.isel({array.dims[-1]: slice(n_rows)
+                                         for array in rows.data_vars.values()}))
+    return idata
 
 
 def choose_variant(fits: dict[str, Posterior], margin: float = 2.0) -> Posterior:

@@ -30,3 +30,21 @@ class Points(NamedTuple):
     tpot: np.ndarray  # mean time per output token [s]
     tpot_se: np.ndarray
     duration: np.ndarray  # length of the run [s], +inf where not given
+
+
+def bucket(n: int, steps: int = 2) -> int:
+    """The padded size of ``n`` rows: the least size at least ``n`` (and 8) on a grid of
+    ``steps`` sizes per doubling. With 2 (8, 12, 16, 24, 32, 48...: powers of two and
+    their halfway points) padding adds at most a third; with 8 at most an eighth.
+    Compiled programs are shaped by their arrays, so inputs of sizes in one bucket share
+    one program."""
+    if n <= 8:
+        return 8
+    step = max(1, (1 << (n - 1).bit_length()) // (2 * steps))
+    return -(-n // step) * step
+
+
+def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
+    """``x`` [n, ...] padded to ``size`` rows by repeating its last."""
+    x = np.asarray(x)
+    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])

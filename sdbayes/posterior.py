@@ -22,7 +22,7 @@ from sdbayes import observation, predictive, tails
 from sdbayes.files import replacing
 from sdbayes.likelihood import coefficient_names
 from sdbayes.model import Coefficients, Variant
-from sdbayes.points import Points
+from sdbayes.points import Points, bucket, pad_rows
 from sdbayes.traces import TraceError, group_labels, to_points
 
 _RHAT_LIMIT = 1.01
@@ -366,7 +366,7 @@ class Posterior:
         n = len(resolved)
         # Rows padded (repeating the last) to a bucket size, so that grids of similar sizes
         # share one compiled program; the padding's outcomes are dropped below.
-        pad = partial(predictive.pad_rows, size=predictive.bucket(n))
+        pad = partial(pad_rows, size=bucket(n))
         arrays, resolved, novel = Points(*map(pad, arrays)), pad(resolved), pad(novel)
         loads = None
         if (~arrays.closed & np.isfinite(arrays.duration)).any():

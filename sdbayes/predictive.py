@@ -30,21 +30,6 @@ from sdbayes.points import Points
 from sdbayes.traces import config_keys, group_labels
 
 
-def bucket(n: int) -> int:
-    """The padded size of ``n`` rows: the least of 8, 12, 16, 24, 32, 48... (powers of two
-    and their halfway points) at least ``n``, so that padding adds at most a third."""
-    size = 8
-    while size < n:
-        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
-    return size
-
-
-def pad_rows(x: np.ndarray, size: int) -> np.ndarray:
-    """``x`` [n, ...] padded to ``size`` rows by repeating its last."""
-    x = np.asarray(x)
-    return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)])
-
-
 def novel_configurations(grid: pd.DataFrame, arrays: Points) -> np.ndarray:
     """Each row's id of a configuration the fit has not seen (0 for a fitted one): a hash of
     its group label and configuration key (:func:`sdbayes.traces.config_keys`), so that the

@@ -215,19 +215,21 @@ def test_commands_keep_their_compiled_programs_in_a_cache(tmp_path):
     assert not (tmp_path / "off").exists()
 
 
-def test_a_new_data_set_of_the_same_shapes_reuses_the_compiled_sampler(tmp_path):
-    """The sampler takes the points as arguments, not as constants baked into it: a fit of
-    other measurements of the same shapes, in a new process, reads the compiled NUTS
-    programs (pilot and main, 8 s each to compile here) from the cache instead of
-    compiling them again."""
+def test_a_new_data_set_of_a_similar_size_reuses_the_compiled_sampler(tmp_path):
+    """The sampler takes the points as arguments, not as constants baked into it, padded
+    to size buckets: a fit of other measurements, one row fewer, in a new process, reads
+    the compiled NUTS programs (pilot and main, 8 s each to compile here) from the cache
+    instead of compiling them again."""
     import os
     import subprocess
     import sys
 
     example = pd.read_csv(Path(sb.__file__).parent / "data" / "example_points.csv")
-    first = example[example["k"] <= 2]
+    first = example[example["k"] <= 4]  # 24 rows: a bucket of its own (23 and 24)
     first.to_csv(tmp_path / "a.csv", index=False)
-    first.assign(e2e_mean_s=first["e2e_mean_s"] * 1.05).to_csv(tmp_path / "b.csv", index=False)
+    second = first.iloc[:-1]
+    second.assign(e2e_mean_s=second["e2e_mean_s"] * 1.05).to_csv(tmp_path / "b.csv",
+                                                                   index=False)
     env = dict(os.environ, SDBAYES_CACHE_DIR=str(tmp_path / "cache"), JAX_LOG_COMPILES="1")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     logs = []

@@ -100,6 +100,14 @@ def test_save_and_load(fitted, tmp_path):
     pd.testing.assert_frame_equal(loaded.predict(grid), fitted.predict(grid))
 
 
+def test_the_draws_keep_no_padding(fitted):
+    """The sampler runs on data padded to size buckets (here 6 configurations to 8); the
+    posterior keeps the data's configurations and rows alone."""
+    assert fitted.idata.posterior["delta"].sizes["config"] == len(fitted.configs) == 6
+    assert fitted.idata.log_likelihood["obs_e2e"].shape[-1] == len(model_traces())
+    assert fitted.idata.observed_data["obs_e2e"].shape == (len(model_traces()),)
+
+
 def test_one_point_is_flagged_not_trusted():
     with pytest.warns(FitWarning) as caught:
         posterior = sb.fit(model_traces().iloc[[5]], seed=0, **SMALL)

@@ -243,3 +243,38 @@ def test_discrepancies_leave_the_coefficients_their_part():
     level = np.asarray(observation.discrepancy_in_load(error._replace(offset=0.0),
                                                        at_anchor.share))
     assert abs(weight @ level) > 0.01 * weight.sum() * np.abs(level).max()
+
+
+def test_padding_to_a_size_bucket_changes_shapes_not_the_model():
+    """The sampler's data padded to a size bucket (``inference._padded``, 23 finite-run rows
+    to 24, 6 configurations to 8) give the data's log density plus the padded
+    configurations' standard-normal ``delta_free`` prior at any parameters: the padded row
+    counts nothing and the padded configurations' discrepancies are 0."""
+    from numpyro.infer.util import log_density
+    from scipy.stats import norm
+
+    from sdbayes import inference
+
+    traces = model_traces().iloc[:-1].assign(duration_s=90.0)
+    points, prior = _points_and_prior(traces)
+    start = likelihood.anchor(points, prior, 1, ("e2e",))
+    data = dict(points=points, prior=prior, frame=start.frames[0], loads=start.loads,
+                confounding=start.confounding)
+    padded = inference._padded(data, 8)
+    assert start.loads is not None and len(padded["points"].k) == 24
+    rng = np.random.default_rng(2)
+    free = rng.normal(size=(8, 2))
+    values = dict(log_c_std=0.5 * rng.normal(size=6), sigma_e2e=0.02, tau_q=0.01,
+                  discrepancy=np.array([0.05, 0.05]), load_scale=0.05,
+                  load_weights=rng.normal(size=(1, observation.LOAD_BASIS)))
+    settings = dict(n_groups=1, metrics=("e2e",))
+    whole, whole_trace = log_density(likelihood.model, (), dict(settings, **data, n_configs=6),
+                                     dict(values, delta_free=free[:6]))
+    bucket, bucket_trace = log_density(likelihood.model, (),
+                                       dict(settings, **padded, n_configs=8),
+                                       dict(values, delta_free=free))
+    assert float(bucket) == pytest.approx(float(whole) + norm.logpdf(free[6:]).sum(),
+                                          rel=1e-5)
+    delta = np.asarray(bucket_trace["delta"]["value"])
+    assert np.all(delta[6:] == 0)
+    np.testing.assert_allclose(delta[:6], whole_trace["delta"]["value"], rtol=1e-5, atol=1e-7)
