@@ -9,7 +9,8 @@ split (a)), paper form, end-to-end latency, ``chains`` chains on the machine's c
 
 - sdbayes: ``sdbayes fit points.csv --variant paper`` in a new process, three times: with
   an empty compilation cache ("first ever"); with the cache an earlier fit of another
-  size's split left ("cold": a new data set of a similar size, the issue's case); and
+  size's split, less every 32nd row, left ("cold": a new data set of a similar size, the
+  issue's case); and
   again on the same data ("warm").
 - PyMC: the paper's mean latency (``C1 / (1 - rate C2)`` open, ``C1 + (N - 1) C2`` closed)
   with the same log-normal prior on the six coefficients (sdbayes's ``data_prior`` of the
@@ -48,14 +49,17 @@ def option(name: str, default):
     return default
 
 
-def train_split(size: str, path: Path) -> int:
-    """Write the lower-load split of one size's sweeps to ``path``; its row count."""
+def train_split(size: str, path: Path, drop_every: int = 0) -> int:
+    """Write the lower-load split of one size's sweeps to ``path``, less every
+    ``drop_every``-th row if given; its row count."""
     sys.path.insert(0, str(HERE))
     from real_data import load_study, studies
 
     points = load_study(studies()[size])
     train = points[points["low_load"]].drop(columns=["curve", "low_load", "rate_rank",
                                                      "capacity_run"])
+    if drop_every:
+        train = train[(train.reset_index().index + 1) % drop_every != 0]
     train.to_csv(path, index=False)
     return len(train)
 
@@ -199,7 +203,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         points, others = folder / f"{size}.csv", folder / f"{other}.csv"
-        n, n_other = train_split(size, points), train_split(other, others)
+        n, n_other = train_split(size, points), train_split(other, others, drop_every=32)
         prior = data_prior(to_points(sb.read_traces(points))[0])
         Path(str(points) + ".prior.json").write_text(json.dumps(
             dict(loc=list(map(float, prior.loc)), scale=list(map(float, prior.scale)))))
