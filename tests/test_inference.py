@@ -195,6 +195,24 @@ def test_finite_runs_fit_with_chains_in_lockstep():
     assert np.isfinite(posterior.summary()["mean"]).all()
 
 
+def test_chains_in_lockstep_on_a_multicore_cpu_say_how_to_run_them_in_parallel(monkeypatch):
+    """Without sb.use_cpu_cores a CPU is one JAX device: a fit's chains would run in
+    lockstep on one core, and the fit says how to use the others before it starts."""
+    import jax
+
+    monkeypatch.setattr(jax, "local_device_count", lambda: 1)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    with pytest.warns(UserWarning, match="use_cpu_cores"), pytest.raises(sb.TraceError):
+        sb.fit(pd.DataFrame(), num_chains=2)
+    with warnings.catch_warnings():  # asked for by name, or on one core: no advice
+        warnings.simplefilter("error")
+        with pytest.raises(sb.TraceError):
+            sb.fit(pd.DataFrame(), num_chains=2, chain_method="vectorized")
+        monkeypatch.setattr("os.cpu_count", lambda: 1)
+        with pytest.raises(sb.TraceError):
+            sb.fit(pd.DataFrame(), num_chains=2)
+
+
 def test_use_cpu_cores_after_jax_started_says_so(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # restored afterwards, for subprocesses
     sb.latency(TRUE, rate=1.0, k=2, alpha=0.7, output_len=128)  # JAX has started
