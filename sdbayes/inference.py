@@ -291,9 +291,9 @@ def _padded(data: dict, n_configs: int) -> dict:
     ``delta`` is 0 and their ``delta_free`` keeps its prior. :func:`_unpadded` cuts the
     draws back."""
     points, confounding = data["points"], data["confounding"]
-    n = len(points.k)
-    pad = partial(pad_rows, size=bucket(n, _SAMPLER_STEPS))
-    unmeasured = np.arange(bucket(n, _SAMPLER_STEPS)) >= n
+    size = bucket(len(points.k), _SAMPLER_STEPS)
+    pad = partial(pad_rows, size=size)
+    unmeasured = np.arange(size) >= len(points.k)
     padded = Points(*map(pad, points))
     padded = padded._replace(**{m: np.where(unmeasured, np.nan, getattr(padded, m))
                                 for m in METRICS})
