@@ -82,14 +82,14 @@ def sdbayes_run(points: Path, cache: Path, out: Path, chains, warmup, samples) -
                 steps=float(posterior.idata.sample_stats["n_steps"].mean()))
 
 
-def twin_run(engine: str, points: Path, compiledir: Path, chains, warmup, samples) -> dict | None:
-    """A twin (``engine`` "pymc" or "numpyro") in a new process; None where PyMC is not
-    installed."""
+def twin_run(engine: str, points: Path, chains, warmup, samples,
+             env: dict | None = None) -> dict | None:
+    """A twin (``engine`` "pymc" or "numpyro") in a new process, with ``env`` added to its
+    environment; None where PyMC is not installed."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, __file__, f"--{engine}-twin", str(points),
                            str(chains), str(warmup), str(samples)], capture_output=True,
-                          text=True, env={**os.environ,
-                                          "PYTENSOR_FLAGS": f"compiledir={compiledir}"})
+                          text=True, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
     if done.returncode == 2:
         return None
@@ -150,13 +150,20 @@ def numpyro_twin(points: Path, chains: int, warmup: int, samples: int) -> None:
     """The same twin in NumPyro, sdbayes's engine, its chains in parallel on the CPU's cores
     as ``sdbayes fit`` runs them (run in its own process by :func:`twin_run`): what the
     engine does with the twin's model, apart from sdbayes's richer one. Prints a JSON line
-    with the smallest bulk ESS, the sampling time (a second run of the compiled sampler)
-    and the leapfrog steps per draw."""
+    with the smallest bulk ESS, the sampling time (a second run, its sampler read from a
+    compilation cache the first filled: NumPyro builds its parallel sampler anew on each
+    run, and without the cache the second run compiled it again, 2.3 s) and the leapfrog
+    steps per draw."""
+    import tempfile
+
     import numpyro
 
     numpyro.set_host_device_count(chains)
     import arviz as az
     import jax
+
+    jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     import jax.numpy as jnp
     import numpyro.distributions as dist
     from numpyro.infer import MCMC, NUTS, init_to_median
@@ -218,14 +225,15 @@ def main() -> None:
                  ("sdbayes, warm (same data again)",
                   sdbayes_run(points, folder / "cache", folder / "d.nc", *fit))]
         for label in ("cold", "warm"):
-            run = twin_run("pymc", points, folder / "pytensor", *fit)
+            run = twin_run("pymc", points, *fit,
+                           env={"PYTENSOR_FLAGS": f"compiledir={folder / 'pytensor'}"})
             if run is None:
                 print("PyMC is not installed (pip install 'sdbayes[peers]'): no PyMC rows")
                 break
             rows.append((f"PyMC twin, {label} (compile folder "
                          f"{'empty' if label == 'cold' else 'kept'})", run))
         rows.append(("NumPyro twin (sdbayes's engine, the twin's model)",
-                     twin_run("numpyro", points, folder, *fit)))
+                     twin_run("numpyro", points, *fit)))
     table = pd.DataFrame([dict(run=label, wall_s=r["wall"], min_ess_bulk=r["ess"],
                                ess_per_s=r["ess"] / r["wall"],
                                ess_per_sampling_s=r["ess"] / r["sampling"]
