@@ -315,6 +315,14 @@ def discrepancy_in_load(error: LoadError, share):
     millions of draws x rows spent most of its time in those sines).
     """
     weights, offset = jnp.asarray(error.weights), jnp.asarray(error.offset)
+    if weights.ndim == 1 and offset.ndim <= 1:
+        # One set of weights for every row (a fit of one group): a product with the basis
+        # matrix. The recurrence's gradient runs a reduction over the rows for each of
+        # the LOAD_BASIS weights, a kernel each; this way a fit's gradient costs 10-20%
+        # less (416 -> 370 us, median of 3, on bench/peers.py's 8B data).
+        level = jnp.sum(offset * weights)
+        product = jnp.matmul(load_basis(share), weights, precision=jax.lax.Precision.HIGHEST)
+        return error.scale * (product - level)
     shape = jnp.broadcast_shapes(jnp.shape(share), weights.shape[:-1], offset.shape[:-1])
     angle = _LOAD_FREQUENCY * (jnp.broadcast_to(share, shape) - _LOAD_CENTRE
                                + _LOAD_HALF_WIDTH)
@@ -338,9 +346,13 @@ def discrepancy_in_load(error: LoadError, share):
 def load_basis(share):
     """The discrepancy in load's basis functions, each times the square root of its
     spectral density, at shares ``q`` [..., n]: shape [..., n, LOAD_BASIS]."""
-    angle = _LOAD_FREQUENCY * (jnp.asarray(share)[..., None] - _LOAD_CENTRE + _LOAD_HALF_WIDTH)
-    multiple = np.arange(1, LOAD_BASIS + 1)
-    return _LOAD_SPECTRAL * jnp.sin(multiple * angle) / np.sqrt(_LOAD_HALF_WIDTH)
+    angle = _LOAD_FREQUENCY * (jnp.asarray(share) - _LOAD_CENTRE + _LOAD_HALF_WIDTH)
+    # sin(m a) by the recurrence s_m = 2 cos(a) s_(m-1) - s_(m-2): one sine and one cosine
+    # a row, not LOAD_BASIS of each (16 sines a row took 50 us of a fit's gradient).
+    two_cos, sines = 2.0 * jnp.cos(angle), [jnp.zeros_like(angle), jnp.sin(angle)]
+    for _ in range(LOAD_BASIS - 1):
+        sines.append(two_cos * sines[-1] - sines[-2])
+    return jnp.stack(sines[1:], axis=-1) * (_LOAD_SPECTRAL / np.sqrt(_LOAD_HALF_WIDTH))
 
 
 def load_offsets(anchor: Observation, points, n_groups: int) -> np.ndarray:

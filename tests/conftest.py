@@ -2,6 +2,9 @@
 device per chain."""
 
 import gc
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -12,6 +15,29 @@ jax.config.update("jax_enable_x64", True)
 # pytest is one process: without devices, fits run their chains in lockstep on one core and
 # leave the other idle. Kernels the notebook tests start inherit the setting (XLA_FLAGS).
 sb.use_cpu_cores()
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the whole run, shared by the xdist workers and
+    the processes tests start (notebook kernels, the command): most modules fit the same
+    forms at sizes in the same buckets, and each would otherwise compile the same
+    samplers again (10-15 s each) after the module before it dropped its programs. Bounded,
+    so that JAX locks it against two workers writing one entry; removed at the end."""
+    if not hasattr(config, "workerinput"):  # the controller, or a run without workers
+        config.sdbayes_jax_cache = tempfile.mkdtemp(prefix="sdbayes-tests-jax-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = config.sdbayes_jax_cache
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+        os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+    jax.config.update("jax_compilation_cache_max_size",
+                      int(os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"]))
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "sdbayes_jax_cache"):
+        shutil.rmtree(config.sdbayes_jax_cache, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
