@@ -22,6 +22,7 @@ import typer.core
 from rich.console import Console
 from rich.table import Table
 
+from sdbayes.cache import set_cache_environment
 from sdbayes.files import check_folder, check_writable, replacing
 from sdbayes.traces import LONGEST_S, MOST, acceptance_from_length, acceptance_from_rate
 
@@ -878,33 +879,8 @@ def demo(
 
 def main() -> None:
     _split_cpu()
-    _use_compilation_cache()
+    set_cache_environment()
     app()
-
-
-CACHE_BYTES = 2 * 2**30
-"""Most the compilation cache keeps; JAX drops the least recently used programs past it."""
-
-
-def _use_compilation_cache() -> None:
-    """A persistent JAX compilation cache for every command, so that a later run of the
-    same programs (``plan`` and ``tune`` on any posterior of a form, a refit of the same
-    traces) reads them back instead of compiling them again. It lives in
-    ``$SDBAYES_CACHE_DIR``, else ``$XDG_CACHE_HOME/sdbayes/jax`` (``~/.cache/sdbayes/jax``),
-    holds at most :data:`CACHE_BYTES`, and is safe to delete; ``SDBAYES_CACHE_DIR=off``
-    turns it off, and JAX's own ``JAX_COMPILATION_CACHE_DIR`` wins. Set through JAX's
-    environment variables, which it reads when it starts: no command pays for importing
-    JAX to set them."""
-    import os
-
-    folder = os.environ.get("SDBAYES_CACHE_DIR") or str(
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdbayes" / "jax")
-    if folder == "off" or "jax" in sys.modules:
-        return
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", folder)
-    # JAX keeps only programs that took a second to compile; the planning ones take less.
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(CACHE_BYTES))
 
 
 def _split_cpu() -> None:

@@ -18,6 +18,7 @@ from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO, init_to_media
 from numpyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal
 
 from sdbayes import observation
+from sdbayes.cache import use_compilation_cache
 from sdbayes.likelihood import (
     METRICS,
     Prior,
@@ -121,6 +122,11 @@ def fit(
       progress: show a progress bar.
       pool_scale: half-normal scale of the between-group sd of log coefficients.
 
+    Compiled programs are kept between runs in sdbayes's compilation cache
+    (:mod:`sdbayes.cache`; ``SDBAYES_CACHE_DIR=off`` turns it off), unless the program has
+    set up a JAX compilation cache of its own: a later fit of data of a similar size, in
+    this process or another, skips compiling its sampler.
+
     Returns:
       A :class:`Posterior`; its ``diagnostics`` say whether it can be trusted, and a
       :class:`sdbayes.posterior.FitWarning` is raised as a warning when it cannot.
@@ -131,6 +137,7 @@ def fit(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    use_compilation_cache()
     auto = isinstance(variant, str) and variant == AUTO
     forms = [f for f in VARIANTS if not (f == "filling" and experts is not None)]
     variants = [as_variant(f if auto else variant, experts, top_m) for f in

@@ -5,6 +5,7 @@ seeds and recovery from simulator traces are the calibration issue's acceptance 
 """
 
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -157,7 +158,8 @@ def test_bad_arguments(argument, message):
 
 def test_parallel_chains_on_cpu_devices(tmp_path):
     """use_cpu_cores splits the CPU into devices (only before JAX starts, hence a fresh
-    process) and fit then runs one chain per device, to the same coefficients."""
+    process) and fit then runs one chain per device, to the same coefficients. The fit
+    keeps its compiled programs in sdbayes's cache (the program set up none)."""
     script = tmp_path / "parallel.py"
     traces = tmp_path / "points.csv"
     model_traces().to_csv(traces, index=False)
@@ -172,13 +174,37 @@ def test_parallel_chains_on_cpu_devices(tmp_path):
               posterior.idata.posterior.sizes["chain"])
         print(posterior.summary(ci=0.9).to_json(orient="records"))
     """))
+    env = dict(os.environ, SDBAYES_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("JAX_COMPILATION_CACHE_DIR")  # the test run's own (conftest)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         check=True)
+                         check=True, env=env)
     devices, chains, summary = run.stdout.splitlines()[-3:]
     assert (devices, chains) == ("devices 3", "parallel 3")
+    assert len(list((tmp_path / "cache").iterdir())) > 0
     summary = pd.read_json(io.StringIO(summary)).set_index("coefficient")
     for name in ("c1v", "c1d", "c2v"):
         assert summary.loc[name, "lower"] <= getattr(TRUE, name) <= summary.loc[name, "upper"]
+
+
+def test_the_compilation_cache_is_the_programs_own_or_sdbayess_unless_off(monkeypatch,
+                                                                           tmp_path):
+    import jax
+
+    from sdbayes.cache import use_compilation_cache
+
+    own = jax.config.jax_compilation_cache_dir  # the test run's (conftest)
+    monkeypatch.setenv("SDBAYES_CACHE_DIR", str(tmp_path))
+    assert use_compilation_cache() == own and jax.config.jax_compilation_cache_dir == own
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("SDBAYES_CACHE_DIR", "off")
+        assert use_compilation_cache() is None
+        assert jax.config.jax_compilation_cache_dir is None
+        monkeypatch.setenv("SDBAYES_CACHE_DIR", str(tmp_path))
+        assert use_compilation_cache() == str(tmp_path)
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", own)
 
 
 def test_finite_runs_fit_with_chains_in_lockstep():

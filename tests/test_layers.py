@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sdbayes"
 # docs/architecture.md's table, bottom first. A module may import its own layer and those
 # below at module level; the command line imports what it runs inside each command.
 LAYERS = (
-    ("model", "files", "prompts", "schemas"),
+    ("model", "files", "prompts", "schemas", "cache"),
     ("fluid", "tails", "simulator", "points", "examples"),
     ("traces", "importers", "sweep", "fleet", "results"),
     ("observation",),
