@@ -27,7 +27,7 @@ def pytest_configure(config):
     if not hasattr(config, "workerinput"):  # the controller, or a run without workers
         config.sdbayes_jax_cache = tempfile.mkdtemp(prefix="sdbayes-tests-jax-")
         os.environ["JAX_COMPILATION_CACHE_DIR"] = config.sdbayes_jax_cache
-        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
         os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 * 2**30)
     jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs",
