@@ -342,3 +342,19 @@ class TestGoodput:
             np.testing.assert_allclose(
                 sb.goodput(COEF, k=k, alpha=0.8, batch_size=batch), batch * e / cycle, rtol=1e-12
             )
+
+
+@pytest.mark.parametrize("function", [sb.demands, sb.latency, sb.ttft, sb.tpot, sb.speedup,
+                                      sb.saturation_rate, sb.tails.percentile])
+def test_a_whole_operating_point_passes_as_keywords_and_its_prompt_length_changes_nothing(
+        function):
+    # docs/architecture.md: every function takes the point as keywords, prompt_len included,
+    # so one ``**point`` serves them all; the coefficients belong to one prompt length.
+    point = dict(sb.examples.EXAMPLE_POINT)
+    load = {} if function is sb.saturation_rate else dict(rate=2.0)
+    extra = dict(q=0.99) if function is sb.tails.percentile else {}
+    short = function(COEF, **point, **load, **extra)
+    long = function(COEF, **{**point, "prompt_len": 4 * point["prompt_len"]}, **load, **extra)
+    for a, b in zip(jax.tree.leaves(short), jax.tree.leaves(long), strict=True):
+        assert np.all(np.isfinite(a))
+        np.testing.assert_array_equal(a, b)
