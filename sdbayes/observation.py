@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+from jax.scipy.special import gammaln
 
 from sdbayes.fluid import finite_run
 from sdbayes.model import (
@@ -285,18 +286,39 @@ degrees of freedom did as well but doubled the leapfrog steps on the 0.6B sweeps
 draw, against 128 with 10 and 100 sampled)."""
 
 
+class _IsotropicStudentT(dist.Distribution):
+    """A multivariate Student-t with zero location and identity scale, event shape
+    [size]: ``MultivariateStudentT(df, 0, I)``'s law without its triangular solves and
+    log-determinant, which the sampler's every gradient would pay for an identity."""
+
+    support = dist.constraints.real_vector
+
+    def __init__(self, df: float, size: int):
+        self.df = df
+        super().__init__(batch_shape=(), event_shape=(size,))
+
+    def sample(self, key, sample_shape=()):
+        return sample_load_weights(key, sample_shape + self.event_shape, self.df)
+
+    def log_prob(self, value):
+        nu, k = self.df, self.event_shape[0]
+        norm = gammaln((nu + k) / 2) - gammaln(nu / 2) - k / 2 * np.log(nu * np.pi)
+        return norm - (nu + k) / 2 * jnp.log1p(jnp.sum(value**2, axis=-1) / nu)
+
+
 def load_weights_prior() -> dist.Distribution:
-    """The prior of one group's weights of the discrepancy in load, event shape
-    [LOAD_BASIS] (:data:`LOAD_DF`)."""
-    return dist.MultivariateStudentT(LOAD_DF, jnp.zeros(LOAD_BASIS), jnp.eye(LOAD_BASIS))
+    """The prior of one group's weights of the discrepancy in load: a multivariate
+    Student-t of :data:`LOAD_DF` degrees of freedom, identity scale, event shape
+    [LOAD_BASIS]."""
+    return _IsotropicStudentT(LOAD_DF, LOAD_BASIS)
 
 
-def sample_load_weights(key, shape: tuple[int, ...]) -> jax.Array:
+def sample_load_weights(key, shape: tuple[int, ...], df: float = LOAD_DF) -> jax.Array:
     """Draws of :func:`load_weights_prior` of shape ``shape`` (the last axis
     :data:`LOAD_BASIS`): normal weights over the square root of a shared chi-square over
-    its degrees of freedom, every shape explicit."""
+    its ``df`` degrees of freedom, every shape explicit."""
     normal_key, gamma_key = jax.random.split(key)
-    spread = jax.random.gamma(gamma_key, LOAD_DF / 2, shape[:-1] + (1,)) / (LOAD_DF / 2)
+    spread = jax.random.gamma(gamma_key, df / 2, shape[:-1] + (1,)) / (df / 2)
     return jax.random.normal(normal_key, shape) / jnp.sqrt(spread)
 
 
@@ -309,10 +331,15 @@ def load_scale(sd: float) -> float:
 def discrepancy_in_load(error: LoadError, share):
     """``eta(q)`` at load-dependent shares ``q`` [..., n] (:class:`LoadError`).
 
-    Each basis function is a sine of a multiple of one angle, so the weighted sum runs
-    Clenshaw's recurrence: one sine and one cosine a row serve all :data:`LOAD_BASIS` of
-    them, and no [..., n, LOAD_BASIS] array of basis values is built (prediction over
-    millions of draws x rows spent most of its time in those sines).
+    Two paths, one value (up to rounding):
+    - one set of weights [LOAD_BASIS] for every row (a fit of one group): the
+      :func:`load_basis` matrix [..., n, LOAD_BASIS] times the weights, whose gradient is
+      one matrix product;
+    - weights per row or draw (prediction, fleets): each basis function is a sine of a
+      multiple of one angle, so the weighted sum runs Clenshaw's recurrence. One sine and
+      one cosine a row serve all :data:`LOAD_BASIS` of them, and no [..., n, LOAD_BASIS]
+      array is built (prediction over millions of draws x rows spent most of its time in
+      those sines).
     """
     weights, offset = jnp.asarray(error.weights), jnp.asarray(error.offset)
     if weights.ndim == 1 and offset.ndim <= 1:

@@ -169,6 +169,20 @@ def test_fresh_load_weights_follow_the_fitted_prior():
     assert sd == pytest.approx(LOAD_ERROR_SCALE, rel=0.02)
 
 
+def test_the_load_weights_prior_is_the_multivariate_student_t():
+    """The prior's log density equals SciPy's multivariate t of LOAD_DF degrees of freedom,
+    identity scale, at points near and far (the closed form leaves out only solves with an
+    identity), per group under a plate's batch shape; its draws have the event's shape."""
+    prior = observation.load_weights_prior()
+    size = observation.LOAD_BASIS
+    near_and_far = np.array([1.0, 20.0])[:, None, None]
+    values = np.random.default_rng(4).standard_t(3, (2, 5, size)) * near_and_far
+    reference = stats.multivariate_t(np.zeros(size), np.eye(size), df=observation.LOAD_DF)
+    np.testing.assert_allclose(prior.expand((5,)).log_prob(values), reference.logpdf(values),
+                               rtol=1e-12)
+    assert prior.expand((3,)).sample(jax.random.key(0), (7,)).shape == (7, 3, size)
+
+
 def test_the_discrepancy_in_load_is_its_basis_weighted():
     """eta(q), summed by Clenshaw's recurrence, equals the basis functions times their
     weights less the offsets, for weights per row and per group, at shares across [0, 1]."""
