@@ -713,7 +713,9 @@ def _boundary_wait(coef, k, others, throughput, variant: Variant):
     busy = -jnp.expm1(-others)
     step = decode_step(c, k, phi, loaded - busy, fixed=busy)
     stretch = jnp.maximum(1.0 - throughput * c.c2p, 1e-12)  # > 0 while stable
-    return step / (2.0 * stretch)
+    # The residual life of a period, E[S^2] / (2 E[S]): its mean half plus what the
+    # Poisson number of admission stalls in it adds by its variance.
+    return step / (2.0 * stretch) + busy * throughput * c.c2p**2 / 2.0
 
 
 @_jit
@@ -776,10 +778,12 @@ def ttft(
     ``c1p``. The engine is busy with probability ``rho = 1 - exp(-B)`` (``B`` others in
     flight, Poisson-distributed about their mean); a busy step holds ``B / rho`` requests
     on average and is stretched by the admission stalls ``c2p`` of the requests arriving
-    during it; an arrival waits half a step:
+    during it. An arrival waits the rest of its period, ``E[S^2] / (2 E[S])``: half a
+    period, plus what the Poisson number of stalls in it adds by its variance:
 
         TTFT = c1p + [rho*(c1v + c1e + k*c1d) + (B - rho)*(c2v + c2e + k*c2d)]
                      / (2 * (1 - throughput * c2p))
+                   + rho * throughput * c2p^2 / 2
 
     It equals ``c1p`` at zero load. This is not the prefill share of the latency
     (``c1p + B*c2p`` in :func:`demands`): other requests' admissions stall a request over

@@ -27,8 +27,8 @@ than the mean for these reasons, each with a variance taken from the same solve:
 4. **The step boundary it waits for** before its prefill: none with probability
    ``exp(-B)`` (the engine is idle), else the rest of a period that holds one decode step
    and the admission stalls (``c2p``) of the requests that arrived during the period
-   before: the residual life of that period, whose first two moments give the wait's
-   spread. Its mean is the model's own TTFT wait.
+   before: the residual life of that period, whose moments give the wait's spread. Its
+   mean is the model's own TTFT wait, which counts the stalls' variance too.
 
 A fit that measured percentiles calibrates two more things per metric and percentile
 (:func:`sdbayes.posterior.tail_errors`): a scale of the log ratio to the mean, and on open
@@ -42,10 +42,10 @@ that is 0 or gamma-distributed; TPOT per request as the decode time ``D`` (gamma
 percentile is differentiable in ``k``, ``alpha``, ``rate`` and the coefficients.
 
 Checked against the simulator (``bench/tails.py``, Poisson arrivals, k in 0..8, alpha 0.6
-and 0.8, 30,000 requests a cell): p50 and p90 of e2e and TPOT within 5% from 10% to 85% of
-saturation; p99 within 3% up to 30%, 7% at 50%, and over-predicted by up to 16% at 85% (the
-gamma's tail is heavier than the simulator's there). TTFT within 6% at p50, under-predicted
-by up to 17% at p90 and p99 above 30% (the mean-value model's mean TTFT is low there too).
+and 0.8, 30,000 requests a cell, 150,000 from 70% of saturation): p50, p90 and p99 of e2e
+and TPOT within 5.1% from 10% to 85% of saturation; TTFT's p50 within 3%, its p90 and p99
+within 6% up to 50% but for the p99 at 10% (-8%), and under-predicted by up to 10.5% at
+85% (the simulator's waits spread more there: squared CV 0.61 against the model's 0.47).
 """
 
 from __future__ import annotations
@@ -205,7 +205,8 @@ def _residual_cv2(wait, throughput, c2p):
     Only the ratio is used; ``s`` is set so that ``E[R]`` is the model's mean wait.
     """
     stretch = jnp.maximum(1.0 - throughput * c2p, 1e-12)
-    s = 2.0 * wait * stretch  # the step without stalls, from the model's mean wait
+    # The step without stalls, from the model's mean wait (sdbayes.model._boundary_wait).
+    s = jnp.maximum(2.0 * stretch * (wait - throughput * c2p**2 / 2.0), 0.0)
     m = throughput * s / stretch
     s1 = s + c2p * m
     s2 = c2p**2 * m + s1**2
