@@ -283,7 +283,11 @@ class PlanDraws(NamedTuple):
     coef: Coefficients  # fields [D]
     variant: str | Variant
     load_error: LoadError | None  # the group's discrepancy in load, fields [D, ...]
-    log_error: np.ndarray  # [D] the tail model's error at the quantile (log); 0 for a mean
+    # The tail model's error at the quantile (log), z * tails.error_sd(sd, burst_sd, ...)
+    # at the point: z [D] standard normal draws; sd 0 for a mean.
+    z: np.ndarray
+    sd: float = 0.0
+    burst_sd: float = 0.0
 
 
 def plan_draws(source, key: jax.Array, group: str | int = 0,
@@ -308,9 +312,11 @@ def plan_draws(source, key: jax.Array, group: str | int = 0,
         return PlanDraws(coef, variant, None, np.zeros(n_draws))
     configuration_key, shape_key = jax.random.split(key)
     coef, load_error = source.new_configuration(configuration_key, group)
-    sd = 0.0 if quantile is None else source.tail_error(metric, quantile).sd
-    return PlanDraws(coef, variant, load_error,
-                     sd * np.asarray(jax.random.normal(shape_key, (n_draws,))))
+    z = np.asarray(jax.random.normal(shape_key, (n_draws,)))
+    if quantile is None:
+        return PlanDraws(coef, variant, load_error, z)
+    error = source.tail_error(metric, quantile)
+    return PlanDraws(coef, variant, load_error, z, error.sd, error.burst_sd)
 
 
 def check_point(**values) -> None:
@@ -430,13 +436,23 @@ def max_rate(
     point = {name: jnp.asarray(np.broadcast_to(value, shape), float)[..., None]
              for name, value in dict(k=k, alpha=alpha, output_len=output_len).items()}
     model = dict(variant=draws.variant, load_error=draws.load_error, **tail, **point)
-    # A draw whose tail runs e^x above the model's meets the SLO where the model meets
-    # the SLO over e^x.
-    scale = np.exp(draws.log_error)  # [D]
-    target = np.broadcast_to(slo, shape)[..., None] / scale  # [..., D]
-    per_draw = rate_at_slo(draws.coef, slo=jnp.asarray(target), metric=metric,
-                           **model)  # [..., D]
+    slo = np.broadcast_to(slo, shape)[..., None]
+
+    def planned(scale):
+        # A draw whose tail runs e^x above the model's meets the SLO where the model meets
+        # the SLO over e^x.
+        return rate_at_slo(draws.coef, slo=jnp.asarray(slo / scale), metric=metric, **model)
+
+    scale = np.exp(draws.z * draws.sd)  # [D]
+    per_draw = planned(scale)  # [..., D]
     idle = np.asarray(metric_value(draws.coef, metric, rate=jnp.zeros(()), **model)) * scale
+    if draws.burst_sd > 0:
+        # The error grows with the burst's share of the metric, which grows with the rate:
+        # each draw's error at the rate it first planned, and its rate again.
+        mean = metric_value(draws.coef, metric, rate=per_draw, **{**model, "quantile": None})
+        sd = tails.error_sd(draws.sd, draws.burst_sd, draws.coef.c2p, per_draw, mean, metric,
+                            point["output_len"])
+        per_draw = planned(np.exp(draws.z * np.asarray(sd)))
     rate = np.sort(np.asarray(per_draw), axis=-1)[..., index]
     zero_load = np.sort(np.asarray(idle), axis=-1)[..., n_draws - 1 - index]
     return Capacity(rate=rate, feasible=rate > 0, zero_load=zero_load,

@@ -162,8 +162,8 @@ class TailInputs(NamedTuple):
     coefficient of variation, the spread of output lengths, the load's excess dispersion
     (a scalar), the requests a measured percentile is over (NaN where not given); and the
     tail model's calibration per metric, quantile and row [3, Q, R], the scale of its log
-    ratio, the sd of its error and the burst window (:class:`sdbayes.posterior.TailError`,
-    of the row's kind of loop)."""
+    ratio, the sd of its error, the burst window and the error's sd per burst share
+    (:class:`sdbayes.posterior.TailError`, of the row's kind of loop)."""
 
     arrival_cv2: np.ndarray
     output_len_sd: np.ndarray
@@ -172,6 +172,7 @@ class TailInputs(NamedTuple):
     shape_scale: jax.Array
     shape_sd: jax.Array
     window: jax.Array
+    burst_sd: jax.Array
 
 
 @partial(jax.jit, static_argnames=("names", "student_load", "variant", "likelihood",
@@ -266,7 +267,8 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: TailInputs, *,
 
     A measured percentile varies as the measured mean does (the same ``noise`` draw [D, R],
     so the fitted relative error ``spreads``), by the tail model's own error (a normal draw
-    times its sd, ``tail.shape_sd``) and, over ``n_requests`` requests, by its sampling
+    times its sd, :func:`sdbayes.tails.error_sd` of ``tail.shape_sd`` and ``tail.burst_sd``
+    at the draw's mean) and, over ``n_requests`` requests, by its sampling
     error (:func:`sampling_sd`).
     """
     shapes = tail_shapes(rows, arrays, tail.arrival_cv2, tail.output_len_sd, variant,
@@ -290,8 +292,10 @@ def _percentile_draws(rows: Coefficients, arrays, variant, tail: TailInputs, *,
             sampling = jnp.nan_to_num(sampling_sd(q, tail.n_requests, cv, ratio[j]))
             sd = jnp.sqrt(spreads[metric] ** 2 + sampling**2)
             draws[name] = x[j]
-            draws[f"{name}_measured"] = _noisy(x[j], sd * noise
-                                               + tail.shape_sd[m, j][None] * shape_noise[j])
+            model_sd = tails.error_sd(tail.shape_sd[m, j][None], tail.burst_sd[m, j][None],
+                                      rows.c2p, arrays.rate[None], mean, metric,
+                                      arrays.output_len[None])  # [D, R]
+            draws[f"{name}_measured"] = _noisy(x[j], sd * noise + model_sd * shape_noise[j])
     return draws
 
 

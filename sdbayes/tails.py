@@ -261,6 +261,19 @@ def burst_delay(c2p: ArrayLike, rate: ArrayLike, window: ArrayLike) -> Array:
     return jnp.asarray(window) * jnp.asarray(rate) * jnp.asarray(c2p)
 
 
+def error_sd(sd: ArrayLike, burst_sd: ArrayLike, c2p: ArrayLike, rate: ArrayLike,
+             mean: ArrayLike, metric: str, output_len: ArrayLike) -> Array:
+    """The sd of the tail model's error (log) on a percentile of ``metric`` at a point, as
+    a fit measured it (:class:`sdbayes.posterior.TailError`): ``sd``, and ``burst_sd`` per
+    unit of the burst's share, a second's :func:`burst_delay` over the metric's ``mean``
+    [s] (0 on a closed loop, ``rate`` 0). Broadcasting."""
+    mean = jnp.asarray(mean)
+    proper = jnp.isfinite(mean) & (mean > 0)
+    share = jnp.where(proper, per_metric(burst_delay(c2p, rate, 1.0), metric, output_len)
+                      / jnp.where(proper, mean, 1.0), 0.0)
+    return jnp.sqrt(jnp.asarray(sd) ** 2 + (jnp.asarray(burst_sd) * share) ** 2)
+
+
 def per_metric(delay: ArrayLike, metric: str, output_len: ArrayLike) -> Array:
     """A delay [s] of a request's whole latency as ``metric`` counts it: all of it in e2e and
     TTFT, spread over the ``output_len - 1`` tokens after the first in TPOT."""

@@ -124,7 +124,8 @@ def test_tail_errors_find_the_loads_excess_and_the_shapes_scatter():
                             for q in (50, 90, 99)})
     errors = sb.posterior.tail_errors(post, points)
     assert set(errors) == {"arrival_excess"} | {f"e2e_p{q}{part}" for q in (50, 90, 99)
-                                                for part in ("", "_scale", "_window")}
+                                                for part in ("", "_scale", "_window",
+                                                             "_burst_sd")}
     assert errors["arrival_excess"] in (0.2, 0.3, 0.4)
     assert errors["e2e_p99"] < 0.02 and abs(errors["e2e_p99_scale"] - 1) < 0.05
     assert errors["e2e_p99_window"] < 0.1  # no burst: 0.1 s of arrivals is a 1% effect
@@ -150,7 +151,7 @@ def test_tail_errors_find_the_loads_excess_and_the_shapes_scatter():
     widths = [(p["e2e_p99_pi_upper_s"] / p["e2e_p99_pi_lower_s"]).to_numpy()
               for p in (predicted, again)]
     assert np.all(widths[1] > widths[0])
-    assert post.tail_error("ttft", 0.9) == (1.0, sb.tails.SHAPE_SD, 0.0)
+    assert post.tail_error("ttft", 0.9) == (1.0, sb.tails.SHAPE_SD, 0.0, 0.0)
 
 
 def test_a_tail_the_model_places_too_near_the_mean_is_scaled_out():
@@ -283,6 +284,41 @@ def test_output_lengths_that_vary_widen_the_tail(k, alpha):
     assert cap[1] < cap[0]
 
 
+def test_a_tail_error_that_grows_with_the_burst_is_measured_and_weighed():
+    """Measured p99s off the model's by 0.8 times the burst's share of the mean (a second's
+    arrivals' prefills over it; 2-25% here), in both signs: the fit puts that error
+    on the burst (sd per share near 0.8, little left to the constant sd), the predictive
+    intervals widen most where the burst is large, and a plan at a point of large burst
+    share keeps a wider margin than one with a constant sd would."""
+    post = sb.load_posterior(POSTERIOR)
+    grid = pd.DataFrame({"k": [2, 4, 4, 8, 8, 6, 3, 4], "output_len": G,
+                         "acceptance": [0.6, 0.7, 0.95, 0.7, 0.95, 0.6, 0.95, 0.9],
+                         "request_rate": [1.0, 3, 10, 1.5, 12, 2, 8, 11]})
+    before = post.predict(grid)
+    c2p = float(np.median(np.asarray(post.coefficients().c2p)))
+    share = (c2p * grid["request_rate"] / before["e2e_median_s"]).to_numpy()
+    # Signs balanced among the rows of large share and of small, so that neither the
+    # scale nor the burst window can take the error up.
+    signs = np.array([1.0, -1, 1, 1, -1, -1, -1, 1])
+    points = grid.assign(e2e_mean_s=before["e2e_median_s"],
+                         e2e_p99_s=before["e2e_p99_pred_s"] * np.exp(0.8 * share * signs))
+    errors = sb.posterior.tail_errors(post, points)
+    assert errors["e2e_p99_burst_sd"] == pytest.approx(0.8, abs=0.1)  # measured 0.84
+    assert errors["e2e_p99"] < 0.04  # measured 0.024
+    assert errors["e2e_p99_window"] < 0.1 and abs(errors["e2e_p99_scale"] - 1) < 0.1
+    post.idata.attrs["sdbayes_tail_errors"] = json.dumps(errors)
+    after = post.predict(grid)
+    widening = (np.log(after["e2e_p99_pi_upper_s"] / after["e2e_p99_pi_lower_s"])
+                - np.log(before["e2e_p99_pi_upper_s"] / before["e2e_p99_pi_lower_s"]))
+    assert np.corrcoef(widening, share)[0, 1] > 0.9
+    plan = dict(slo=float(after["e2e_p99_pred_s"].max()), quantile=0.99, k=4, alpha=0.95,
+                output_len=G)
+    constant = {**errors, "e2e_p99_burst_sd": 0.0}
+    weighed = sb.max_rate(post, **plan).rate
+    post.idata.attrs["sdbayes_tail_errors"] = json.dumps(constant)
+    assert 0 < weighed < sb.max_rate(post, **plan).rate
+
+
 def test_a_percentile_between_two_measured_ones_is_calibrated_between_them():
     """An SLO's p95 lies between the p90 and the p99 a fit measured: its scale, sd and
     burst window are theirs interpolated in the normal quantile (z 1.645 between 1.282 and
@@ -294,9 +330,9 @@ def test_a_percentile_between_two_measured_ones_is_calibrated_between_them():
     post.idata.attrs["sdbayes_tail_errors"] = json.dumps(errors)
     share = (1.6449 - 1.2816) / (2.3263 - 1.2816)
     assert post.tail_error("e2e", 0.95) == pytest.approx(
-        (1.1 + 0.4 * share, 0.02 + 0.04 * share, 1.0 * share), abs=1e-3)
-    assert post.tail_error("e2e", 0.99) == (1.5, 0.06, 1.0)
-    uncalibrated = (1.0, sb.tails.SHAPE_SD, 0.0)
+        (1.1 + 0.4 * share, 0.02 + 0.04 * share, 1.0 * share, 0.0), abs=1e-3)
+    assert post.tail_error("e2e", 0.99) == (1.5, 0.06, 1.0, 0.0)
+    uncalibrated = (1.0, sb.tails.SHAPE_SD, 0.0, 0.0)
     assert post.tail_error("e2e", 0.999) == uncalibrated == post.tail_error("e2e", 0.5)
     assert post.tail_error("e2e", 0.95, closed=True) == post.tail_error("e2e", 0.95)
     plan = dict(slo=2.0, quantile=0.95, k=4, alpha=0.7, output_len=G)
