@@ -139,7 +139,7 @@ BURST_WINDOWS = (0.0, 5.0)
 :func:`sdbayes.tails.burst_delay`) [s]: a backlog of more than 5 s of arrivals is an
 outage, not a tail."""
 
-_BURST_SD_MAX = 5.0  # of the error sd per unit burst share: 0.5 at a burst half the mean
+_BURST_SD_MAX = 5.0  # error sd per unit burst share: at most 0.5 where the burst is 10% of the mean
 _BODY = 0.9  # the highest percentile that measures the load's excess dispersion
 
 CLOSED = "closed_"
